@@ -1,0 +1,207 @@
+"""Input pipelines: one entry point per split, for CIFAR-100, ImageNet and the offline digits.
+
+Importing this package does NOT import TensorFlow: :func:`info` and :func:`steps_per_epoch` and the
+on-device path (``zkd_jax.data.device``, re-exported below) are NumPy/JAX only.
+:func:`train_batches` and :func:`eval_batches` need TensorFlow (and TFDS for "cifar100" and
+"imagenet2012"; "digits" also needs scikit-learn), imported on first use, with every GPU hidden
+from TF.
+
+Batches are NumPy dicts of this process's share (the trainer makes global arrays):
+
+* train: {"image": float32 [b,H,W,3] normalized, "label": int32 [b]} (+ "image_strong" for
+  ``views=("weak", "strong")``), exactly ``steps_per_epoch`` batches per epoch minus ``start_step``.
+* eval: the same plus "mask" bool [b]; the last batch is padded (mask False) so shapes stay static.
+
+Accepted deviation (SPEC.md section 5): every epoch drops the last partial batch
+(``N // global_batch`` steps: 781 for CIFAR-100 at batch 64, where the reference runs 782 with a
+last batch of 16), because jitted steps want static shapes. The dropped examples change with the
+epoch's shuffle, so all examples are seen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from zkd_jax.data import digits as _digits
+from zkd_jax.data.device import (
+    device_eval_batch,
+    device_train_batch,
+    epoch_permutation,
+    load_device_arrays,
+    num_eval_batches,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """Static facts about a dataset: shapes, split sizes and the normalization constants."""
+
+    name: str
+    num_classes: int
+    image_size: int
+    num_train: int
+    num_test: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+_INFOS = {
+    "cifar100": DatasetInfo(
+        "cifar100", 100, 32, 50_000, 10_000, (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
+    ),
+    "imagenet2012": DatasetInfo(
+        "imagenet2012", 1000, 224, 1_281_167, 50_000, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    ),
+    "digits": DatasetInfo(
+        "digits", 10, 32, _digits.NUM_TRAIN, _digits.NUM_TEST, _digits.MEAN, _digits.STD
+    ),
+}
+NAMES = tuple(_INFOS)
+VIEWS = (("weak",), ("weak", "strong"))
+
+
+def info(name: str) -> DatasetInfo:
+    """The :class:`DatasetInfo` of "cifar100", "imagenet2012" or "digits"."""
+    if name not in _INFOS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(NAMES)}.")
+    return _INFOS[name]
+
+
+def steps_per_epoch(name: str, global_batch_size: int) -> int:
+    """``num_train // global_batch_size`` (drop-remainder: 781 for CIFAR-100 at 64, not 782)."""
+    n = info(name).num_train
+    if not 0 < global_batch_size <= n:
+        raise ValueError(f"global batch size must be in [1, {n}] for {name}, got {global_batch_size}.")
+    return n // global_batch_size
+
+
+def _processes(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    if process_index is None or process_count is None:
+        import jax  # pylint: disable=import-outside-toplevel
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count}).")
+    return int(process_index), int(process_count)
+
+
+def _arrays(name: str, split: str, data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
+    if name == "digits":
+        return _digits.load_digits_arrays(split)
+    from zkd_jax.data.cifar import load_cifar100  # pylint: disable=import-outside-toplevel
+
+    return load_cifar100(split, data_dir)
+
+
+def train_batches(
+    name: str,
+    *,
+    per_process_batch_size: int,
+    seed: int,
+    epoch: int,
+    start_step: int = 0,
+    views: Sequence[str] = ("weak",),
+    data_dir: str | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """The training batches of ONE epoch (counted from 1) of this process, from ``start_step`` on.
+
+    Deterministic given (seed, epoch): order and every augmentation; starting at step k yields
+    exactly what an uninterrupted iterator yields from step k. Each process reads a disjoint part.
+    Needs TensorFlow (+ TFDS for cifar100/imagenet2012, scikit-learn for digits).
+    """
+    ds_info = info(name)
+    views = tuple(views)
+    if views not in VIEWS:
+        raise ValueError(f"views must be ('weak',) or ('weak', 'strong'), got {views}.")
+    if per_process_batch_size <= 0:
+        raise ValueError(f"per_process_batch_size must be positive, got {per_process_batch_size}.")
+    if epoch < 1:
+        raise ValueError(f"epochs are counted from 1, got epoch={epoch}.")
+    p, count = _processes(process_index, process_count)
+    kwargs = dict(
+        per_process_batch_size=per_process_batch_size,
+        seed=seed,
+        epoch=epoch,
+        start_step=start_step,
+        views=views,
+        mean=ds_info.mean,
+        std=ds_info.std,
+        process_index=p,
+        process_count=count,
+    )
+    if name == "imagenet2012":
+        from zkd_jax.data.imagenet import imagenet_train_dataset  # pylint: disable=import-outside-toplevel
+
+        ds = imagenet_train_dataset(data_dir=data_dir, **kwargs)
+    else:
+        from zkd_jax.data.cifar import array_train_dataset  # pylint: disable=import-outside-toplevel
+
+        images, labels = _arrays(name, "train", data_dir)
+        ds = array_train_dataset(images, labels, **kwargs)
+    return ds.as_numpy_iterator()
+
+
+def eval_batches(
+    name: str,
+    *,
+    per_process_batch_size: int,
+    data_dir: str | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """This process's part of the test split (ImageNet: validation), once, with a "mask" per batch.
+
+    Every process yields the same number of batches, ``ceil(ceil(N / P) / b)``. Needs TensorFlow
+    (+ TFDS for cifar100/imagenet2012, scikit-learn for digits).
+    """
+    ds_info = info(name)
+    if per_process_batch_size <= 0:
+        raise ValueError(f"per_process_batch_size must be positive, got {per_process_batch_size}.")
+    p, count = _processes(process_index, process_count)
+    kwargs = dict(
+        per_process_batch_size=per_process_batch_size,
+        mean=ds_info.mean,
+        std=ds_info.std,
+        process_index=p,
+        process_count=count,
+    )
+    if name == "imagenet2012":
+        from zkd_jax.data.imagenet import imagenet_eval_dataset  # pylint: disable=import-outside-toplevel
+
+        ds = imagenet_eval_dataset(data_dir=data_dir, **kwargs)
+    else:
+        from zkd_jax.data.cifar import array_eval_dataset  # pylint: disable=import-outside-toplevel
+
+        images, labels = _arrays(name, "test", data_dir)
+        ds = array_eval_dataset(images, labels, **kwargs)
+    return ds.as_numpy_iterator()
+
+
+def clear_cache() -> None:
+    """Forgets cached TFDS split arrays and their TF copies (frees host memory; imports no TF)."""
+    from zkd_jax.data import cifar, tfds_source  # pylint: disable=import-outside-toplevel
+
+    tfds_source.clear_cache()
+    cifar.clear_tensor_cache()
+
+
+__all__ = [
+    "DatasetInfo",
+    "NAMES",
+    "clear_cache",
+    "device_eval_batch",
+    "device_train_batch",
+    "epoch_permutation",
+    "eval_batches",
+    "info",
+    "load_device_arrays",
+    "num_eval_batches",
+    "steps_per_epoch",
+    "train_batches",
+]

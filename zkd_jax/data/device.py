@@ -1,0 +1,154 @@
+"""On-device input path: the whole uint8 split lives on the accelerator; batches come from a PRNG key.
+
+For datasets that fit in device memory (CIFAR-100 train: 50,000 x 32 x 32 x 3 uint8 = 150 MB;
+digits), shuffling, pad-crop, flip and normalization run in jitted JAX, so no host work happens per
+step. All functions below except :func:`load_device_arrays` are pure and jittable (JAX only).
+
+Usage (one epoch, global batch B, ``steps = N // B`` as in the tf.data path)::
+
+    images, labels = load_device_arrays("cifar100", "train")          # NumPy, once
+    images = jax.device_put(images, replicated)                         # e.g. NamedSharding(mesh, P())
+    labels = jax.device_put(labels, replicated)
+    info = zkd_jax.data.info("cifar100")
+    order = epoch_permutation(data_key, epoch, images.shape[0])         # once per epoch (or inside)
+    batch = device_train_batch(images, labels, data_key, epoch, step,   # inside the jitted step
+                               batch_size=B, mean=info.mean, std=info.std, order=order)
+
+Randomness: ``k = fold_in(key, epoch)``; the epoch order is ``permutation(fold_in(k, 0), N)`` and
+global step ``s`` (0-based within the epoch) reads ``order[s B : (s + 1) B]`` and augments with
+``fold_in(fold_in(k, 1), s)``: crop offsets ``randint(0, 2 pad + 1)`` per axis, flip
+``bernoulli(0.5)``. This is the tf.data path's distribution (zero pad 4 in uint8 space, uniform
+32x32 crop, flip 0.5, reshuffle each epoch without replacement, the last ``N mod B`` dropped), from
+JAX's PRNG instead of TF's, so the numbers differ while the statistics agree. The on-device path
+makes the weak view only (MLKD's strong view needs the tf.data path).
+
+``mean`` and ``std`` must be static numbers (bind them with ``functools.partial`` before ``jit``):
+normalization reads the float32 table of ``normalization.table``, which the tf.data path reads too,
+so :func:`device_eval_batch` gives the tf.data eval images bit for bit. With a multi-device mesh,
+the batch is the global batch; shard it with ``jax.lax.with_sharding_constraint`` (e.g.
+``NamedSharding(mesh, P("data"))``) inside the jitted step.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from zkd_jax.data import normalization
+
+CIFAR_PAD = 4
+
+
+def load_device_arrays(name: str, split: str, data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A whole split as host NumPy, ready for ``jax.device_put``: (uint8 [N,H,W,3], int32 [N]).
+
+    "digits" needs scikit-learn only; "cifar100" reads TFDS (needs TensorFlow + TFDS, and raises one
+    ``ValueError`` saying where to put the data if it is missing); "imagenet2012" does not fit in
+    device memory and raises ``ValueError``.
+    """
+    if name == "digits":
+        from zkd_jax.data.digits import load_digits_arrays  # pylint: disable=import-outside-toplevel
+
+        return load_digits_arrays(split)
+    if name == "cifar100":
+        from zkd_jax.data.cifar import load_cifar100  # pylint: disable=import-outside-toplevel
+
+        return load_cifar100(split, data_dir)
+    raise ValueError(
+        f"the on-device path holds small splits only ('digits', 'cifar100'), not {name!r}; "
+        "use zkd_jax.data.train_batches for it."
+    )
+
+
+def normalize(images: jax.Array, mean: Sequence[float], std: Sequence[float]) -> jax.Array:
+    """``(float32(x) / 255 - mean) / std``; uint8 [..., 3] -> float32 [..., 3].
+
+    Looked up in ``normalization.table`` (as the tf.data path does), so the two paths agree bit
+    for bit whatever XLA does to divisions.
+    """
+    lut = jnp.asarray(normalization.table(mean, std).T.reshape(-1))  # [3 * 256], channel-major
+    return jnp.take(lut, images.astype(jnp.int32) + jnp.array([0, 256, 512], jnp.int32), axis=0)
+
+
+def epoch_permutation(key: jax.Array, epoch, num_examples: int) -> jax.Array:
+    """The example order of ``epoch``: int32 [N], a permutation of range(N) fixed by (key, epoch)."""
+    k = jax.random.fold_in(key, epoch)
+    return jax.random.permutation(jax.random.fold_in(k, 0), num_examples).astype(jnp.int32)
+
+
+def pad_crop_flip(images: jax.Array, key: jax.Array, pad: int = CIFAR_PAD) -> jax.Array:
+    """Zero-pad ``pad`` (uint8 space), uniform HxW crop, flip w.p. 0.5; uint8 [B,H,W,3] -> same."""
+    b, h, w, c = images.shape
+    k_off, k_flip = jax.random.split(key)
+    offsets = jax.random.randint(k_off, (b, 2), 0, 2 * pad + 1)
+    flip = jax.random.bernoulli(k_flip, 0.5, (b,))
+    padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+
+    def crop(img, off):
+        return jax.lax.dynamic_slice(img, (off[0], off[1], 0), (h, w, c))
+
+    out = jax.vmap(crop)(padded, offsets)
+    return jnp.where(flip[:, None, None, None], out[:, :, ::-1, :], out)
+
+
+def device_train_batch(
+    images: jax.Array,
+    labels: jax.Array,
+    key: jax.Array,
+    epoch,
+    step,
+    *,
+    batch_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    order: jax.Array | None = None,
+    pad: int = CIFAR_PAD,
+) -> dict[str, jax.Array]:
+    """Global training batch ``step`` (0-based, < N // batch_size) of ``epoch``; pure and jittable.
+
+    images uint8 [N,H,W,3] and labels int32 [N] on device; returns {"image": float32 [B,H,W,3]
+    normalized, "label": int32 [B]}. ``order`` (from :func:`epoch_permutation` with the same key
+    and epoch) may be passed to avoid recomputing the permutation every step.
+    """
+    n = images.shape[0]
+    if order is None:
+        order = epoch_permutation(key, epoch, n)
+    rows = jax.lax.dynamic_slice_in_dim(order, step * batch_size, batch_size)
+    k = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, epoch), 1), step)
+    x = pad_crop_flip(jnp.take(images, rows, axis=0), k, pad)
+    return {"image": normalize(x, mean, std), "label": jnp.take(labels, rows, axis=0).astype(jnp.int32)}
+
+
+def num_eval_batches(num_examples: int, batch_size: int) -> int:
+    """ceil(N / batch_size): the number of :func:`device_eval_batch` indices covering the split."""
+    return -(-num_examples // batch_size)
+
+
+def device_eval_batch(
+    images: jax.Array,
+    labels: jax.Array,
+    index,
+    *,
+    batch_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> dict[str, jax.Array]:
+    """Eval batch ``index``: rows ``[index B, (index + 1) B)`` of the split, padded; jittable.
+
+    Returns {"image": (x / 255 - mean) / std float32 [B,H,W,3], "label": int32 [B], "mask": bool
+    [B]}; rows past the end are zero images, label 0, mask False. Identical to
+    ``eval_batches(..., process_count=1)`` of the tf.data path.
+    """
+    n = images.shape[0]
+    idx = index * batch_size + jnp.arange(batch_size)
+    mask = idx < n
+    safe = jnp.minimum(idx, n - 1)
+    x = normalize(jnp.take(images, safe, axis=0), mean, std)
+    return {
+        "image": jnp.where(mask[:, None, None, None], x, jnp.zeros_like(x)),
+        "label": jnp.where(mask, jnp.take(labels, safe, axis=0), 0).astype(jnp.int32),
+        "mask": mask,
+    }
