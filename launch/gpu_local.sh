@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# Run zkd-train on this machine's NVIDIA GPU(s), with the CUDA build of JAX.
+#
+#   launch/gpu_local.sh --config CONFIG --workdir DIR [options] [-- zkd-train flags]
+#
+# One process drives every visible GPU: the trainer's mesh spans them and the global batch is split
+# across them (it must be divisible by the number of GPUs). The same configs as on TPU.
+#
+# Options:
+#   --config CONFIG      e.g. configs/cifar100.py:kd_ls,resnet32x4,resnet8x4 (path inside this checkout)
+#   --workdir DIR        checkpoints, metrics, summary (local path or gs://...); a workdir holding a
+#                        checkpoint resumes from it
+#   --data-dir DIR       TFDS data directory (exported as TFDS_DATA_DIR, passed as --config.data_dir)
+#   --gpus LIST          GPUs to use, e.g. 0 or 0,1,2,3 (sets CUDA_VISIBLE_DEVICES; default: all)
+#   --cuda 12|13         CUDA build of JAX: jax[cuda12] (driver >= 525) or jax[cuda13] (driver >= 580);
+#                        default 12
+#   --venv DIR           virtual environment to create/use (default: .venv-cuda in this checkout)
+#   --python PYTHON      interpreter that creates the venv (default: python3, must be >= 3.11)
+#   --no-install         use the venv as it is (skip pip)
+#   --dry-run            print the commands instead of running them
+#   -h, --help           this text
+#
+# Everything after "--" is appended to the zkd-train command line (e.g. -- --config.seed=1).
+set -euo pipefail
+
+SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+SOURCE_DIR="$(cd "$SCRIPT_DIR/.." && pwd)"
+
+CONFIG=""
+WORKDIR=""
+DATA_DIR=""
+GPUS="${CUDA_VISIBLE_DEVICES:-}"
+CUDA=12
+VENV="$SOURCE_DIR/.venv-cuda"
+PYTHON=python3
+INSTALL=1
+DRY_RUN=0
+EXTRA=()
+
+die() { echo "gpu_local.sh: $*" >&2; exit 2; }
+info() { echo "[gpu_local] $*" >&2; }
+usage() { sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; }
+
+q() {
+  case "$1" in
+    '' | *[!A-Za-z0-9_./:=@%+,-]*)
+      printf "'%s'" "$(printf '%s' "$1" | sed "s/'/'\\\\''/g")" ;;
+    *) printf '%s' "$1" ;;
+  esac
+}
+
+# Run (or, with --dry-run, print) one command.
+x() {
+  if [ "$DRY_RUN" = 1 ]; then
+    local line="" a
+    for a in "$@"; do line="$line${line:+ }$(q "$a")"; done
+    echo "$line"
+    return 0
+  fi
+  "$@"
+}
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --config) CONFIG="${2:?--config needs a value}"; shift ;;
+    --config=*) CONFIG="${1#*=}" ;;
+    --workdir) WORKDIR="${2:?--workdir needs a value}"; shift ;;
+    --workdir=*) WORKDIR="${1#*=}" ;;
+    --data-dir) DATA_DIR="${2:?--data-dir needs a value}"; shift ;;
+    --data-dir=*) DATA_DIR="${1#*=}" ;;
+    --gpus) GPUS="${2:?--gpus needs a value}"; shift ;;
+    --gpus=*) GPUS="${1#*=}" ;;
+    --cuda) CUDA="${2:?--cuda needs a value}"; shift ;;
+    --cuda=*) CUDA="${1#*=}" ;;
+    --venv) VENV="${2:?--venv needs a value}"; shift ;;
+    --venv=*) VENV="${1#*=}" ;;
+    --python) PYTHON="${2:?--python needs a value}"; shift ;;
+    --python=*) PYTHON="${1#*=}" ;;
+    --no-install) INSTALL=0 ;;
+    --dry-run) DRY_RUN=1 ;;
+    -h | --help) usage; exit 0 ;;
+    --) shift; EXTRA=("$@"); break ;;
+    *) die "unknown argument '$1'; see --help." ;;
+  esac
+  shift
+done
+
+[ -n "$CONFIG" ] || die "give the experiment with --config (e.g. --config=configs/cifar100.py:kd_ls,resnet32x4,resnet8x4)."
+[ -n "$WORKDIR" ] || die "give the output directory with --workdir=DIR."
+case "$CUDA" in 12 | 13) ;; *) die "--cuda takes 12 or 13 (the CUDA major version of the JAX build)." ;; esac
+case "$GPUS" in *[!0-9,]*) die "--gpus takes a comma-separated list of GPU indices, e.g. 0,1." ;; esac
+
+if [ "$INSTALL" = 1 ]; then
+  [ -x "$VENV/bin/python" ] || x "$PYTHON" -m venv "$VENV"
+  x "$VENV/bin/python" -m pip install -q --upgrade pip
+  # The CUDA wheels of jaxlib; TensorFlow (input pipeline only) stays the CPU build.
+  x "$VENV/bin/python" -m pip install -q "jax[cuda$CUDA]>=0.10,<0.12" -e "$SOURCE_DIR[data]"
+fi
+
+ENV_VARS=()
+[ -z "$GPUS" ] || ENV_VARS+=("CUDA_VISIBLE_DEVICES=$GPUS")
+# Leave GPU memory to JAX (TensorFlow is the CPU build) and let XLA take what it needs.
+ENV_VARS+=("XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}")
+ARGS=("--config=$CONFIG" "--workdir=$WORKDIR")
+if [ -n "$DATA_DIR" ]; then
+  ENV_VARS+=("TFDS_DATA_DIR=$DATA_DIR")
+  ARGS+=("--config.data_dir=$DATA_DIR")
+fi
+
+info "zkd-train on GPU(s) ${GPUS:-all} with jax[cuda$CUDA], workdir $WORKDIR"
+cd "$SOURCE_DIR"
+x env "${ENV_VARS[@]}" "$VENV/bin/zkd-train" "${ARGS[@]}" ${EXTRA[@]+"${EXTRA[@]}"}
