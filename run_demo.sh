@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The main job: the offline demo on scikit-learn's digits (no download). Trains a small teacher, then
+# a KD and a KD+LS (logit standardization) student, and prints the three test accuracies.
+#   bash run_demo.sh                  # workdir/demo; a second call resumes / just prints the table
+#   WORKDIR=/tmp/d bash run_demo.sh --config.seed=1
+# Creates ./.venv and installs zkd_jax with its data extra when they are missing; once installed it
+# needs no network.
+set -euo pipefail
+cd "$(dirname "$0")"
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+if ! .venv/bin/python - <<'PY' 2>/dev/null
+import importlib.util, sys
+needed = ("zkd_jax", "jax", "flax", "optax", "orbax.checkpoint", "sklearn", "tensorflow")
+sys.exit(0 if all(importlib.util.find_spec(m) for m in needed) else 1)
+PY
+then
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e '.[data]'
+fi
+exec .venv/bin/zkd-train --config=configs/demo.py --workdir="${WORKDIR:-workdir/demo}" "$@"

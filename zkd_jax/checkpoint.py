@@ -1,0 +1,149 @@
+"""Orbax checkpoints of a run, and the teacher's variables.
+
+Layout of a workdir (local or ``gs://``; every path goes through ``etils.epath``):
+
+* ``checkpoints/<step>/``: the last ``keep`` checkpoints (epoch ends, every ``checkpoint_every_steps``
+  steps, and where a run stops early); each holds ``state`` (the whole :class:`TrainState`) and
+  ``meta`` (JSON: epoch, step, best_top1, best_epoch, ...). Orbax writes them atomically (a
+  temporary directory renamed when complete), so a crash never leaves a half checkpoint behind.
+* ``checkpoints_best/<step>/``: the checkpoint of the best evaluation so far (one).
+* ``export/``: the final student variables in ``zkd_jax.convert.save_variables`` format: what
+  ``config.teacher.checkpoint`` points at when this run's model is used as a teacher (zkd-convert
+  writes the same format from a PyTorch ``.pth``).
+
+A run started in a workdir that holds a checkpoint resumes from the latest one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+from flax import linen as nn
+
+from zkd_jax.train_state import TrainState
+
+CHECKPOINTS = "checkpoints"
+BEST = "checkpoints_best"
+EXPORT = "export"
+
+
+class Checkpointer:
+    """The last few checkpoints of a run plus its best one (two orbax managers)."""
+
+    def __init__(self, workdir: epath.PathLike, *, keep: int = 3):
+        workdir = epath.Path(workdir)
+        if keep < 1:
+            raise ValueError(f"config.keep_checkpoints={keep} must be >= 1.")
+
+        def manager(directory: epath.Path, max_to_keep: int) -> ocp.CheckpointManager:
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False
+            )
+            return ocp.CheckpointManager(directory, options=options)
+
+        self.last = manager(workdir / CHECKPOINTS, keep)
+        self.best = manager(workdir / BEST, 1)
+
+    def latest_step(self) -> int | None:
+        """Step of the newest checkpoint, None when the workdir holds none."""
+        return self.last.latest_step()
+
+    def save(self, state: TrainState, meta: Mapping[str, Any], *, best: bool = False) -> int:
+        """Writes ``state`` and ``meta`` at ``state.step`` (and as the best one when ``best``)."""
+        step = int(jax.device_get(state.step))
+        meta = dict(meta, step=step)
+        managers = [self.last] + ([self.best] if best else [])
+        for mngr in managers:
+            if step in mngr.all_steps():
+                continue  # the same state was written already (e.g. before a restart)
+            mngr.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+                ),
+                force=True,
+            )
+        for mngr in managers:
+            mngr.wait_until_finished()
+        return step
+
+    def restore(self, template: TrainState, step: int | None = None) -> tuple[TrainState, dict]:
+        """The checkpoint at ``step`` (default the latest), with ``template``'s shardings."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise ValueError("there is no checkpoint to restore in this workdir.")
+        restored = self.last.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(template), meta=ocp.args.JsonRestore()
+            ),
+        )
+        return restored["state"], dict(restored["meta"])
+
+    def close(self) -> None:
+        self.last.close()
+        self.best.close()
+
+
+def teacher_directory(path: epath.PathLike) -> epath.Path:
+    """The variables directory of a teacher: ``path/export`` for a run's workdir, else ``path``."""
+    path = epath.Path(path)
+    return path / EXPORT if (path / EXPORT).exists() else path
+
+
+def export_variables(
+    workdir: epath.PathLike, variables: Mapping[str, Any], *, arch: str, dataset: str,
+    num_classes: int,
+) -> epath.Path:
+    """Writes ``workdir/export`` with ``zkd_jax.convert.save_variables`` (teacher format)."""
+    from zkd_jax import convert  # lazy: only runs that export need it
+
+    directory = epath.Path(workdir) / EXPORT
+    convert.save_variables(
+        directory, jax.device_get(dict(variables)), arch=arch, dataset=dataset,
+        num_classes=num_classes,
+    )
+    return directory
+
+
+def load_teacher(
+    path: epath.PathLike, *, module: nn.Module, arch: str, input_shape: tuple[int, ...]
+) -> dict:
+    """Loads a teacher's variables and checks them against ``module``.
+
+    Args:
+      path: a directory written by ``zkd-convert`` or a teacher run's workdir (``export/`` inside).
+      module: the teacher module the variables must fit.
+      arch: the architecture ``config.teacher.arch`` names.
+      input_shape: ``(1, H, W, C)``, to build the expected variable shapes (``jax.eval_shape``).
+
+    Raises:
+      ValueError: the directory is missing, or holds another architecture or other shapes.
+    """
+    from zkd_jax import convert, models
+
+    directory = teacher_directory(path)
+    if not directory.exists():
+        raise ValueError(
+            f"teacher checkpoint {str(path)!r} does not exist; convert the published teacher with "
+            "zkd-convert, or set config.teacher.train_if_missing=True to train one."
+        )
+    variables, metadata = convert.load_variables(directory)
+    stored_arch = (metadata or {}).get("arch")
+    if stored_arch is not None and stored_arch != arch:
+        raise ValueError(
+            f"teacher checkpoint {str(path)!r} holds a {stored_arch!r}, but config.teacher.arch is "
+            f"{arch!r}; point config.teacher.checkpoint at a {arch} checkpoint or change the arch."
+        )
+    expected = jax.eval_shape(
+        lambda: module.init(jax.random.PRNGKey(0), jax.numpy.zeros(input_shape), train=False)
+    )
+    models.check_variables(
+        dict(expected), dict(variables), what=f"teacher checkpoint {str(path)!r}",
+        hint=f"point config.teacher.checkpoint at a {arch} checkpoint of this dataset",
+    )
+    return dict(variables)

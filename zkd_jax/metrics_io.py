@@ -1,0 +1,120 @@
+"""What a run writes for people: metrics.jsonl, TensorBoard events, summary.json, a progress bar.
+
+* ``metrics.jsonl``: one JSON object per evaluation: ``epoch``, ``step``, ``lr``, the epoch's mean
+  train loss terms (``train_loss``, ``train_ce``, ``train_kd``, ...), ``top1``, ``top5`` (test, %),
+  ``images_per_sec`` (training throughput of the epoch) and ``time``.
+* TensorBoard event files (tensorboardX; no TensorFlow) with the same scalars.
+* ``summary.json``: ``best_top1``, ``best_epoch``, ``last_top1``, ``last_epoch`` and the config.
+
+Only process 0 writes. Paths go through ``etils.epath`` (``gs://`` works); files are rewritten whole
+rather than appended, which object stores support.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from absl import logging
+from etils import epath
+
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+TENSORBOARD = "tensorboard"
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class MetricsWriter:
+    """Keeps metrics.jsonl and the TensorBoard events of a run."""
+
+    def __init__(self, workdir: epath.PathLike, *, enabled: bool = True, resume_step: int = 0):
+        """Opens the writers; records of steps after ``resume_step`` (a crashed run's) are dropped."""
+        self.enabled = enabled
+        self.path = epath.Path(workdir) / METRICS
+        self.records: list[dict] = []
+        self._tb = None
+        if not enabled:
+            return
+        if self.path.exists():
+            lines = [ln for ln in self.path.read_text().splitlines() if ln.strip()]
+            self.records = [r for r in map(json.loads, lines) if r.get("step", 0) <= resume_step]
+        try:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(epath.Path(workdir) / TENSORBOARD))
+        except Exception as err:  # pylint: disable=broad-except
+            # e.g. gs:// without google-cloud-storage installed: keep training, say so once.
+            logging.warning("TensorBoard events are not written (%s); metrics.jsonl still is.", err)
+            self._tb = None
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        """Adds one evaluation record (rewrites metrics.jsonl) and its scalars to TensorBoard."""
+        if not self.enabled:
+            return
+        record = {k: _json_value(v) for k, v in record.items()}
+        self.records.append(record)
+        self.path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in self.records))
+        if self._tb is not None:
+            step = int(record["step"])
+            for key, value in record.items():
+                if key not in ("step", "epoch") and isinstance(value, (int, float)):
+                    self._tb.add_scalar(key, value, step)
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def write_summary(workdir: epath.PathLike, summary: Mapping[str, Any]) -> None:
+    """Writes ``summary.json`` (indented, keys sorted)."""
+    path = epath.Path(workdir) / SUMMARY
+    path.write_text(json.dumps(dict(summary), indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_summary(workdir: epath.PathLike) -> dict | None:
+    path = epath.Path(workdir) / SUMMARY
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def read_metrics(workdir: epath.PathLike) -> list[dict]:
+    path = epath.Path(workdir) / METRICS
+    if not path.exists():
+        return []
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+class Progress:
+    """A tqdm bar per epoch showing loss, lr and images/s (silent when disabled)."""
+
+    def __init__(self, *, epoch: int, epochs: int, total: int, initial: int, enabled: bool):
+        self._bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(
+                total=total, initial=initial, desc=f"epoch {epoch}/{epochs}", unit="step",
+                leave=False, dynamic_ncols=True,
+            )
+
+    def update(self, n: int, **postfix: float) -> None:
+        if self._bar is None:
+            return
+        self._bar.update(n)
+        if postfix:
+            self._bar.set_postfix(
+                {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()},
+                refresh=False,
+            )
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()

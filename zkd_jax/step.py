@@ -1,0 +1,216 @@
+"""The sharded distillation step, the evaluation step, and the mesh they run on.
+
+One ``Mesh`` with a single axis ``"data"`` spans all devices of all processes. Batches are sharded on
+their leading axis over ``"data"``; parameters, optimizer state and metrics are replicated. Under
+``jax.jit`` with these shardings XLA inserts the cross-device reductions, so BatchNorm statistics and
+gradients are those of the *global* batch: the step computes the same numbers on 1 or N devices.
+
+``train_step(state, teacher_variables, batch, epoch) -> (state, metrics)``:
+
+1. teacher forward in eval mode on every view the method uses, under ``stop_gradient``;
+2. student forward in train mode (BatchNorm with batch statistics, running averages updated; for
+   MLKD the weak view first, then the strong one, as the reference calls the student twice);
+3. the method's objective, its gradient w.r.t. ``params = {"student", "method"}``;
+4. the optax update (``state`` is donated);
+5. metrics: ``loss``, the method's terms and ``lr``, float32 scalars.
+
+``epoch`` is a traced int32 scalar (counted from 1): DKD's warm-up and CTKD's curriculum change
+every epoch without recompiling.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import linen as nn
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from zkd_jax.methods import Method
+from zkd_jax.train_state import TrainState
+
+DATA_AXIS = "data"
+# Which batch entry holds each view's images.
+VIEW_KEYS: dict[str, str] = {"weak": "image", "strong": "image_strong"}
+
+TrainStep = Callable[[TrainState, Any, Mapping[str, Any], Any], tuple[TrainState, dict]]
+EvalStep = Callable[[Any, Mapping[str, Any]], dict]
+
+
+def create_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A 1-D mesh with axis ``"data"`` over ``devices`` (default: all devices of all processes)."""
+    devices = jax.devices() if devices is None else list(devices)
+    return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def check_batch_size(global_batch_size: int, mesh: Mesh, *, what: str = "config.batch_size") -> int:
+    """Returns the per-process batch size; raises if the batch does not split evenly.
+
+    Raises:
+      ValueError: ``global_batch_size`` is not a multiple of the mesh's device count.
+    """
+    n = mesh.devices.size
+    if global_batch_size < 1 or global_batch_size % n:
+        nearest = max(n, round(global_batch_size / n) * n)
+        raise ValueError(
+            f"{what}={global_batch_size} is not divisible by the {n} devices of the mesh; "
+            f"set {what} to a multiple of {n} (e.g. {nearest})."
+        )
+    return global_batch_size // jax.process_count()
+
+
+def host_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """This process's share of a batch (NumPy, leading axis = batch) -> global ``jax.Array``s.
+
+    Every process passes its own rows (``per_process_batch = global_batch / process_count``); the
+    result is sharded over the mesh's ``"data"`` axis.
+
+    Raises:
+      ValueError: the global batch does not split evenly over the mesh's devices.
+    """
+    sharding = batch_sharding(mesh)
+    n, processes = mesh.devices.size, jax.process_count()
+    out = {}
+    for key, value in batch.items():
+        value = np.asarray(value)
+        rows = value.shape[0] * processes
+        if rows % n:
+            raise ValueError(
+                f"batch entry {key!r} has {rows} rows in all ({value.shape[0]} per process x "
+                f"{processes} processes), which is not divisible by the {n} devices of the mesh; "
+                f"use a global batch size that is a multiple of {n} (e.g. {max(n, rows // n * n)})."
+            )
+        out[key] = jax.make_array_from_process_local_data(sharding, value)
+    return out
+
+
+def _float32(tree: Any) -> Any:
+    return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)
+
+
+def make_train_step(
+    student: nn.Module,
+    teacher: nn.Module | None,
+    method: Method,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    *,
+    learning_rate_fn: optax.Schedule | None = None,
+) -> TrainStep:
+    """Builds the jitted, sharded ``train_step(state, teacher_variables, batch, epoch)``.
+
+    Args:
+      student: linen module, ``apply(variables, x, train=..., mutable=["batch_stats"])``.
+      teacher: linen module run in eval mode, or None for a method without teacher.
+      method: see ``zkd_jax.methods``.
+      tx: the optax transformation (``zkd_jax.optim.sgd``).
+      mesh: 1-D mesh with axis "data" (``create_mesh``).
+      learning_rate_fn: the schedule, to report ``lr`` (of this update) in the metrics.
+
+    Returns:
+      One ``jax.jit`` function; ``state`` (arg 0) is donated. Inputs: ``teacher_variables``
+      replicated, ``batch`` (dict of global arrays: "image", "label"[, "image_strong"]) sharded on
+      axis 0, ``epoch`` an int32 scalar counted from 1.
+    """
+    if method.needs_teacher and teacher is None:
+        raise ValueError("this method distills from a teacher; pass the teacher module.")
+
+    def train_step(state: TrainState, teacher_variables, batch, epoch):
+        labels = batch["label"]
+        images = {view: batch[VIEW_KEYS[view]] for view in method.views}
+        teacher_logits = None
+        if method.needs_teacher:
+            teacher_logits = {
+                view: jax.lax.stop_gradient(
+                    teacher.apply(teacher_variables, x, train=False).astype(jnp.float32)
+                )
+                for view, x in images.items()
+            }
+        rng = jax.random.fold_in(state.rng, state.step)
+
+        def loss_fn(params):
+            batch_stats = state.batch_stats
+            student_logits = {}
+            for i, (view, x) in enumerate(images.items()):
+                variables = {"params": params["student"]}
+                if batch_stats:
+                    variables["batch_stats"] = batch_stats
+                logits, updates = student.apply(
+                    variables, x, train=True, mutable=["batch_stats"],
+                    rngs={"dropout": jax.random.fold_in(rng, i)},
+                )
+                batch_stats = updates.get("batch_stats", batch_stats)
+                student_logits[view] = logits.astype(jnp.float32)
+            loss, terms = method.objective(
+                params["method"], student_logits, teacher_logits, labels, epoch
+            )
+            return loss, (terms, batch_stats)
+
+        (loss, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params
+        )
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new_state = state.replace(
+            step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+        )
+        metrics = {"loss": loss, **terms}
+        if learning_rate_fn is not None:
+            metrics["lr"] = learning_rate_fn(state.step)
+        return new_state, _float32(metrics)
+
+    rep = replicated(mesh)
+    return jax.jit(
+        train_step,
+        in_shardings=(rep, rep, batch_sharding(mesh), rep),
+        out_shardings=(rep, rep),
+        donate_argnums=(0,),
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def make_eval_step(model: nn.Module, mesh: Mesh) -> EvalStep:
+    """Builds the jitted ``eval_step(variables, batch) -> sums`` (eval-mode forward).
+
+    ``batch``: "image" ``[B, H, W, C]``, "label" ``[B]`` and optionally "mask" ``[B]`` (padded rows
+    False). Returns replicated scalars: ``correct1``, ``correct5`` and ``count`` (int32, masked
+    rows excluded) and ``ce_sum`` (float32 sum of per-example cross-entropy).
+    """
+
+    def eval_step(variables, batch):
+        logits = model.apply(variables, batch["image"], train=False).astype(jnp.float32)
+        labels = batch["label"].astype(jnp.int32)
+        mask = batch.get("mask")
+        mask = jnp.ones(labels.shape, bool) if mask is None else mask.astype(bool)
+        k = min(5, logits.shape[-1])
+        _, top = jax.lax.top_k(logits, k)
+        hits = top == labels[:, None]
+        ce = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=-1)[:, 0]
+        return {
+            "correct1": jnp.sum(hits[:, 0] & mask, dtype=jnp.int32),
+            "correct5": jnp.sum(jnp.any(hits, axis=-1) & mask, dtype=jnp.int32),
+            "count": jnp.sum(mask, dtype=jnp.int32),
+            "ce_sum": jnp.sum(jnp.where(mask, ce, 0.0)),
+        }
+
+    rep = replicated(mesh)
+    return jax.jit(eval_step, in_shardings=(rep, batch_sharding(mesh)), out_shardings=rep)
+
+
+__all__ = [
+    "DATA_AXIS", "batch_sharding", "check_batch_size", "create_mesh", "host_to_global",
+    "make_eval_step", "make_train_step", "replicated",
+]
