@@ -281,3 +281,16 @@ def test_command_line_reports_a_bad_argument_in_one_line(tmp_path):
                       "'kd_lx,resnet32x4,resnet8x4'; use one of kd, kd_ls, dkd, dkd_ls, mlkd, "
                       "mlkd_ls, ctkd, ctkd_ls, teacher."], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_command_line_reports_an_unknown_override_in_one_line(tmp_path):
+    """--config.FIELD for a field the config lacks: exit status 2, one line, no traceback."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "zkd_jax.main", "--config.teacher.no_such_field=3",
+         f"--workdir={tmp_path}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
+    assert proc.returncode == 2
+    assert "zkd-train: error: the config has no field 'no_such_field'" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -23,16 +23,37 @@ import zkd_jax.configs
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(zkd_jax.configs.__file__), "demo.py")
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", _DEFAULT_CONFIG,
-    "Config file and argument, e.g. configs/cifar100.py:kd_ls,resnet32x4,resnet8x4 (default: the "
-    "offline digits demo). Override fields with --config.FIELD=VALUE.",
-    lock_config=True,
-)
-_WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Directory (local or gs://) for checkpoints, metrics and the summary.",
-    required=True,
-)
+_FLAGS: dict[str, flags.FlagHolder] = {}
+
+
+def _define_flags() -> None:
+    """Defines --config and --workdir (once).
+
+    ``config_flags`` loads the default config and applies ``--config.FIELD`` overrides already when
+    the flag is defined, so a bad override fails here: it ends in one line, not a traceback.
+    """
+    if _FLAGS:
+        return
+    try:
+        _FLAGS["config"] = config_flags.DEFINE_config_file(
+            "config", _DEFAULT_CONFIG,
+            "Config file and argument, e.g. configs/cifar100.py:kd_ls,resnet32x4,resnet8x4 "
+            "(default: the offline digits demo). Override fields with --config.FIELD=VALUE.",
+            lock_config=True,
+        )
+    except (AttributeError, KeyError) as err:  # --config.FIELD=... for a field the config lacks
+        _exit_unknown_field(err)
+    _FLAGS["workdir"] = flags.DEFINE_string(
+        "workdir", None, "Directory (local or gs://) for checkpoints, metrics and the summary.",
+        required=True,
+    )
+
+
+def _exit_unknown_field(err: BaseException) -> None:
+    name = str(_root_cause(err)).strip("\"'")
+    print(f"zkd-train: error: the config has no field {name!r}; check the --config.FIELD "
+          "overrides against the config file.", file=sys.stderr)
+    sys.exit(2)
 
 
 def main(argv: list[str]) -> None:
@@ -42,12 +63,13 @@ def main(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
     from zkd_jax import suite, train  # after flag parsing: keeps --help fast
 
-    config = _CONFIG.value
+    config = _FLAGS["config"].value
+    workdir = _FLAGS["workdir"].value
     try:
         if len(config.get("suite", {})):
-            suite.train_suite(config, _WORKDIR.value)
+            suite.train_suite(config, workdir)
         else:
-            train.train_and_evaluate(config, _WORKDIR.value)
+            train.train_and_evaluate(config, workdir)
     except (ValueError, train.NonFiniteLossError) as err:
         print(f"zkd-train: error: {err}", file=sys.stderr)
         sys.exit(1)
@@ -75,13 +97,12 @@ def _parse_flags(argv: list[str]) -> list[str]:
         print(f"zkd-train: error: {message}", file=sys.stderr)
         sys.exit(2)
     except (AttributeError, KeyError) as err:  # --config.FIELD=... for a field the config lacks
-        print(f"zkd-train: error: the config has no field {err}; check the --config.FIELD "
-              "overrides against the config file.", file=sys.stderr)
-        sys.exit(2)
+        _exit_unknown_field(err)
 
 
 def run() -> None:
     """The ``zkd-train`` entry point."""
+    _define_flags()
     app.run(main, flags_parser=_parse_flags)
 
 
