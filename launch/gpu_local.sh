@@ -25,6 +25,8 @@ set -euo pipefail
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 SOURCE_DIR="$(cd "$SCRIPT_DIR/.." && pwd)"
+# shellcheck source=launch/lib.sh
+. "$SCRIPT_DIR/lib.sh"
 
 CONFIG=""
 WORKDIR=""
@@ -39,15 +41,6 @@ EXTRA=()
 
 die() { echo "gpu_local.sh: $*" >&2; exit 2; }
 info() { echo "[gpu_local] $*" >&2; }
-usage() { sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; }
-
-q() {
-  case "$1" in
-    '' | *[!A-Za-z0-9_./:=@%+,-]*)
-      printf "'%s'" "$(printf '%s' "$1" | sed "s/'/'\\\\''/g")" ;;
-    *) printf '%s' "$1" ;;
-  esac
-}
 
 # Run (or, with --dry-run, print) one command.
 x() {

@@ -35,6 +35,8 @@ set -euo pipefail
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 SOURCE_DIR="$(cd "$SCRIPT_DIR/.." && pwd)"
+# shellcheck source=launch/lib.sh
+. "$SCRIPT_DIR/lib.sh"
 
 ACTION=run
 NAME=zkd-tpu
@@ -62,16 +64,6 @@ REMOTE_PID='$HOME/zkd_train.pid'
 
 die() { echo "tpu_vm.sh: $*" >&2; exit 2; }
 info() { echo "[tpu_vm] $*" >&2; }
-usage() { sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; }
-
-# Print one argument as the shell would read it back (single quotes only where needed).
-q() {
-  case "$1" in
-    '' | *[!A-Za-z0-9_./:=@%+,-]*)
-      printf "'%s'" "$(printf '%s' "$1" | sed "s/'/'\\\\''/g")" ;;
-    *) printf '%s' "$1" ;;
-  esac
-}
 
 # Print a whole command line, quoted, on the dry-run output (fd 3 = the script's stdout).
 show() {
