@@ -101,6 +101,68 @@ def _float32(tree: Any) -> Any:
     return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)
 
 
+def teacher_forward(teacher, teacher_variables, images: Mapping[str, Any], method: Method):
+    """Teacher logits per view (eval mode, float32, ``stop_gradient``); None without a teacher."""
+    if not method.needs_teacher:
+        return None
+    return {
+        view: jax.lax.stop_gradient(
+            teacher.apply(teacher_variables, x, train=False).astype(jnp.float32)
+        )
+        for view, x in images.items()
+    }
+
+
+def make_student_update(
+    student: nn.Module,
+    objective: Callable[..., tuple[jax.Array, dict]],
+    tx: optax.GradientTransformation,
+    *,
+    learning_rate_fn: optax.Schedule | None = None,
+) -> Callable[..., tuple[TrainState, dict]]:
+    """Steps 2-5 of the module docstring for ONE student, as a plain (un-jitted) function.
+
+    ``update(state, teacher_logits, images, labels, epoch) -> (state, metrics)`` where ``images``
+    maps a view name to ``[B, H, W, C]``, ``teacher_logits`` a view name to ``[B, classes]`` (or
+    None), and ``objective`` is a method's ``objective`` (``zkd_jax.methods``). ``make_train_step``
+    jits it behind one teacher forward; ``zkd_jax.multi_student`` maps it over K stacked students.
+    """
+
+    def update(state: TrainState, teacher_logits, images, labels, epoch):
+        rng = jax.random.fold_in(state.rng, state.step)
+
+        def loss_fn(params):
+            batch_stats = state.batch_stats
+            student_logits = {}
+            for i, (view, x) in enumerate(images.items()):
+                variables = {"params": params["student"]}
+                if batch_stats:
+                    variables["batch_stats"] = batch_stats
+                logits, updates = student.apply(
+                    variables, x, train=True, mutable=["batch_stats"],
+                    rngs={"dropout": jax.random.fold_in(rng, i)},
+                )
+                batch_stats = updates.get("batch_stats", batch_stats)
+                student_logits[view] = logits.astype(jnp.float32)
+            loss, terms = objective(params["method"], student_logits, teacher_logits, labels, epoch)
+            return loss, (terms, batch_stats)
+
+        (loss, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params
+        )
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new_state = state.replace(
+            step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+        )
+        metrics = {"loss": loss, **terms}
+        if learning_rate_fn is not None:
+            metrics["lr"] = learning_rate_fn(state.step)
+        return new_state, _float32(metrics)
+
+    return update
+
+
 def make_train_step(
     student: nn.Module,
     teacher: nn.Module | None,
@@ -128,49 +190,14 @@ def make_train_step(
     if method.needs_teacher and teacher is None:
         raise ValueError("this method distills from a teacher; pass the teacher module.")
 
+    update = make_student_update(student, method.objective, tx,
+                                 learning_rate_fn=learning_rate_fn)
+
     def train_step(state: TrainState, teacher_variables, batch, epoch):
         labels = batch["label"]
         images = {view: batch[VIEW_KEYS[view]] for view in method.views}
-        teacher_logits = None
-        if method.needs_teacher:
-            teacher_logits = {
-                view: jax.lax.stop_gradient(
-                    teacher.apply(teacher_variables, x, train=False).astype(jnp.float32)
-                )
-                for view, x in images.items()
-            }
-        rng = jax.random.fold_in(state.rng, state.step)
-
-        def loss_fn(params):
-            batch_stats = state.batch_stats
-            student_logits = {}
-            for i, (view, x) in enumerate(images.items()):
-                variables = {"params": params["student"]}
-                if batch_stats:
-                    variables["batch_stats"] = batch_stats
-                logits, updates = student.apply(
-                    variables, x, train=True, mutable=["batch_stats"],
-                    rngs={"dropout": jax.random.fold_in(rng, i)},
-                )
-                batch_stats = updates.get("batch_stats", batch_stats)
-                student_logits[view] = logits.astype(jnp.float32)
-            loss, terms = method.objective(
-                params["method"], student_logits, teacher_logits, labels, epoch
-            )
-            return loss, (terms, batch_stats)
-
-        (loss, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params
-        )
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        new_state = state.replace(
-            step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
-        )
-        metrics = {"loss": loss, **terms}
-        if learning_rate_fn is not None:
-            metrics["lr"] = learning_rate_fn(state.step)
-        return new_state, _float32(metrics)
+        teacher_logits = teacher_forward(teacher, teacher_variables, images, method)
+        return update(state, teacher_logits, images, labels, epoch)
 
     rep = replicated(mesh)
     return jax.jit(
@@ -212,5 +239,5 @@ def make_eval_step(model: nn.Module, mesh: Mesh) -> EvalStep:
 
 __all__ = [
     "DATA_AXIS", "batch_sharding", "check_batch_size", "create_mesh", "host_to_global",
-    "make_eval_step", "make_train_step", "replicated",
+    "make_eval_step", "make_student_update", "make_train_step", "replicated", "teacher_forward",
 ]

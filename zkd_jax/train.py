@@ -103,17 +103,54 @@ def log_main(message: str) -> None:
         print(message, flush=True)
 
 
-@functools.lru_cache(maxsize=8)
-def _optimizer_and_step(student, teacher, method, mesh, solver: tuple):
-    """(schedule, tx, jitted train step); cached so that runs of one process with the same models,
-    method and solver (a resumed run, tests) share one compiled step."""
+def solver_of(config: ml_collections.ConfigDict, steps_per_epoch: int) -> tuple:
+    """The hashable solver tuple ``make_optimizer`` takes (lr, momentum, wd, nesterov, milestones,
+    decay_rate, steps_per_epoch)."""
+    opt = config.optimizer
+    return (float(opt.lr), float(opt.momentum), float(opt.weight_decay), bool(opt.nesterov),
+            tuple(int(m) for m in opt.milestones), float(opt.decay_rate), steps_per_epoch)
+
+
+def make_optimizer(solver: tuple):
+    """(schedule, tx) of a ``solver_of`` tuple: the step-decay schedule and PyTorch SGD."""
     lr, momentum, weight_decay, nesterov, milestones, decay_rate, steps_per_epoch = solver
     schedule = optim.step_decay_schedule(
         lr, steps_per_epoch=steps_per_epoch, milestones=milestones, decay_rate=decay_rate
     )
     tx = optim.sgd(schedule, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+    return schedule, tx
+
+
+@functools.lru_cache(maxsize=8)
+def _optimizer_and_step(student, teacher, method, mesh, solver: tuple):
+    """(schedule, tx, jitted train step); cached so that runs of one process with the same models,
+    method and solver (a resumed run, tests) share one compiled step."""
+    schedule, tx = make_optimizer(solver)
     return schedule, tx, make_train_step(student, teacher, method, tx, mesh,
                                          learning_rate_fn=schedule)
+
+
+def build_models(config: ml_collections.ConfigDict, workdir: epath.Path, method, mesh):
+    """(info, image_shape, model_dataset, student, teacher, teacher_variables) of a run; the
+    teacher is None (variables ``{}``) for a method without teacher."""
+    from zkd_jax import data, models
+
+    info = data.info(config.dataset)
+    image_shape = _image_shape(info)
+    model_dataset = _model_dataset(config)
+    dtype = jnp.bfloat16 if config.mixed_precision else jnp.float32
+    student = models.create(
+        config.student.arch, num_classes=info.num_classes, dataset=model_dataset, dtype=dtype
+    )
+    teacher, teacher_variables = None, {}
+    if method.needs_teacher:
+        teacher = models.create(
+            config.teacher.arch, num_classes=info.num_classes, dataset=model_dataset, dtype=dtype
+        )
+        teacher_variables = replicate(
+            resolve_teacher(config, workdir, teacher, image_shape), mesh
+        )
+    return info, image_shape, model_dataset, student, teacher, teacher_variables
 
 
 def teacher_recipe(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -212,6 +249,9 @@ def evaluate(eval_step, variables, config, mesh, per_process_batch: int) -> dict
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict:
     """Trains ``config.student`` with ``config.method`` in ``workdir``; returns the summary.
 
+    With a non-empty ``config.students`` it trains K students at once instead
+    (``zkd_jax.train_multi.train_students``; outputs in ``workdir/student_<k>/``).
+
     Resumes from ``workdir/checkpoints`` when there is one. With ``config.max_steps > 0`` it stops
     after that many global steps (checkpointing there). Outputs: see ``zkd_jax.metrics_io`` and
     ``zkd_jax.checkpoint``.
@@ -220,8 +260,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
       ValueError: a config a user can fix (batch size vs device count, teacher checkpoint, ...).
       NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
     """
+    if config.get("students"):  # several students in one program: zkd_jax.train_multi
+        from zkd_jax import train_multi
+
+        return train_multi.train_students(config, workdir)
     initialize_distributed(config)
-    from zkd_jax import data, models  # data may pull TensorFlow lazily inside its functions
+    from zkd_jax import data  # data may pull TensorFlow lazily inside its functions
 
     workdir = epath.Path(workdir)
     is_main = jax.process_index() == 0
@@ -233,26 +277,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     per_process_eval = check_batch_size(
         config.eval_batch_size, mesh, what="config.eval_batch_size"
     )
-    info = data.info(config.dataset)
-    image_shape = _image_shape(info)
-    model_dataset = _model_dataset(config)
-    dtype = jnp.bfloat16 if config.mixed_precision else jnp.float32
-    student = models.create(
-        config.student.arch, num_classes=info.num_classes, dataset=model_dataset, dtype=dtype
-    )
-    teacher, teacher_variables = None, {}
-    if method.needs_teacher:
-        teacher = models.create(
-            config.teacher.arch, num_classes=info.num_classes, dataset=model_dataset, dtype=dtype
-        )
-        teacher_variables = replicate(
-            resolve_teacher(config, workdir, teacher, image_shape), mesh
-        )
+    info, image_shape, model_dataset, student, teacher, teacher_variables = build_models(
+        config, workdir, method, mesh)
 
     steps_per_epoch = data.steps_per_epoch(config.dataset, config.batch_size)
     opt = config.optimizer
-    solver = (float(opt.lr), float(opt.momentum), float(opt.weight_decay), bool(opt.nesterov),
-              tuple(int(m) for m in opt.milestones), float(opt.decay_rate), steps_per_epoch)
+    solver = solver_of(config, steps_per_epoch)
     schedule, tx, train_step = _optimizer_and_step(student, teacher, method, mesh, solver)
     root = jax.random.PRNGKey(config.seed)  # purposes: 0 init, 1 in-step; data uses config.seed
     state = create_train_state(

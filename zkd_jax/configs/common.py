@@ -242,6 +242,11 @@ def base_config() -> ml_collections.ConfigDict:
              process_id=optional(int))
     )
     c.suite = ml_collections.ConfigDict()  # name -> method settings: several students (the demo)
+    # Several students of config.student.arch trained in ONE program (zkd_jax.multi_student): a
+    # tuple of dicts {"seed": int, optional method settings such as "temperature", "kd_weight"};
+    # empty: one student. Outputs go to WORKDIR/student_<k>/.
+    c.students = ()
+    c.students_form = "loop"  # how the K students are mapped: "loop" or "vmap" (multi_student.py)
     c.paper = ml_collections.ConfigDict(
         dict(source=PAPER, settings=(), defaulted=(), top1=optional(float))
     )

@@ -1,0 +1,261 @@
+"""Times zkd_jax's real jitted distillation step on synthetic data resident on the device.
+
+The step is the very object ``zkd-train`` runs: ``zkd_jax.train._optimizer_and_step`` (one student)
+or ``zkd_jax.multi_student.cached_multi_train_step`` (``--students K``), built from the config
+(model, method, loss, PyTorch SGD with the paper's schedule, batch size) exactly as
+``train_and_evaluate`` builds it. Only the inputs are synthetic: a random teacher (same architecture
+and dtype) and one random batch placed on the device once, so the number measured is the step
+itself: teacher forward + student forward/backward + optax update.
+
+Timing: the first calls (compilation) are excluded; then ``--repeats`` rounds of ``--steps`` steps,
+each round ended by ``jax.block_until_ready``; the median round is reported.
+
+Epoch projection (``--epoch_projection``, on by default): one epoch of the config's dataset =
+``steps_per_epoch`` (781 for CIFAR-100 at batch 64) x the measured step + the same number of
+on-device input batches (``zkd_jax.data.device.device_train_batch``, timed alone; 32x32 datasets
+only) + the evaluation of the test split (10,000 images for CIFAR-100) with the real eval step,
+measured per eval batch, once per student. ``total_minutes`` multiplies by ``config.epochs`` (240).
+The trainer of today feeds batches from tf.data, not the on-device path: the projection is what the
+on-device input path costs, not what ``zkd-train`` achieves end to end.
+
+    python benchmarks/train_step.py --config=configs/cifar100.py:kd_ls,resnet32x4,resnet8x4 \
+        [--mixed_precision] [--batch=64] [--students=1 [--students_form=vmap|loop]] [--steps=50]
+        [--repeats=5] [--noepoch_projection]
+    # CPU smoke test:
+    python benchmarks/train_step.py --config=configs/cifar100.py:kd_ls,resnet8,resnet8 --batch=8 \
+        --steps=3 --repeats=2 --eval_batch=16
+
+Prints ONE JSON object (keys: see ``README.md``, section "Performance").
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import json
+import math
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None,
+    "Config file and argument, e.g. configs/cifar100.py:kd_ls,resnet32x4,resnet8x4.")
+_MIXED = flags.DEFINE_bool("mixed_precision", None, "bfloat16 compute (default: the config's).")
+_BATCH = flags.DEFINE_integer("batch", None, "Global batch size (default: the config's).")
+_STUDENTS = flags.DEFINE_integer("students", 1, "K students in one program (seeds seed..seed+K-1).")
+_STEPS = flags.DEFINE_integer("steps", 50, "Steps per timed round.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed rounds; the median is reported.")
+_FORM = flags.DEFINE_enum("students_form", None, ["vmap", "loop"],
+                          "How K > 1 students are mapped (default: the config's).")
+_PROJECTION = flags.DEFINE_bool("epoch_projection", True, "Also time eval and input; project.")
+_TAG = flags.DEFINE_string("tag", None, "A label copied into the output (e.g. the issue's row).")
+_EVAL_BATCH = flags.DEFINE_integer("eval_batch", None, "Eval batch (default: config's).")
+
+KEYS = ("benchmark", "tag", "config", "method", "teacher", "student", "batch", "students",
+        "mixed_precision", "students_form", "device_kind", "device_count", "platform",
+        "jax_version", "date",
+        "steps", "repeats", "compile_seconds", "ms_per_step", "ms_per_step_rounds",
+        "images_per_sec", "images_per_sec_per_student", "projection")
+
+
+def _time_rounds(run_round, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(run_round())
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _synthetic_batch(views, batch: int, image_shape, num_classes: int, mesh) -> dict:
+    from zkd_jax.step import VIEW_KEYS, host_to_global
+
+    rng = np.random.default_rng(0)
+    host = {VIEW_KEYS[v]: rng.normal(size=(batch, *image_shape)).astype(np.float32) for v in views}
+    host["label"] = rng.integers(0, num_classes, batch).astype(np.int32)
+    return host_to_global(host, mesh)
+
+
+def build(config, num_students: int):
+    """(step, state, teacher_variables, method, student module, mesh, steps_per_epoch, info)."""
+    from zkd_jax import data, methods, models, multi_student, train
+    from zkd_jax.step import check_batch_size, create_mesh
+    from zkd_jax.train_state import create_train_state, init_variables
+
+    mesh = create_mesh()
+    check_batch_size(config.batch_size, mesh)
+    info = data.info(config.dataset)
+    image_shape = train._image_shape(info)  # pylint: disable=protected-access
+    model_dataset = train._model_dataset(config)  # pylint: disable=protected-access
+    dtype = jnp.bfloat16 if config.mixed_precision else jnp.float32
+    student = models.create(config.student.arch, num_classes=info.num_classes,
+                            dataset=model_dataset, dtype=dtype)
+    method = methods.from_config(config.method)
+    teacher, teacher_variables = None, {}
+    if method.needs_teacher:
+        teacher = models.create(config.teacher.arch, num_classes=info.num_classes,
+                                dataset=model_dataset, dtype=dtype)
+        teacher_variables = init_variables(teacher, jax.random.PRNGKey(123),
+                                           (1, *image_shape), mesh=mesh)
+    steps_per_epoch = data.steps_per_epoch(config.dataset, config.batch_size)
+    solver = train.solver_of(config, steps_per_epoch)
+    if num_students == 1:
+        _, tx, step = train._optimizer_and_step(  # pylint: disable=protected-access
+            student, teacher, method, mesh, solver)
+        root = jax.random.PRNGKey(config.seed)
+        state = create_train_state(student, method, tx, init_rng=jax.random.fold_in(root, 0),
+                                   step_rng=jax.random.fold_in(root, 1),
+                                   input_shape=(1, *image_shape), mesh=mesh)
+    else:
+        config.students = tuple({"seed": config.seed + k} for k in range(num_students))
+        specs = multi_student.student_specs(config)
+        method_list = multi_student.build_methods(specs)
+        _, tx, step = multi_student.cached_multi_train_step(
+            student, teacher, tuple(method_list), mesh, solver, config.students_form)
+        state = multi_student.stack_states(multi_student.create_states(
+            student, method_list, [s.seed for s in specs], tx, input_shape=(1, *image_shape),
+            mesh=mesh), mesh)
+    return step, state, teacher_variables, method, student, mesh, steps_per_epoch, info, image_shape
+
+
+def _eval_ms_per_batch(student, state, num_students, mesh, eval_batch, image_shape, info,
+                       repeats) -> float:
+    from zkd_jax import multi_student
+    from zkd_jax.step import host_to_global, make_eval_step
+    from zkd_jax.train_state import student_variables
+
+    if num_students > 1:
+        state = multi_student.unstack_state(state, 0, mesh)
+    variables = student_variables(state)
+    eval_step = make_eval_step(student, mesh)
+    rng = np.random.default_rng(1)
+    batch = host_to_global({
+        "image": rng.normal(size=(eval_batch, *image_shape)).astype(np.float32),
+        "label": rng.integers(0, info.num_classes, eval_batch).astype(np.int32),
+        "mask": np.ones(eval_batch, bool)}, mesh)
+    jax.block_until_ready(eval_step(variables, batch))
+    calls = 5
+    times = _time_rounds(lambda: [eval_step(variables, batch) for _ in range(calls)], repeats)
+    return 1e3 * statistics.median(times) / calls
+
+
+def _input_ms_per_step(info, batch: int, repeats: int) -> float | None:
+    """Median ms of one on-device augmented batch (pad, crop, flip, normalize), 32x32 only."""
+    from zkd_jax.data import device
+
+    if info.image_size != 32:
+        return None
+    n = info.num_train
+    rng = np.random.default_rng(2)
+    images = jax.device_put(rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8))
+    labels = jax.device_put(rng.integers(0, info.num_classes, n).astype(np.int32))
+    key = jax.random.PRNGKey(0)
+    order = device.epoch_permutation(key, 1, n)
+    fn = jax.jit(functools.partial(device.device_train_batch, batch_size=batch, mean=info.mean,
+                                   std=info.std))
+    jax.block_until_ready(fn(images, labels, key, 1, 0, order=order))
+    calls = 10
+    times = _time_rounds(
+        lambda: [fn(images, labels, key, 1, s, order=order) for s in range(calls)], repeats)
+    return 1e3 * statistics.median(times) / calls
+
+
+def run(config, *, num_students: int, steps: int, repeats: int, projection: bool,
+        eval_batch: int | None) -> dict:
+    """Builds and times the step; returns the result dict (``KEYS``)."""
+    if num_students < 1 or steps < 1 or repeats < 1:
+        raise ValueError("--students, --steps and --repeats must be >= 1.")
+    (step, state, teacher_variables, method, student, mesh, steps_per_epoch, info,
+     image_shape) = build(config, num_students)
+    batch = _synthetic_batch(method.views, config.batch_size, image_shape, info.num_classes, mesh)
+    epoch = jax.device_put(np.int32(1))
+    start = time.perf_counter()
+    state, metrics = step(state, teacher_variables, batch, epoch)
+    jax.block_until_ready(metrics)
+    compile_seconds = time.perf_counter() - start
+    state, metrics = step(state, teacher_variables, batch, epoch)  # one more warm step
+    jax.block_until_ready(metrics)
+    box = [state]
+
+    def one_round():
+        s = box[0]
+        for _ in range(steps):
+            s, m = step(s, teacher_variables, batch, epoch)
+        box[0] = s
+        return s, m
+
+    rounds = _time_rounds(one_round, repeats)
+    ms = 1e3 * statistics.median(rounds) / steps
+    per_student = config.batch_size / (ms / 1e3)
+    dev = jax.devices()[0]
+    result = {
+        "benchmark": "train_step", "tag": None, "config": None, "method": config.variant,
+        "teacher": config.teacher.arch if method.needs_teacher else None,
+        "student": config.student.arch, "batch": config.batch_size, "students": num_students,
+        "mixed_precision": bool(config.mixed_precision),
+        "students_form": config.students_form if num_students > 1 else None,
+        "device_kind": dev.device_kind,
+        "device_count": jax.device_count(), "platform": dev.platform,
+        "jax_version": jax.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "steps": steps, "repeats": repeats, "compile_seconds": round(compile_seconds, 3),
+        "ms_per_step": round(ms, 4),
+        "ms_per_step_rounds": [round(1e3 * t / steps, 4) for t in rounds],
+        "images_per_sec": round(num_students * per_student, 1),
+        "images_per_sec_per_student": round(per_student, 1),
+        "projection": None,
+    }
+    if projection:
+        eval_batch = eval_batch or config.eval_batch_size
+        eval_ms = _eval_ms_per_batch(student, box[0], num_students, mesh, eval_batch,
+                                     image_shape, info, repeats)
+        input_ms = _input_ms_per_step(info, config.batch_size, repeats)
+        eval_batches = math.ceil(info.num_test / eval_batch)
+        train_s = steps_per_epoch * ms / 1e3
+        input_s = steps_per_epoch * (input_ms or 0.0) / 1e3
+        eval_s = num_students * eval_batches * eval_ms / 1e3
+        epoch_s = train_s + input_s + eval_s
+        result["projection"] = {
+            "dataset": config.dataset, "steps_per_epoch": steps_per_epoch,
+            "train_seconds_per_epoch": round(train_s, 3),
+            "input_ms_per_step": None if input_ms is None else round(input_ms, 4),
+            "input_seconds_per_epoch": round(input_s, 3),
+            "eval_images": info.num_test, "eval_batch": eval_batch, "eval_batches": eval_batches,
+            "eval_ms_per_batch": round(eval_ms, 4), "eval_seconds_per_epoch": round(eval_s, 3),
+            "epoch_seconds": round(epoch_s, 3), "epochs": config.epochs,
+            "total_minutes": round(config.epochs * epoch_s / 60, 2),
+        }
+    return result
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if _CONFIG.value is None:
+        raise app.UsageError(
+            "--config is required, e.g. configs/cifar100.py:kd_ls,resnet32x4,resnet8x4")
+    config = _CONFIG.value
+    with config.unlocked():
+        if _MIXED.value is not None:
+            config.mixed_precision = _MIXED.value
+        if _BATCH.value is not None:
+            config.batch_size = _BATCH.value
+        if _FORM.value is not None:
+            config.students_form = _FORM.value
+    result = run(config, num_students=_STUDENTS.value, steps=_STEPS.value,
+                 repeats=_REPEATS.value, projection=_PROJECTION.value,
+                 eval_batch=_EVAL_BATCH.value)
+    result["config"] = flags.FLAGS["config"].serialize().split("=", 1)[-1]
+    result["tag"] = _TAG.value
+    result = {k: result[k] for k in KEYS}
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)

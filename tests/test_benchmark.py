@@ -1,0 +1,62 @@
+"""benchmarks/train_step.py runs on CPU and prints one JSON object with the documented keys."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "train_step.py"
+SMALL = ["--config=configs/cifar100.py:kd_ls,resnet8,resnet8", "--batch=8", "--steps=2",
+         "--repeats=2"]
+KEYS = {"benchmark", "tag", "config", "method", "teacher", "student", "batch", "students",
+        "mixed_precision", "students_form", "device_kind", "device_count", "platform",
+        "jax_version", "date", "steps", "repeats", "compile_seconds", "ms_per_step",
+        "ms_per_step_rounds", "images_per_sec", "images_per_sec_per_student", "projection"}
+PROJECTION_KEYS = {"dataset", "steps_per_epoch", "train_seconds_per_epoch", "input_ms_per_step",
+                   "input_seconds_per_epoch", "eval_images", "eval_batch", "eval_batches",
+                   "eval_ms_per_batch", "eval_seconds_per_epoch", "epoch_seconds", "epochs",
+                   "total_minutes"}
+
+
+def _run(*args: str) -> dict:
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, str(SCRIPT), *SMALL, *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stdout  # exactly one JSON object on stdout
+    return json.loads(lines[0])
+
+
+def test_single_student_json():
+    out = _run("--noepoch_projection", "--tag=fp32_b8")
+    assert set(out) == KEYS and out["tag"] == "fp32_b8"
+    assert out["config"] == "configs/cifar100.py:kd_ls,resnet8,resnet8"
+    assert (out["batch"], out["students"], out["students_form"]) == (8, 1, None)
+    assert out["platform"] == "cpu" and out["mixed_precision"] is False
+    assert len(out["ms_per_step_rounds"]) == 2 and out["ms_per_step"] > 0
+    assert out["images_per_sec"] == pytest.approx(8 / (out["ms_per_step"] / 1e3), rel=1e-3)
+    assert out["projection"] is None
+
+
+def test_two_students_mixed_precision_with_projection():
+    out = _run("--students=2", "--mixed_precision", "--eval_batch=16")
+    assert set(out) == KEYS and (out["students"], out["students_form"]) == (2, "loop")
+    assert out["mixed_precision"] is True
+    assert out["images_per_sec"] == pytest.approx(2 * out["images_per_sec_per_student"],
+                                                  rel=1e-3)
+    proj = out["projection"]
+    assert set(proj) == PROJECTION_KEYS
+    assert (proj["steps_per_epoch"], proj["eval_images"]) == (6250, 10000)
+    assert proj["eval_batches"] == 625
+    assert proj["epochs"] == 240 and proj["input_ms_per_step"] > 0
+    expected = proj["train_seconds_per_epoch"] + proj["input_seconds_per_epoch"] + proj[
+        "eval_seconds_per_epoch"]
+    assert proj["epoch_seconds"] == pytest.approx(expected, abs=2e-3)
+    assert proj["total_minutes"] == pytest.approx(240 * proj["epoch_seconds"] / 60, abs=0.01)
