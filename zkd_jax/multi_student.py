@@ -46,13 +46,7 @@ from jax.sharding import Mesh
 
 from zkd_jax import methods as methods_lib
 from zkd_jax.methods import Method
-from zkd_jax.step import (
-    VIEW_KEYS,
-    batch_sharding,
-    make_student_update,
-    replicated,
-    teacher_forward,
-)
+from zkd_jax.step import VIEW_KEYS, jit_train_step, make_student_update, replicated, teacher_forward
 from zkd_jax.train_state import TrainState, create_train_state
 
 STUDENT_DIR = "student_{}"
@@ -246,13 +240,7 @@ def make_multi_train_step(
         return students_update(update_one, states, branch_index, teacher_logits, images,
                                labels, epoch, form=form)
 
-    rep = replicated(mesh)
-    return jax.jit(
-        train_step,
-        in_shardings=(rep, rep, batch_sharding(mesh), rep),
-        out_shardings=(rep, rep),
-        donate_argnums=(0,),
-    )
+    return jit_train_step(train_step, mesh)
 
 
 @functools.lru_cache(maxsize=8)

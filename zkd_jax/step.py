@@ -199,6 +199,13 @@ def make_train_step(
         teacher_logits = teacher_forward(teacher, teacher_variables, images, method)
         return update(state, teacher_logits, images, labels, epoch)
 
+    return jit_train_step(train_step, mesh)
+
+
+def jit_train_step(train_step: Callable, mesh: Mesh) -> TrainStep:
+    """``jax.jit`` of ``train_step(state, teacher_variables, batch, epoch) -> (state, metrics)``
+    with the mesh's shardings: the batch sharded on ``"data"``, everything else replicated, and
+    ``state`` donated."""
     rep = replicated(mesh)
     return jax.jit(
         train_step,
@@ -239,5 +246,6 @@ def make_eval_step(model: nn.Module, mesh: Mesh) -> EvalStep:
 
 __all__ = [
     "DATA_AXIS", "batch_sharding", "check_batch_size", "create_mesh", "host_to_global",
-    "make_eval_step", "make_student_update", "make_train_step", "replicated", "teacher_forward",
+    "jit_train_step", "make_eval_step", "make_student_update", "make_train_step", "replicated",
+    "teacher_forward",
 ]
