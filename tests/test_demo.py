@@ -23,9 +23,11 @@ def test_demo_command(tmp_path):
     workdir = tmp_path / "demo"
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     start = time.perf_counter()
+    # A relative --workdir, as the README's command passes it (orbax itself needs absolute paths).
     proc = subprocess.run(
-        [sys.executable, "-m", "zkd_jax.main", "--config=configs/demo.py", f"--workdir={workdir}"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+        [sys.executable, "-m", "zkd_jax.main", f"--config={ROOT / 'configs' / 'demo.py'}",
+         "--workdir=demo"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
     )
     seconds = time.perf_counter() - start
     print(f"\ndemo wall time: {seconds:.1f} s\n{proc.stdout[-1200:]}")

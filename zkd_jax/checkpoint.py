@@ -24,6 +24,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import linen as nn
 
+from zkd_jax import paths
 from zkd_jax.train_state import TrainState
 
 CHECKPOINTS = "checkpoints"
@@ -35,7 +36,7 @@ class Checkpointer:
     """The last few checkpoints of a run plus its best one (two orbax managers)."""
 
     def __init__(self, workdir: epath.PathLike, *, keep: int = 3):
-        workdir = epath.Path(workdir)
+        workdir = paths.absolute(workdir)
         if keep < 1:
             raise ValueError(f"config.keep_checkpoints={keep} must be >= 1.")
 
@@ -91,7 +92,7 @@ class Checkpointer:
 
 def teacher_directory(path: epath.PathLike) -> epath.Path:
     """The variables directory of a teacher: ``path/export`` for a run's workdir, else ``path``."""
-    path = epath.Path(path)
+    path = paths.absolute(path)
     return path / EXPORT if (path / EXPORT).exists() else path
 
 
@@ -102,7 +103,7 @@ def export_variables(
     """Writes ``workdir/export`` with ``zkd_jax.convert.save_variables`` (teacher format)."""
     from zkd_jax import convert  # lazy: only runs that export need it
 
-    directory = epath.Path(workdir) / EXPORT
+    directory = paths.absolute(workdir) / EXPORT
     convert.save_variables(
         directory, jax.device_get(dict(variables)), arch=arch, dataset=dataset,
         num_classes=num_classes,

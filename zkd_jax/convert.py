@@ -29,7 +29,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from zkd_jax import models
+from zkd_jax import models, paths
 from zkd_jax.torch_pickle import UnsafeCheckpointError, load_torch_file
 
 __all__ = [
@@ -239,7 +239,7 @@ def save_variables(
     call this (orbax coordinates the write).
     """
     models.create(arch, num_classes=num_classes, dataset=dataset)  # validates the three together
-    path = epath.Path(directory)
+    path = paths.absolute(directory)
     ocp, ckptr = _checkpointer()
     meta = {
         "arch": arch,
@@ -267,7 +267,7 @@ def load_variables(directory: str | epath.PathLike) -> tuple[dict[str, Any], dic
     against a model:
     ``models.check_variables(models.abstract_variables(model), variables, what=...)``.
     """
-    path = epath.Path(directory)
+    path = paths.absolute(directory)
     if not (path / "metadata").exists() or not (path / "variables").exists():
         raise ValueError(
             f"{path} is not a zkd_jax variables checkpoint (no 'metadata' and 'variables' items); "

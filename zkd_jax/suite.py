@@ -14,7 +14,7 @@ import ml_collections
 from etils import epath
 
 from zkd_jax import checkpoint as ckpt_lib
-from zkd_jax import metrics_io
+from zkd_jax import metrics_io, paths
 from zkd_jax.train import (
     TEACHER_SUBDIR,
     initialize_distributed,
@@ -30,7 +30,7 @@ def train_suite(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> d
     Each entry of ``config.suite`` is a method config replacing ``config.method``; every student
     distills from the same teacher. Prints a table of the accuracies; returns the summaries.
     """
-    workdir = epath.Path(workdir)
+    workdir = paths.absolute(workdir)
     initialize_distributed(config)
     teacher_dir = workdir / TEACHER_SUBDIR
     if not (teacher_dir / ckpt_lib.EXPORT).exists():

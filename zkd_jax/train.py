@@ -30,7 +30,7 @@ import numpy as np
 from etils import epath
 
 from zkd_jax import checkpoint as ckpt_lib
-from zkd_jax import metrics_io, methods, optim
+from zkd_jax import metrics_io, methods, optim, paths
 from zkd_jax.step import (
     check_batch_size,
     create_mesh,
@@ -267,7 +267,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     initialize_distributed(config)
     from zkd_jax import data  # data may pull TensorFlow lazily inside its functions
 
-    workdir = epath.Path(workdir)
+    workdir = paths.absolute(workdir)
     is_main = jax.process_index() == 0
     if is_main:
         workdir.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ import numpy as np
 from etils import epath
 
 from zkd_jax import checkpoint as ckpt_lib
-from zkd_jax import metrics_io, multi_student, optim
+from zkd_jax import metrics_io, multi_student, optim, paths
 from zkd_jax.step import check_batch_size, create_mesh, host_to_global, make_eval_step
 from zkd_jax.train import (
     _EpochMetrics,
@@ -73,7 +73,7 @@ def train_students(config: ml_collections.ConfigDict, workdir: epath.PathLike) -
     initialize_distributed(config)
     from zkd_jax import data
 
-    workdir = epath.Path(workdir)
+    workdir = paths.absolute(workdir)
     is_main = jax.process_index() == 0
     specs = multi_student.student_specs(config)
     method_list = multi_student.build_methods(specs)
