@@ -20,31 +20,11 @@ import jax
 import jax.numpy as jnp
 
 from zkd_jax.models.layers import BatchNorm, Conv2d, Linear, global_avg_pool
+from zkd_jax.models.resnet import BasicBlock
 
 Array = jax.Array
 
-__all__ = ["BasicBlock", "ResNetCifar"]
-
-
-class BasicBlock(nn.Module):
-    """``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))``; conv1 carries the stride."""
-
-    planes: int
-    stride: int = 1
-    downsample: bool = False
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array, train: bool) -> Array:
-        out = Conv2d(self.planes, 3, self.stride, 1, dtype=self.dtype, name="conv1")(x)
-        out = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(out, train))
-        out = Conv2d(self.planes, 3, 1, 1, dtype=self.dtype, name="conv2")(out)
-        out = BatchNorm(dtype=self.dtype, name="bn2")(out, train)
-        residual = x
-        if self.downsample:
-            residual = Conv2d(self.planes, 1, self.stride, dtype=self.dtype, name="downsample_0")(x)
-            residual = BatchNorm(dtype=self.dtype, name="downsample_1")(residual, train)
-        return nn.relu(out + residual)
+__all__ = ["ResNetCifar"]
 
 
 class ResNetCifar(nn.Module):
@@ -72,7 +52,8 @@ class ResNetCifar(nn.Module):
                 x = BasicBlock(
                     planes,
                     s,
-                    downsample=(s != 1 or inplanes != planes),
+                    projection=(s != 1 or inplanes != planes),
+                    projection_name="downsample",  # the reference's key: layerN.i.downsample.{0,1}
                     dtype=self.dtype,
                     name=f"layer{stage}_{i}",
                 )(x, train)
