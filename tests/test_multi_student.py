@@ -1,9 +1,10 @@
 """Several students in one program (issue 7): ``config.students`` with K students.
 
 Real ``train_and_evaluate`` runs on the offline digits (resnet8 student, random resnet8 teacher
-saved in the zkd-convert format), K = 2: the student with the single run's seed and settings ends
-where the single run ends (across a stop and resume), the student with another seed, temperature
-and kd weight ends elsewhere, and each has its own metrics, summary, checkpoints and export. At the
+saved in the zkd-convert format), K = 2: two students with the single run's seed and settings both
+end where the single run ends; in a second K = 2 run (stopped and resumed) the student with the
+single run's seed ends there too, the student with another seed, temperature and kd weight ends
+elsewhere, and each has its own metrics, summary, checkpoints and export. At the
 step level, K = 3 on a tiny model (two students identical to one single run, one different) checks
 both forms of the multi step ("loop", "vmap") against single steps.
 """
@@ -77,6 +78,9 @@ def runs(tmp_path_factory, teacher_dir):
                                  root / "multi")
     assert [s["step"] for s in stopped["students"]] == [4, 4]
     multi = train_and_evaluate(_config(teacher_dir, students=students), root / "multi")
+    twins = train_and_evaluate(_config(teacher_dir, students=[{"seed": 0}, {"seed": 0}]),
+                               root / "twins")
+    assert [s["step"] for s in twins["students"]] == [STEPS_PER_EPOCH] * 2
     return root, single, multi
 
 
@@ -93,6 +97,18 @@ def test_student_with_the_runs_seed_equals_single_run_across_resume(runs):
     summary = multi["students"][0]
     assert summary["finished"] and summary["student_seed"] == 0 and summary["data_seed"] == 0
     assert summary["last_top1"] == single["last_top1"]
+
+
+def test_two_students_with_the_same_seed_and_settings_both_equal_single_run(runs):
+    root, single, _ = runs
+    _, reference = _state_leaves(root / "single")
+    _, first = _state_leaves(root / "twins" / "student_0")
+    _, second = _state_leaves(root / "twins" / "student_1")
+    for x, y, z in zip(first, second, reference, strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(x, z, rtol=1e-5, atol=1e-6)
+    summaries = metrics_io.read_summary(root / "twins")["students"]
+    assert [s["last_top1"] for s in summaries] == [single["last_top1"]] * 2
 
 
 def test_different_seed_and_settings_end_different(runs):
