@@ -15,8 +15,8 @@ Epoch projection (``--epoch_projection``, on by default): one epoch of the confi
 on-device input batches (``zkd_jax.data.device.device_train_batch``, timed alone; 32x32 datasets
 only) + the evaluation of the test split (10,000 images for CIFAR-100) with the real eval step,
 measured per eval batch, once per student. ``total_minutes`` multiplies by ``config.epochs`` (240).
-The trainer of today feeds batches from tf.data, not the on-device path: the projection is what the
-on-device input path costs, not what ``zkd-train`` achieves end to end.
+That is the cost of ``zkd-train --config.input_pipeline=device``, whose feed (``zkd_jax.feed``) builds
+every batch with that same function.
 
     python benchmarks/train_step.py --config=configs/cifar100.py:kd_ls,resnet32x4,resnet8x4 \
         [--mixed_precision] [--batch=64] [--students=1 [--students_form=vmap|loop]] [--steps=50]

@@ -1,7 +1,8 @@
 """``train_and_evaluate(config, workdir)``: one distillation (or teacher) run, resumable.
 
-The path of one batch: ``zkd_jax.data.train_batches`` yields this process's NumPy share ->
-``host_to_global`` makes it a global array sharded over the mesh's ``"data"`` axis -> the jitted
+The path of one batch: ``zkd_jax.feed`` yields it as a global array sharded over the mesh's
+``"data"`` axis (from tf.data on the host, or built on the devices: ``config.input_pipeline``) ->
+the jitted
 ``train_step`` (teacher forward, student forward/backward, optax update) -> metrics are fetched every
 ``config.log_every_steps`` (progress bar, NaN/inf check) -> at epoch ends: evaluation on the test
 split, ``metrics.jsonl`` / TensorBoard / ``summary.json``, orbax checkpoints.
@@ -30,9 +31,9 @@ import numpy as np
 from etils import epath
 
 from zkd_jax import checkpoint as ckpt_lib
+from zkd_jax import feed as feed_lib
 from zkd_jax import metrics_io, methods, optim, paths
 from zkd_jax.step import (
-    check_batch_size,
     create_mesh,
     host_to_global,
     make_eval_step,
@@ -158,7 +159,7 @@ def teacher_recipe(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     if config.teacher.get("recipe") is None:
         raise ValueError("config.teacher.recipe is missing; cannot train the teacher.")
     recipe = copy.deepcopy(config.teacher.recipe)
-    for key in ("data_dir", "distributed", "progress_bar"):
+    for key in ("data_dir", "distributed", "progress_bar", "input_pipeline"):
         recipe[key] = copy.deepcopy(config[key])
     return recipe
 
@@ -226,15 +227,20 @@ class _EpochMetrics:
         return {k: v / max(self.count, 1) for k, v in self.sums.items()}
 
 
-def evaluate(eval_step, variables, config, mesh, per_process_batch: int) -> dict[str, float]:
-    """Top-1 / top-5 (%) and mean cross-entropy on the test split (padded rows masked)."""
-    from zkd_jax import data
+def make_feed(config: ml_collections.ConfigDict, mesh, views) -> feed_lib.Feed:
+    """The run's :class:`zkd_jax.feed.Feed` (``config.input_pipeline``, batch sizes, seed)."""
+    return feed_lib.make_feed(
+        config.get("input_pipeline") or "tfdata", dataset=config.dataset, mesh=mesh,
+        seed=config.seed, views=views, batch_size=config.batch_size,
+        eval_batch_size=config.eval_batch_size, data_dir=config.data_dir,
+    )
 
+
+def evaluate(eval_step, variables, feed: feed_lib.Feed) -> dict[str, float]:
+    """Top-1 / top-5 (%) and mean cross-entropy on the test split (padded rows masked)."""
     totals = {"correct1": 0, "correct5": 0, "count": 0, "ce_sum": 0.0}
-    for batch in data.eval_batches(
-        config.dataset, per_process_batch_size=per_process_batch, data_dir=config.data_dir
-    ):
-        out = to_host(eval_step(variables, host_to_global(batch, mesh)))
+    for batch in feed.eval():
+        out = to_host(eval_step(variables, batch))
         for k in totals:
             totals[k] += out[k].item()
     n = max(totals["count"], 1)
@@ -273,10 +279,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
         workdir.mkdir(parents=True, exist_ok=True)
     method = methods.from_config(config.method)
     mesh = create_mesh()
-    per_process_batch = check_batch_size(config.batch_size, mesh)
-    per_process_eval = check_batch_size(
-        config.eval_batch_size, mesh, what="config.eval_batch_size"
-    )
+    feed = make_feed(config, mesh, method.views)
     info, image_shape, model_dataset, student, teacher, teacher_variables = build_models(
         config, workdir, method, mesh)
 
@@ -321,10 +324,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
             epoch, offset = step // steps_per_epoch + 1, step % steps_per_epoch
             epoch_end = min(epoch * steps_per_epoch, stop_at)
             epoch_arr = replicate(np.int32(epoch), mesh)
-            batches = data.train_batches(
-                config.dataset, per_process_batch_size=per_process_batch, seed=config.seed,
-                epoch=epoch, start_step=offset, views=method.views, data_dir=config.data_dir,
-            )
+            batches = feed.train(epoch, offset)
             tracker = _EpochMetrics()
             progress = metrics_io.Progress(
                 epoch=epoch, epochs=config.epochs, total=steps_per_epoch, initial=offset,
@@ -332,8 +332,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
             )
             start_time, start_step = time.perf_counter(), step
             for batch in itertools.islice(batches, epoch_end - step):
-                state, metrics = train_step(state, teacher_variables, host_to_global(batch, mesh),
-                                            epoch_arr)
+                state, metrics = train_step(state, teacher_variables, batch, epoch_arr)
                 step += 1
                 tracker.add(metrics)
                 log_now = step % config.log_every_steps == 0 or step == epoch_end
@@ -364,8 +363,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
             images_per_sec = (step - start_step) * config.batch_size / max(seconds, 1e-9)
             is_best = False
             if epoch % config.eval_every_epochs == 0 or epoch == config.epochs:
-                result = evaluate(eval_step, student_variables(state), config, mesh,
-                                  per_process_eval)
+                result = evaluate(eval_step, student_variables(state), feed)
                 last.update(top1=result["top1"], epoch=epoch)
                 is_best = result["top1"] > best["top1"]
                 if is_best:

@@ -25,13 +25,14 @@ from etils import epath
 
 from zkd_jax import checkpoint as ckpt_lib
 from zkd_jax import metrics_io, multi_student, optim, paths
-from zkd_jax.step import check_batch_size, create_mesh, host_to_global, make_eval_step
+from zkd_jax.step import create_mesh, make_eval_step
 from zkd_jax.train import (
     _EpochMetrics,
     build_models,
     evaluate,
     initialize_distributed,
     log_main,
+    make_feed,
     replicate,
     solver_of,
     to_host,
@@ -83,9 +84,7 @@ def train_students(config: ml_collections.ConfigDict, workdir: epath.PathLike) -
         for d in dirs:
             d.mkdir(parents=True, exist_ok=True)
     mesh = create_mesh()
-    per_process_batch = check_batch_size(config.batch_size, mesh)
-    per_process_eval = check_batch_size(
-        config.eval_batch_size, mesh, what="config.eval_batch_size")
+    feed = make_feed(config, mesh, method_list[0].views)
     info, image_shape, model_dataset, student, teacher, teacher_variables = build_models(
         config, workdir, method_list[0], mesh)
     steps_per_epoch = data.steps_per_epoch(config.dataset, config.batch_size)
@@ -146,11 +145,7 @@ def train_students(config: ml_collections.ConfigDict, workdir: epath.PathLike) -
             epoch, offset = step // steps_per_epoch + 1, step % steps_per_epoch
             epoch_end = min(epoch * steps_per_epoch, stop_at)
             epoch_arr = replicate(np.int32(epoch), mesh)
-            batches = data.train_batches(
-                config.dataset, per_process_batch_size=per_process_batch, seed=config.seed,
-                epoch=epoch, start_step=offset, views=method_list[0].views,
-                data_dir=config.data_dir,
-            )
+            batches = feed.train(epoch, offset)
             trackers = [_EpochMetrics() for _ in range(num)]
             pending: list[dict] = []
             progress = metrics_io.Progress(
@@ -173,8 +168,7 @@ def train_students(config: ml_collections.ConfigDict, workdir: epath.PathLike) -
                 return float(np.mean([l_.get("loss", np.nan) for l_ in losses]))
 
             for batch in itertools.islice(batches, epoch_end - step):
-                stacked, metrics = train_step(stacked, teacher_variables,
-                                              host_to_global(batch, mesh), epoch_arr)
+                stacked, metrics = train_step(stacked, teacher_variables, batch, epoch_arr)
                 step += 1
                 pending.append(metrics)
                 log_now = step % config.log_every_steps == 0 or step == epoch_end
@@ -205,7 +199,7 @@ def train_students(config: ml_collections.ConfigDict, workdir: epath.PathLike) -
                                         decay_rate=opt.decay_rate)
                 for k in range(num):
                     variables = student_variables(multi_student.unstack_state(stacked, k, mesh))
-                    result = evaluate(eval_step, variables, config, mesh, per_process_eval)
+                    result = evaluate(eval_step, variables, feed)
                     last[k].update(top1=result["top1"], epoch=epoch)
                     is_best[k] = result["top1"] > best[k]["top1"]
                     if is_best[k]:

@@ -229,6 +229,9 @@ def base_config() -> ml_collections.ConfigDict:
         {k: v for k, v in CIFAR100_SOLVER.items() if k not in ("batch_size", "epochs")}
     )
     c.mixed_precision = False  # params/optimizer state float32, compute bfloat16, losses float32
+    # "tfdata": batches from tf.data on the host (every dataset and view); "device": the split held
+    # on the devices, augmented in jitted JAX (CIFAR-100 and digits, weak view only): zkd_jax.feed.
+    c.input_pipeline = "tfdata"
     c.eval_every_epochs = 1  # the last epoch is always evaluated
     c.checkpoint_every_epochs = 1  # the last epoch is always checkpointed
     c.checkpoint_every_steps = 0  # > 0: also checkpoint every this many global steps

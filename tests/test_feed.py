@@ -1,0 +1,133 @@
+"""The trainer's batch feeds (zkd_jax.feed): tf.data on the host vs the split held on the devices.
+
+Both feeds on the offline digits: same shapes, dtypes and sharding; the device feed is
+deterministic and restartable at any step; its evaluation batches are tf.data's bit for bit; the
+errors a user can cause say what to set; and a real ``train_and_evaluate`` with
+``input_pipeline="device"`` resumes bit-identically.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import numpy as np
+import pytest
+
+from zkd_jax import feed as feed_lib
+from zkd_jax import models, step
+from zkd_jax.train import evaluate, train_and_evaluate
+from zkd_jax.train_state import init_variables
+
+BATCH, EVAL_BATCH = 64, 128
+
+
+def _feed(pipeline, *, seed=0, views=("weak",), dataset="digits", batch=BATCH):
+    return feed_lib.make_feed(pipeline, dataset=dataset, mesh=step.create_mesh(), seed=seed,
+                              views=views, batch_size=batch, eval_batch_size=EVAL_BATCH)
+
+
+def _host(batches):
+    return [{k: np.asarray(v) for k, v in b.items()} for b in batches]
+
+
+@pytest.mark.parametrize("pipeline", feed_lib.PIPELINES)
+def test_train_batches_are_global_sharded_and_normalized(pipeline):
+    batches = list(itertools.islice(_feed(pipeline).train(1, 0), 2))
+    mesh = step.create_mesh()
+    for b in batches:
+        assert set(b) == {"image", "label"}
+        assert b["image"].shape == (BATCH, 32, 32, 3) and b["image"].dtype == np.float32
+        assert b["label"].shape == (BATCH,) and b["label"].dtype == np.int32
+        assert b["image"].sharding.is_equivalent_to(step.batch_sharding(mesh), 4)
+        image = np.asarray(b["image"])
+        assert -3.0 < image.mean() < 3.0 and image.std() > 0.3  # normalized, not raw bytes
+        assert 0 <= np.asarray(b["label"]).min() and np.asarray(b["label"]).max() < 10
+
+
+def test_device_feed_is_deterministic_and_restartable():
+    feed = _feed("device")
+    epoch = _host(itertools.islice(feed.train(2, 0), 6))
+    again = _host(itertools.islice(_feed("device").train(2, 0), 6))
+    restarted = _host(itertools.islice(feed.train(2, 4), 2))
+    for a, b in zip(epoch, again):
+        np.testing.assert_array_equal(a["image"], b["image"])
+    for a, b in zip(epoch[4:], restarted):
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["label"], b["label"])
+    other_epoch = _host(itertools.islice(feed.train(3, 0), 1))[0]
+    other_seed = _host(itertools.islice(_feed("device", seed=1).train(2, 0), 1))[0]
+    assert not np.array_equal(other_epoch["label"], epoch[0]["label"])
+    assert not np.array_equal(other_seed["label"], epoch[0]["label"])
+
+
+def test_a_device_epoch_is_a_tfdata_epoch_in_distribution():
+    """Every example once (1500 digits // 100), and per class the same mean augmented image."""
+    epochs = {}
+    for pipeline in feed_lib.PIPELINES:
+        batches = _host(_feed(pipeline, batch=100).train(1, 0))
+        epochs[pipeline] = tuple(np.concatenate([b[k] for b in batches]) for k in ("image", "label"))
+    (x, y), (x_ref, y_ref) = epochs["device"], epochs["tfdata"]
+    assert y.shape == (1500,)
+    np.testing.assert_array_equal(np.bincount(y, minlength=10), np.bincount(y_ref, minlength=10))
+    for c in range(10):  # what sets class c apart from the average image, in both epochs
+        ours, ref = x[y == c].mean(0) - x.mean(0), x_ref[y_ref == c].mean(0) - x_ref.mean(0)
+        corr = np.corrcoef(ours.ravel(), ref.ravel())[0, 1]
+        assert corr > 0.7, (c, corr)  # measured >= 0.81; a label shift gives <= 0.54
+
+
+def test_device_eval_batches_equal_tfdata_and_so_do_the_metrics():
+    device_batches = _host(_feed("device").eval())
+    host_batches = _host(_feed("tfdata").eval())
+    assert len(device_batches) == len(host_batches)
+    for a, b in zip(device_batches, host_batches):
+        for key in ("image", "label", "mask"):
+            np.testing.assert_array_equal(a[key], b[key].astype(a[key].dtype))
+    model = models.create("resnet8", num_classes=10, dataset="cifar100")
+    variables = init_variables(model, jax.random.PRNGKey(0), (1, 32, 32, 3))
+    eval_step = step.make_eval_step(model, step.create_mesh())
+    assert evaluate(eval_step, variables, _feed("device")) == evaluate(
+        eval_step, variables, _feed("tfdata"))
+
+
+def test_errors_say_what_to_set():
+    with pytest.raises(ValueError, match="input_pipeline='nvme' is unknown; choose one of"):
+        _feed("nvme")
+    with pytest.raises(ValueError, match="set config.input_pipeline='tfdata'"):
+        _feed("device", views=("weak", "strong"))
+    with pytest.raises(ValueError, match="small splits only.*'imagenet2012'; set config.input_pipeline='tfdata'"):
+        _feed("device", dataset="imagenet2012")
+    with pytest.raises(ValueError, match="config.batch_size=0 is not divisible"):
+        _feed("device", batch=0)
+
+
+def test_a_run_on_the_device_feed_resumes_bit_identically(tmp_path):
+    from zkd_jax.configs import demo
+
+    def config(max_steps):
+        c = demo.teacher_config()  # cross-entropy only: the run is about the feed
+        c.input_pipeline = "device"
+        c.student.arch = "resnet8"
+        c.batch_size = BATCH
+        c.epochs = 2
+        c.optimizer.milestones = ()
+        c.max_steps = max_steps
+        c.log_every_steps = 5
+        c.progress_bar = False
+        c.export = False
+        return c
+
+    straight = train_and_evaluate(config(30), tmp_path / "straight")
+    train_and_evaluate(config(9), tmp_path / "resumed")
+    resumed = train_and_evaluate(config(30), tmp_path / "resumed")
+    assert straight["step"] == resumed["step"] == 30
+    assert straight["last_top1"] == resumed["last_top1"]
+    from zkd_jax import checkpoint
+
+    leaves = []
+    for name in ("straight", "resumed"):
+        ckpt = checkpoint.Checkpointer(tmp_path / name)
+        leaves.append(jax.tree.leaves(ckpt.last.restore(ckpt.latest_step())["state"]))
+        ckpt.close()
+    for a, b in zip(*leaves, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -1,0 +1,168 @@
+"""Global batches for the trainer, from tf.data (host) or from the split held on the devices.
+
+``make_feed(...)`` returns a :class:`Feed` whose ``train(epoch, start_step)`` and ``eval()`` yield
+dicts of global ``jax.Array`` s sharded over the mesh's ``"data"`` axis, ready for the jitted steps.
+``config.input_pipeline`` picks the source:
+
+* ``"tfdata"`` (default): ``zkd_jax.data.train_batches`` / ``eval_batches`` (TensorFlow on the
+  host; every dataset and view, ImageNet included), each process's NumPy share made global with
+  ``host_to_global``.
+* ``"device"``: the whole uint8 split (CIFAR-100: 150 MB; digits) is replicated on every device
+  once and ``zkd_jax.data.device`` shuffles, pads, crops, flips and normalizes in jitted JAX, so
+  no host work or host-to-device copy happens per step (what issue 7's 240-epoch projection
+  assumes). Deterministic given (seed, epoch, step), so resuming works as with tf.data; the
+  random numbers come from JAX's PRNG (``fold_in(PRNGKey(config.seed), 2)``), so the batches
+  differ from tf.data's while their distribution is the same. The weak view only (MLKD's strong
+  view needs "tfdata"). Evaluation images are bit-identical to tf.data's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Iterator, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from zkd_jax.step import batch_sharding, check_batch_size, host_to_global, replicated
+
+PIPELINES = ("tfdata", "device")
+DATA_KEY_PURPOSE = 2  # PRNGKey(seed) folded with 0: init, 1: in-step randomness, 2: device data
+
+Batch = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Feed:
+    """``train(epoch, start_step)``: the global batches of one epoch (counted from 1) from
+    ``start_step`` on; ``eval()``: the test split once, with a boolean "mask" per batch."""
+
+    train: Callable[[int, int], Iterator[Batch]]
+    eval: Callable[[], Iterator[Batch]]
+    pipeline: str
+
+
+DEVICE_DATASETS = ("cifar100", "digits")  # splits small enough to hold on every device
+
+
+def check_pipeline(pipeline: str, views: Sequence[str], dataset: str) -> None:
+    """Raises a ``ValueError`` that says what to set when the pipeline cannot serve the run."""
+    if pipeline not in PIPELINES:
+        raise ValueError(
+            f"config.input_pipeline={pipeline!r} is unknown; choose one of {', '.join(PIPELINES)}."
+        )
+    if pipeline == "device" and dataset not in DEVICE_DATASETS:
+        raise ValueError(
+            f"config.input_pipeline='device' holds small splits only ({', '.join(DEVICE_DATASETS)}),"
+            f" not {dataset!r}; set config.input_pipeline='tfdata'."
+        )
+    if pipeline == "device" and tuple(views) != ("weak",):
+        raise ValueError(
+            "config.input_pipeline='device' makes the weak view only, and this method (MLKD) also "
+            "needs the strong view; set config.input_pipeline='tfdata'."
+        )
+
+
+def make_feed(
+    pipeline: str,
+    *,
+    dataset: str,
+    mesh: Mesh,
+    seed: int,
+    views: Sequence[str],
+    batch_size: int,
+    eval_batch_size: int,
+    data_dir: str | None = None,
+) -> Feed:
+    """The :class:`Feed` of ``pipeline`` ("tfdata" or "device"); batch sizes are global.
+
+    Raises:
+      ValueError: an unknown pipeline, a view or dataset the pipeline does not serve, a batch
+        size that does not divide over the devices, or the dataset missing (see ``zkd_jax.data``).
+    """
+    check_pipeline(pipeline, views, dataset)
+    per_process = check_batch_size(batch_size, mesh)
+    per_process_eval = check_batch_size(eval_batch_size, mesh, what="config.eval_batch_size")
+    if pipeline == "tfdata":
+        return _host_feed(dataset, mesh, seed, tuple(views), per_process, per_process_eval, data_dir)
+    return _device_feed(dataset, mesh, seed, batch_size, eval_batch_size, data_dir)
+
+
+def _host_feed(dataset, mesh, seed, views, per_process, per_process_eval, data_dir) -> Feed:
+    from zkd_jax import data
+
+    def train(epoch: int, start_step: int) -> Iterator[Batch]:
+        batches = data.train_batches(
+            dataset, per_process_batch_size=per_process, seed=seed, epoch=epoch,
+            start_step=start_step, views=views, data_dir=data_dir,
+        )
+        return (host_to_global(b, mesh) for b in batches)
+
+    def evaluate() -> Iterator[Batch]:
+        batches = data.eval_batches(dataset, per_process_batch_size=per_process_eval,
+                                    data_dir=data_dir)
+        return (host_to_global(b, mesh) for b in batches)
+
+    return Feed(train=train, eval=evaluate, pipeline="tfdata")
+
+
+@functools.lru_cache(maxsize=4)
+def _device_functions(mesh: Mesh, num_train: int, batch_size: int, eval_batch_size: int,
+                      mean: tuple, std: tuple):
+    """Jitted (epoch order, train batch, eval batch) builders; cached per shape and mesh."""
+    from zkd_jax.data import device
+
+    rep, sharded = replicated(mesh), batch_sharding(mesh)
+    order = jax.jit(functools.partial(device.epoch_permutation, num_examples=num_train),
+                    out_shardings=rep)
+    train_batch = jax.jit(
+        functools.partial(device.device_train_batch, batch_size=batch_size, mean=mean, std=std),
+        out_shardings=sharded,
+    )
+    eval_batch = jax.jit(
+        functools.partial(device.device_eval_batch, batch_size=eval_batch_size, mean=mean,
+                          std=std),
+        out_shardings=sharded,
+    )
+    return order, train_batch, eval_batch
+
+
+def _device_feed(dataset, mesh, seed, batch_size, eval_batch_size, data_dir) -> Feed:
+    from zkd_jax import data
+    from zkd_jax.data import device
+
+    info = data.info(dataset)
+    rep = replicated(mesh)
+
+    def put(x) -> jax.Array:  # the same host value on every process -> replicated global array
+        return jax.make_array_from_process_local_data(rep, np.asarray(x))
+
+    def on_devices(split: str) -> tuple[jax.Array, jax.Array]:
+        return tuple(put(x) for x in device.load_device_arrays(dataset, split, data_dir))
+
+    train_images, train_labels = on_devices("train")
+    test_images, test_labels = on_devices("test")
+    num_train = int(train_images.shape[0])
+    steps = num_train // batch_size
+    order_fn, train_fn, eval_fn = _device_functions(
+        mesh, num_train, batch_size, eval_batch_size, tuple(info.mean), tuple(info.std))
+    key = put(jax.random.fold_in(jax.random.PRNGKey(seed), DATA_KEY_PURPOSE))
+
+    def train(epoch: int, start_step: int) -> Iterator[Batch]:
+        epoch_arr = put(np.int32(epoch))
+        order = order_fn(key, epoch_arr)
+        for s in range(start_step, steps):
+            yield train_fn(train_images, train_labels, key, epoch_arr, put(np.int32(s)),
+                           order=order)
+
+    def evaluate() -> Iterator[Batch]:
+        count = device.num_eval_batches(int(test_images.shape[0]), eval_batch_size)
+        for i in range(count):
+            yield eval_fn(test_images, test_labels, put(np.int32(i)))
+
+    return Feed(train=train, eval=evaluate, pipeline="device")
+
+
+__all__ = ["DATA_KEY_PURPOSE", "DEVICE_DATASETS", "Feed", "PIPELINES", "check_pipeline", "make_feed"]
