@@ -2,10 +2,10 @@
 
 The path of one batch: ``zkd_jax.feed`` yields it as a global array sharded over the mesh's
 ``"data"`` axis (from tf.data on the host, or built on the devices: ``config.input_pipeline``) ->
-the jitted
-``train_step`` (teacher forward, student forward/backward, optax update) -> metrics are fetched every
-``config.log_every_steps`` (progress bar, NaN/inf check) -> at epoch ends: evaluation on the test
-split, ``metrics.jsonl`` / TensorBoard / ``summary.json``, orbax checkpoints.
+the jitted ``train_step`` (teacher forward, student forward/backward, optax update) -> metrics are
+fetched every ``config.log_every_steps`` (progress bar, NaN/inf check) -> at epoch ends: evaluation
+on the test split, ``metrics.jsonl`` / TensorBoard / ``summary.json``, orbax checkpoints. This
+module sets a run up (models, teacher, optimizer, state, resume); ``zkd_jax.epoch_loop`` runs it.
 
 Resuming: the latest checkpoint of ``workdir/checkpoints`` gives the global step ``s``; training goes
 on at epoch ``s // steps_per_epoch + 1`` from batch ``s % steps_per_epoch`` of that epoch
@@ -19,39 +19,34 @@ from __future__ import annotations
 
 import copy
 import functools
-import itertools
-import math
-import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from etils import epath
 
 from zkd_jax import checkpoint as ckpt_lib
 from zkd_jax import feed as feed_lib
-from zkd_jax import metrics_io, methods, optim, paths
-from zkd_jax.step import (
-    create_mesh,
-    host_to_global,
-    make_eval_step,
-    make_train_step,
-    replicated,
+from zkd_jax import methods, optim, paths
+from zkd_jax.epoch_loop import (
+    Cohort,
+    NonFiniteLossError,
+    evaluate,
+    log_main,
+    replicate,
+    run_epochs,
+    to_host,
 )
-from zkd_jax.train_state import TrainState, create_train_state, student_variables
+from zkd_jax.step import create_mesh, host_to_global, make_eval_step, make_train_step
+from zkd_jax.train_state import TrainState, create_train_state
 
 __all__ = [
-    "NonFiniteLossError", "TrainState", "create_mesh", "host_to_global", "make_eval_step",
-    "make_train_step", "train_and_evaluate",
+    "NonFiniteLossError", "TrainState", "create_mesh", "evaluate", "host_to_global",
+    "make_eval_step", "make_train_step", "replicate", "to_host", "train_and_evaluate",
 ]
 
 TEACHER_SUBDIR = "teacher"
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or inf; the run stopped keeping its last good checkpoint."""
 
 
 def initialize_distributed(config: ml_collections.ConfigDict) -> None:
@@ -62,25 +57,6 @@ def initialize_distributed(config: ml_collections.ConfigDict) -> None:
     distributed.initialize(
         enabled=d.get("enabled", "auto"), coordinator_address=d.get("coordinator_address"),
         num_processes=d.get("num_processes"), process_id=d.get("process_id"),
-    )
-
-
-def to_host(tree: Any) -> Any:
-    """NumPy copy of a (replicated) pytree; works when arrays span other processes' devices."""
-
-    def get(x):
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            x = x.addressable_data(0)
-        return np.asarray(x)
-
-    return jax.tree.map(get, tree)
-
-
-def replicate(tree: Any, mesh) -> Any:
-    """Host values (identical on every process) -> arrays replicated over ``mesh``."""
-    sharding = replicated(mesh)
-    return jax.tree.map(
-        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree
     )
 
 
@@ -96,12 +72,6 @@ def _model_dataset(config) -> str:
     """The model-zoo family of a dataset (``zkd_jax.models.create``'s ``dataset``)."""
     default = "imagenet" if config.dataset.startswith("imagenet") else "cifar100"
     return config.get("model_dataset") or default
-
-
-def log_main(message: str) -> None:
-    """Prints on process 0 only."""
-    if jax.process_index() == 0:
-        print(message, flush=True)
 
 
 def solver_of(config: ml_collections.ConfigDict, steps_per_epoch: int) -> tuple:
@@ -190,43 +160,6 @@ def resolve_teacher(config, workdir: epath.Path, module, input_shape) -> dict:
     )
 
 
-class _EpochMetrics:
-    """Fetches step metrics in groups (one host sync per group) and averages them per epoch."""
-
-    def __init__(self):
-        self.pending: list[dict] = []
-        self.sums: dict[str, float] = {}
-        self.count = 0
-        self.last: dict[str, float] = {}
-
-    def add(self, metrics: dict) -> None:
-        self.pending.append(metrics)
-
-    def flush(self, *, step: int, epoch: int, workdir, checkpointer) -> dict[str, float]:
-        if not self.pending:
-            return self.last
-        fetched = to_host(self.pending)
-        first = step - len(fetched) + 1
-        for i, m in enumerate(fetched):
-            loss = float(m["loss"])
-            if not math.isfinite(loss):
-                kept = checkpointer.latest_step()
-                raise NonFiniteLossError(
-                    f"training loss is {loss} at step {first + i} (epoch {epoch}); stopped. The "
-                    f"last good checkpoint (step {kept}) is kept in {workdir}/checkpoints: lower "
-                    "config.optimizer.lr or check the data, then rerun to resume from it."
-                )
-            for k, v in m.items():
-                self.sums[k] = self.sums.get(k, 0.0) + float(v)
-            self.count += 1
-        self.last = {k: float(v) for k, v in fetched[-1].items()}
-        self.pending = []
-        return self.last
-
-    def means(self) -> dict[str, float]:
-        return {k: v / max(self.count, 1) for k, v in self.sums.items()}
-
-
 def make_feed(config: ml_collections.ConfigDict, mesh, views) -> feed_lib.Feed:
     """The run's :class:`zkd_jax.feed.Feed` (``config.input_pipeline``, batch sizes, seed)."""
     return feed_lib.make_feed(
@@ -234,22 +167,6 @@ def make_feed(config: ml_collections.ConfigDict, mesh, views) -> feed_lib.Feed:
         seed=config.seed, views=views, batch_size=config.batch_size,
         eval_batch_size=config.eval_batch_size, data_dir=config.data_dir,
     )
-
-
-def evaluate(eval_step, variables, feed: feed_lib.Feed) -> dict[str, float]:
-    """Top-1 / top-5 (%) and mean cross-entropy on the test split (padded rows masked)."""
-    totals = {"correct1": 0, "correct5": 0, "count": 0, "ce_sum": 0.0}
-    for batch in feed.eval():
-        out = to_host(eval_step(variables, batch))
-        for k in totals:
-            totals[k] += out[k].item()
-    n = max(totals["count"], 1)
-    return {
-        "top1": 100.0 * totals["correct1"] / n,
-        "top5": 100.0 * totals["correct5"] / n,
-        "test_loss": totals["ce_sum"] / n,
-        "test_examples": totals["count"],
-    }
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict:
@@ -274,20 +191,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     from zkd_jax import data  # data may pull TensorFlow lazily inside its functions
 
     workdir = paths.absolute(workdir)
-    is_main = jax.process_index() == 0
-    if is_main:
+    if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
     method = methods.from_config(config.method)
     mesh = create_mesh()
     feed = make_feed(config, mesh, method.views)
     info, image_shape, model_dataset, student, teacher, teacher_variables = build_models(
         config, workdir, method, mesh)
-
     steps_per_epoch = data.steps_per_epoch(config.dataset, config.batch_size)
-    opt = config.optimizer
-    solver = solver_of(config, steps_per_epoch)
-    schedule, tx, train_step = _optimizer_and_step(student, teacher, method, mesh, solver)
-    root = jax.random.PRNGKey(config.seed)  # purposes: 0 init, 1 in-step; data uses config.seed
+    _, tx, train_step = _optimizer_and_step(student, teacher, method, mesh,
+                                            solver_of(config, steps_per_epoch))
+    root = jax.random.PRNGKey(config.seed)  # purposes: 0 init, 1 in-step, 2 device data (feed)
     state = create_train_state(
         student, method, tx, init_rng=jax.random.fold_in(root, 0),
         step_rng=jax.random.fold_in(root, 1), input_shape=(1, *image_shape), mesh=mesh,
@@ -297,104 +211,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     if checkpointer.latest_step() is not None:
         state, meta = checkpointer.restore(state)
         log_main(f"resuming {workdir} from step {meta.get('step')}")
-    step = int(to_host(state.step))
-    total_steps = config.epochs * steps_per_epoch
-    stop_at = min(total_steps, config.max_steps) if config.max_steps > 0 else total_steps
-    best = {"top1": meta.get("best_top1", -1.0), "epoch": meta.get("best_epoch", 0)}
-    last = {"top1": meta.get("last_top1"), "epoch": meta.get("last_epoch", 0)}
-    writer = metrics_io.MetricsWriter(workdir, enabled=is_main, resume_step=step)
-    eval_step = make_eval_step(student, mesh)
+    cohort = Cohort(
+        dirs=[workdir], state=state, train_step=train_step,
+        student_state=lambda s, k: s, split_metrics=lambda m: [m],
+        checkpointers=[checkpointer], metas=[meta],
+        summary_fields=[{"config": config.to_dict()}],
+    )
+    (result,) = run_epochs(
+        cohort, config=config, workdir=workdir, feed=feed, teacher_variables=teacher_variables,
+        eval_step=make_eval_step(student, mesh), mesh=mesh, steps_per_epoch=steps_per_epoch,
+        export=export_function(config, model_dataset, info.num_classes),
+    )
+    return result
 
-    def summary(finished: bool) -> dict:
-        return {
-            "best_top1": best["top1"] if best["epoch"] else None, "best_epoch": best["epoch"],
-            "last_top1": last["top1"], "last_epoch": last["epoch"], "step": step,
-            "finished": finished, "paper_top1": config.paper.get("top1"),
-            "config": config.to_dict(),
-        }
 
-    def save(epoch: int, *, is_best: bool = False) -> None:
-        checkpointer.save(state, {
-            "epoch": epoch, "best_top1": best["top1"], "best_epoch": best["epoch"],
-            "last_top1": last["top1"], "last_epoch": last["epoch"],
-        }, best=is_best)
-
-    try:
-        while step < stop_at:
-            epoch, offset = step // steps_per_epoch + 1, step % steps_per_epoch
-            epoch_end = min(epoch * steps_per_epoch, stop_at)
-            epoch_arr = replicate(np.int32(epoch), mesh)
-            batches = feed.train(epoch, offset)
-            tracker = _EpochMetrics()
-            progress = metrics_io.Progress(
-                epoch=epoch, epochs=config.epochs, total=steps_per_epoch, initial=offset,
-                enabled=is_main and config.progress_bar,
-            )
-            start_time, start_step = time.perf_counter(), step
-            for batch in itertools.islice(batches, epoch_end - step):
-                state, metrics = train_step(state, teacher_variables, batch, epoch_arr)
-                step += 1
-                tracker.add(metrics)
-                log_now = step % config.log_every_steps == 0 or step == epoch_end
-                ckpt_now = config.checkpoint_every_steps > 0 and (
-                    step % config.checkpoint_every_steps == 0
-                )
-                if log_now or ckpt_now:
-                    n_new = len(tracker.pending)
-                    last_metrics = tracker.flush(step=step, epoch=epoch, workdir=workdir,
-                                                 checkpointer=checkpointer)
-                    rate = (step - start_step) * config.batch_size / (
-                        time.perf_counter() - start_time)
-                    progress.update(n_new, loss=last_metrics["loss"], lr=last_metrics["lr"],
-                                    img_s=rate)
-                if ckpt_now and step < epoch_end:
-                    save(epoch)
-            tracker.flush(step=step, epoch=epoch, workdir=workdir, checkpointer=checkpointer)
-            progress.close()
-            seconds = time.perf_counter() - start_time
-            if step < epoch_end:
-                raise RuntimeError(
-                    f"the input pipeline ended after step {step} of epoch {epoch}, before the "
-                    f"{steps_per_epoch} steps per epoch that data.steps_per_epoch promised."
-                )
-            if step < epoch * steps_per_epoch:  # stopped inside the epoch (max_steps)
-                save(epoch)
-                break
-            images_per_sec = (step - start_step) * config.batch_size / max(seconds, 1e-9)
-            is_best = False
-            if epoch % config.eval_every_epochs == 0 or epoch == config.epochs:
-                result = evaluate(eval_step, student_variables(state), feed)
-                last.update(top1=result["top1"], epoch=epoch)
-                is_best = result["top1"] > best["top1"]
-                if is_best:
-                    best.update(top1=result["top1"], epoch=epoch)
-                record = {"epoch": epoch, "step": step,
-                          "lr": optim.lr_for_epoch(epoch, lr=opt.lr, milestones=opt.milestones,
-                                                   decay_rate=opt.decay_rate),
-                          **{f"train_{k}": v for k, v in tracker.means().items() if k != "lr"},
-                          **result, "images_per_sec": images_per_sec, "epoch_seconds": seconds}
-                writer.write(record)
-                log_main(f"{workdir.name} epoch {epoch}/{config.epochs}: loss "
-                     f"{record['train_loss']:.4f} top1 {result['top1']:.2f} top5 "
-                     f"{result['top5']:.2f} (best {best['top1']:.2f} @ {best['epoch']}), "
-                     f"{images_per_sec:.0f} img/s")
-                if is_main:
-                    metrics_io.write_summary(workdir, summary(finished=False))
-            step_due = config.checkpoint_every_steps > 0 and (
-                step % config.checkpoint_every_steps == 0)
-            if (epoch % config.checkpoint_every_epochs == 0 or epoch == config.epochs or is_best
-                    or step_due or step >= stop_at):
-                save(epoch, is_best=is_best)
-        finished = step >= total_steps
-        result = summary(finished)
-        if is_main:
-            metrics_io.write_summary(workdir, result)
-        if finished and config.export and not (workdir / ckpt_lib.EXPORT).exists():
-            ckpt_lib.export_variables(
-                workdir, to_host(student_variables(state)), arch=config.student.arch,
-                dataset=model_dataset, num_classes=info.num_classes,
-            )
-        return result
-    finally:
-        writer.close()
-        checkpointer.close()
+def export_function(config, model_dataset: str, num_classes: int):
+    """``export(directory, host_variables)`` writing the zkd-convert format; None when
+    ``config.export`` is off."""
+    if not config.export:
+        return None
+    return functools.partial(ckpt_lib.export_variables, arch=config.student.arch,
+                             dataset=model_dataset, num_classes=num_classes)

@@ -1,0 +1,276 @@
+"""The epoch loop every run goes through, for one student or for K trained in one program.
+
+``run_epochs(cohort, ...)`` trains from the cohort's current step to the end (or to
+``config.max_steps``): per epoch, the feed's batches through the jitted step, metrics fetched every
+``config.log_every_steps`` (progress bar, NaN/inf check), then per student: evaluation,
+``metrics.jsonl`` / TensorBoard / ``summary.json``, orbax checkpoints (the best one kept apart) and,
+at the end, the export. A :class:`Cohort` says how the students live in the state: one plain
+``TrainState`` (``zkd_jax.train``) or K stacked ones (``zkd_jax.train_multi``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from etils import epath
+
+from zkd_jax import checkpoint as ckpt_lib
+from zkd_jax import metrics_io, optim
+from zkd_jax.step import replicated
+from zkd_jax.train_state import TrainState, student_variables
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or inf; the run stopped keeping its last good checkpoint."""
+
+
+def to_host(tree: Any) -> Any:
+    """NumPy copy of a (replicated) pytree; works when arrays span other processes' devices."""
+
+    def get(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            x = x.addressable_data(0)
+        return np.asarray(x)
+
+    return jax.tree.map(get, tree)
+
+
+def replicate(tree: Any, mesh) -> Any:
+    """Host values (identical on every process) -> arrays replicated over ``mesh``."""
+    sharding = replicated(mesh)
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree
+    )
+
+
+def log_main(message: str) -> None:
+    """Prints on process 0 only."""
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
+def evaluate(eval_step, variables, feed) -> dict[str, float]:
+    """Top-1 / top-5 (%) and mean cross-entropy on the test split (padded rows masked)."""
+    totals = {"correct1": 0, "correct5": 0, "count": 0, "ce_sum": 0.0}
+    for batch in feed.eval():
+        out = to_host(eval_step(variables, batch))
+        for k in totals:
+            totals[k] += out[k].item()
+    n = max(totals["count"], 1)
+    return {
+        "top1": 100.0 * totals["correct1"] / n,
+        "top5": 100.0 * totals["correct5"] / n,
+        "test_loss": totals["ce_sum"] / n,
+        "test_examples": totals["count"],
+    }
+
+
+@dataclasses.dataclass
+class Cohort:
+    """The students of one run and how they live in the (possibly stacked) train state.
+
+    Attributes:
+      dirs: one output directory per student (a single run: the workdir itself).
+      state: what ``train_step`` takes and returns.
+      train_step: ``(state, teacher_variables, batch, epoch) -> (state, metrics)``.
+      student_state: ``(state, k) -> TrainState`` of student ``k`` (to save, evaluate, export).
+      split_metrics: one step's fetched metrics -> one dict of floats per student.
+      checkpointers: one ``zkd_jax.checkpoint.Checkpointer`` per student.
+      metas: the restored checkpoint metadata per student (``{}`` on a fresh start).
+      summary_fields: extra ``summary.json`` fields per student (its config, seeds).
+      write_top_summary: K students: writes ``workdir/summary.json`` from the K summaries.
+    """
+
+    dirs: list[epath.Path]
+    state: Any
+    train_step: Callable
+    student_state: Callable[[Any, int], TrainState]
+    split_metrics: Callable[[dict], list[dict]]
+    checkpointers: list
+    metas: list[dict]
+    summary_fields: list[dict]
+    write_top_summary: Callable[[list[dict], bool, int], None] | None = None
+
+    @property
+    def size(self) -> int:
+        return len(self.dirs)
+
+
+class _EpochMetrics:
+    """Averages one student's step metrics over an epoch, checking every loss for NaN/inf."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.count = 0
+        self.last: dict[str, float] = {}
+
+    def add(self, fetched: list[dict], *, first_step: int, epoch: int, workdir, checkpointer):
+        for i, m in enumerate(fetched):
+            loss = float(m["loss"])
+            if not math.isfinite(loss):
+                kept = checkpointer.latest_step()
+                raise NonFiniteLossError(
+                    f"training loss is {loss} at step {first_step + i} (epoch {epoch}); stopped. "
+                    f"The last good checkpoint (step {kept}) is kept in {workdir}/checkpoints: "
+                    "lower config.optimizer.lr or check the data, then rerun to resume from it."
+                )
+            for k, v in m.items():
+                self.sums[k] = self.sums.get(k, 0.0) + float(v)
+            self.count += 1
+        if fetched:
+            self.last = {k: float(v) for k, v in fetched[-1].items()}
+
+    def means(self) -> dict[str, float]:
+        return {k: v / max(self.count, 1) for k, v in self.sums.items()}
+
+
+def run_epochs(
+    cohort: Cohort,
+    *,
+    config: ml_collections.ConfigDict,
+    workdir: epath.Path,
+    feed,
+    teacher_variables,
+    eval_step,
+    mesh,
+    steps_per_epoch: int,
+    export: Callable[[epath.Path, Any], None] | None,
+) -> list[dict]:
+    """Trains ``cohort`` to the end (or ``config.max_steps``); returns one summary per student.
+
+    Raises:
+      NonFiniteLossError: a loss became NaN/inf (the last good checkpoints are kept).
+      RuntimeError: the feed ended before ``steps_per_epoch`` batches.
+    """
+    num, dirs, is_main = cohort.size, cohort.dirs, jax.process_index() == 0
+    step = int(np.ravel(to_host(cohort.state.step))[0])  # one student, or K at the same step
+    total_steps = config.epochs * steps_per_epoch
+    stop_at = min(total_steps, config.max_steps) if config.max_steps > 0 else total_steps
+    best = [{"top1": m.get("best_top1", -1.0), "epoch": m.get("best_epoch", 0)}
+            for m in cohort.metas]
+    last = [{"top1": m.get("last_top1"), "epoch": m.get("last_epoch", 0)} for m in cohort.metas]
+    writers = [metrics_io.MetricsWriter(d, enabled=is_main, resume_step=step) for d in dirs]
+    names = [workdir.name] if num == 1 else [f"{workdir.name}/{d.name}" for d in dirs]
+    opt = config.optimizer
+
+    def summaries(finished: bool) -> list[dict]:
+        out = [{
+            "best_top1": best[k]["top1"] if best[k]["epoch"] else None,
+            "best_epoch": best[k]["epoch"], "last_top1": last[k]["top1"],
+            "last_epoch": last[k]["epoch"], "step": step, "finished": finished,
+            "paper_top1": config.paper.get("top1"), **cohort.summary_fields[k],
+        } for k in range(num)]
+        if is_main:
+            for d, s in zip(dirs, out):
+                metrics_io.write_summary(d, s)
+            if cohort.write_top_summary is not None:
+                cohort.write_top_summary(out, finished, step)
+        return out
+
+    def save(epoch: int, is_best: list[bool]) -> None:
+        for k in range(num):
+            cohort.checkpointers[k].save(cohort.student_state(cohort.state, k), {
+                "epoch": epoch, "best_top1": best[k]["top1"], "best_epoch": best[k]["epoch"],
+                "last_top1": last[k]["top1"], "last_epoch": last[k]["epoch"],
+            }, best=is_best[k])
+
+    try:
+        while step < stop_at:
+            epoch, offset = step // steps_per_epoch + 1, step % steps_per_epoch
+            epoch_end = min(epoch * steps_per_epoch, stop_at)
+            epoch_arr = replicate(np.int32(epoch), mesh)
+            trackers = [_EpochMetrics() for _ in range(num)]
+            pending: list[dict] = []
+            progress = metrics_io.Progress(
+                epoch=epoch, epochs=config.epochs, total=steps_per_epoch, initial=offset,
+                enabled=is_main and config.progress_bar,
+            )
+            start_time, start_step = time.perf_counter(), step
+
+            def flush() -> None:
+                """Fetches the pending metrics (one host sync) and hands them to the trackers."""
+                nonlocal pending
+                fetched = [cohort.split_metrics(m) for m in to_host(pending)]
+                for k in range(num):
+                    trackers[k].add([f[k] for f in fetched], first_step=step - len(fetched) + 1,
+                                    epoch=epoch, workdir=dirs[k],
+                                    checkpointer=cohort.checkpointers[k])
+                pending = []
+
+            for batch in itertools.islice(feed.train(epoch, offset), epoch_end - step):
+                cohort.state, metrics = cohort.train_step(cohort.state, teacher_variables, batch,
+                                                          epoch_arr)
+                step += 1
+                pending.append(metrics)
+                log_now = step % config.log_every_steps == 0 or step == epoch_end
+                ckpt_now = config.checkpoint_every_steps > 0 and (
+                    step % config.checkpoint_every_steps == 0)
+                if log_now or ckpt_now:
+                    n_new = len(pending)
+                    flush()
+                    rate = (step - start_step) * config.batch_size / (
+                        time.perf_counter() - start_time)
+                    shown = {"loss": float(np.mean([t.last["loss"] for t in trackers]))}
+                    if "lr" in trackers[0].last:
+                        shown["lr"] = trackers[0].last["lr"]
+                    progress.update(n_new, **shown, img_s=rate)
+                if ckpt_now and step < epoch_end:
+                    save(epoch, [False] * num)
+            flush()
+            progress.close()
+            seconds = time.perf_counter() - start_time
+            if step < epoch_end:
+                raise RuntimeError(
+                    f"the input pipeline ended after step {step} of epoch {epoch}, before the "
+                    f"{steps_per_epoch} steps per epoch that data.steps_per_epoch promised.")
+            if step < epoch * steps_per_epoch:  # stopped inside the epoch (max_steps)
+                save(epoch, [False] * num)
+                break
+            images_per_sec = (step - start_step) * config.batch_size / max(seconds, 1e-9)
+            is_best = [False] * num
+            if epoch % config.eval_every_epochs == 0 or epoch == config.epochs:
+                lr = optim.lr_for_epoch(epoch, lr=opt.lr, milestones=opt.milestones,
+                                        decay_rate=opt.decay_rate)
+                for k in range(num):
+                    variables = student_variables(cohort.student_state(cohort.state, k))
+                    result = evaluate(eval_step, variables, feed)
+                    last[k].update(top1=result["top1"], epoch=epoch)
+                    is_best[k] = result["top1"] > best[k]["top1"]
+                    if is_best[k]:
+                        best[k].update(top1=result["top1"], epoch=epoch)
+                    record = {"epoch": epoch, "step": step, "lr": lr,
+                              **{f"train_{n}": v for n, v in trackers[k].means().items()
+                                 if n != "lr"},
+                              **result, "images_per_sec": images_per_sec,
+                              "epoch_seconds": seconds}
+                    writers[k].write(record)
+                    log_main(f"{names[k]} epoch {epoch}/{config.epochs}: loss "
+                             f"{record['train_loss']:.4f} top1 {result['top1']:.2f} top5 "
+                             f"{result['top5']:.2f} (best {best[k]['top1']:.2f} @ "
+                             f"{best[k]['epoch']}), {images_per_sec:.0f} img/s")
+                summaries(finished=False)
+            step_due = config.checkpoint_every_steps > 0 and (
+                step % config.checkpoint_every_steps == 0)
+            if (epoch % config.checkpoint_every_epochs == 0 or epoch == config.epochs
+                    or any(is_best) or step_due or step >= stop_at):
+                save(epoch, is_best)
+        finished = step >= total_steps
+        results = summaries(finished)
+        if finished and export is not None:
+            for k, d in enumerate(dirs):
+                if not (d / ckpt_lib.EXPORT).exists():
+                    export(d, to_host(student_variables(cohort.student_state(cohort.state, k))))
+        return results
+    finally:
+        for w in writers:
+            w.close()
+        for c in cohort.checkpointers:
+            c.close()
