@@ -8,12 +8,16 @@
 #    both forms of zkd_jax.multi_student ("loop", "vmap"); K = 4 is compared with the mixed b64 row.
 # 2. The PyTorch baseline (torch_kd_step.py: eager fp32, bf16 + channels_last, torch.compile; b64
 #    and b512) when the script and a CUDA torch are there; otherwise one "skipped" line.
+# 3. Measured epochs of the real trainer (benchmarks/epoch_time.py: zkd-train with the on-device
+#    input path on synthetic CIFAR-100-shaped data, evaluation and checkpoints included), fp32 and
+#    mixed b64, projected to 240 epochs.
 #
 # Bounded: the whole script ends within BUDGET_S seconds (default 540, for a 600 s device call):
 # every command runs under `timeout` min(its own limit, time left), and an item with under 20 s left
 # is skipped with a JSON line saying so. Environment: PYTHON (default python3), OUT (default
 # /tmp/zkd_bench), BUDGET_S, ROW_TIMEOUT_S (default 90), TORCH_TIMEOUT_S (default 120),
-# BENCH_CONFIG / BENCH_EXTRA (another pair or extra flags, e.g. a CPU smoke test),
+# BENCH_CONFIG / BENCH_EXTRA / EPOCH_EXTRA (another pair; extra flags of train_step.py and of
+# epoch_time.py, e.g. for a CPU smoke test),
 # TORCH_BENCH (path of torch_kd_step.py; default benchmarks/torch_kd_step.py, then
 # ../shared/bench/torch_kd_step.py; ../shared does not travel to the device machine: copy it into
 # benchmarks/ first). ml_collections is not in the device image: put its wheel in .whl/ (see README).
@@ -25,6 +29,7 @@ BUDGET_S=${BUDGET_S:-540}
 ROW_TIMEOUT_S=${ROW_TIMEOUT_S:-90}
 TORCH_TIMEOUT_S=${TORCH_TIMEOUT_S:-120}
 BENCH_EXTRA=${BENCH_EXTRA:-}
+EPOCH_EXTRA=${EPOCH_EXTRA:-}
 mkdir -p "$OUT_DIR"
 RESULTS="$OUT_DIR/train_step.jsonl"
 LOG="$OUT_DIR/run_gpu.log"
@@ -54,18 +59,26 @@ limit() {  # limit SECONDS: min(SECONDS, time left); prints 0 when under 20 s ar
   local left=$(( BUDGET_S - SECONDS ))
   if (( left < 20 )); then echo 0; elif (( left < $1 )); then echo "$left"; else echo "$1"; fi
 }
-row() {  # row TAG ARGS...: one benchmark line, or a JSON line saying why there is none
-  local tag=$1; shift
+row() {  # row TAG ARGS...: one train_step.py line (+ BENCH_EXTRA), or a JSON line saying why not
+  # shellcheck disable=SC2086
+  run_script benchmarks/train_step.py "$@" $BENCH_EXTRA
+}
+epoch_row() {  # epoch_row TAG ARGS...: one epoch_time.py line (+ EPOCH_EXTRA)
+  # shellcheck disable=SC2086
+  run_script benchmarks/epoch_time.py "$@" $EPOCH_EXTRA
+}
+run_script() {  # run_script SCRIPT TAG ARGS...: its last stdout line if JSON, else an error line
+  local script=$1 tag=$2; shift 2
   local t; t=$(limit "$ROW_TIMEOUT_S")
   if (( t == 0 )); then
     echo "{\"tag\": \"$tag\", \"skipped\": \"time budget of ${BUDGET_S}s spent\"}" | tee -a "$RESULTS"
     return
   fi
-  echo "== $tag: $* $BENCH_EXTRA (timeout ${t}s)" | tee -a "$LOG"
+  echo "== $tag: $script $* (timeout ${t}s)" | tee -a "$LOG"
   local line
   # shellcheck disable=SC2086
-  line=$(timeout "$t" "$PY" benchmarks/train_step.py --config="$CONFIG" --tag="$tag" \
-         "$@" $BENCH_EXTRA 2>>"$LOG" | tail -n 1)
+  line=$(timeout "$t" "$PY" "$script" --config="$CONFIG" --tag="$tag" \
+         "$@" 2>>"$LOG" | tail -n 1)
   local rc=$?
   if [[ $rc -eq 0 && $line == "{"* ]]; then
     echo "$line" | tee -a "$RESULTS"
@@ -100,4 +113,6 @@ else
       || echo "{\"impl\": \"torch\", \"mode\": \"$mode\", \"error\": \"timed out or failed\"}" | tee -a "$RESULTS"
   done
 fi
+epoch_row epoch_fp32_b64 --batch=64
+epoch_row epoch_mixed_b64 --batch=64 --mixed_precision
 echo "done in ${SECONDS}s; results in $RESULTS" | tee -a "$LOG"

@@ -90,6 +90,18 @@ def test_device_eval_batches_equal_tfdata_and_so_do_the_metrics():
         eval_step, variables, _feed("tfdata"))
 
 
+def test_synthetic_cifar100_has_cifar100_shapes_on_both_feeds():
+    from zkd_jax import data
+
+    info = data.info("synthetic_cifar100")
+    assert (info.num_classes, info.num_train, info.num_test) == (100, 50_000, 10_000)
+    assert data.steps_per_epoch("synthetic_cifar100", 64) == 781
+    for pipeline in feed_lib.PIPELINES:
+        batch = next(_feed(pipeline, dataset="synthetic_cifar100").train(1, 0))
+        assert batch["image"].shape == (BATCH, 32, 32, 3) and batch["image"].dtype == np.float32
+        assert 0 <= int(np.min(batch["label"])) and int(np.max(batch["label"])) < 100
+
+
 def test_errors_say_what_to_set():
     with pytest.raises(ValueError, match="input_pipeline='nvme' is unknown; choose one of"):
         _feed("nvme")

@@ -44,7 +44,8 @@ class Feed:
     pipeline: str
 
 
-DEVICE_DATASETS = ("cifar100", "digits")  # splits small enough to hold on every device
+# Splits small enough to hold on every device.
+DEVICE_DATASETS = ("cifar100", "digits", "synthetic_cifar100")
 
 
 def check_pipeline(pipeline: str, views: Sequence[str], dataset: str) -> None:

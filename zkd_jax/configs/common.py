@@ -212,7 +212,7 @@ def base_config() -> ml_collections.ConfigDict:
     defaults because the pair is outside the per-pair table.
     """
     c = ml_collections.ConfigDict()
-    c.dataset = "cifar100"  # zkd_jax.data's name: "cifar100", "imagenet2012" or "digits"
+    c.dataset = "cifar100"  # zkd_jax.data's name: cifar100, imagenet2012, digits, synthetic_cifar100
     c.model_dataset = "cifar100"  # zkd_jax.models' family: "cifar100" (32x32) or "imagenet"
     c.data_dir = optional(str)  # TFDS data directory (local or gs://); None: the TFDS default.
     c.seed = 0

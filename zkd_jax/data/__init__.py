@@ -26,6 +26,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from zkd_jax.data import digits as _digits
+from zkd_jax.data import synthetic as _synthetic
 from zkd_jax.data.device import (
     device_eval_batch,
     device_train_batch,
@@ -58,13 +59,18 @@ _INFOS = {
     "digits": DatasetInfo(
         "digits", 10, 32, _digits.NUM_TRAIN, _digits.NUM_TEST, _digits.MEAN, _digits.STD
     ),
+    # Random images of CIFAR-100's shapes, for timing where the data is not (zkd_jax.data.synthetic).
+    _synthetic.NAME: DatasetInfo(
+        _synthetic.NAME, _synthetic.NUM_CLASSES, _synthetic.IMAGE_SIZE, _synthetic.NUM_TRAIN,
+        _synthetic.NUM_TEST, (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
+    ),
 }
 NAMES = tuple(_INFOS)
 VIEWS = (("weak",), ("weak", "strong"))
 
 
 def info(name: str) -> DatasetInfo:
-    """The :class:`DatasetInfo` of "cifar100", "imagenet2012" or "digits"."""
+    """The :class:`DatasetInfo` of "cifar100", "imagenet2012", "digits" or "synthetic_cifar100"."""
     if name not in _INFOS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(NAMES)}.")
     return _INFOS[name]
@@ -92,6 +98,8 @@ def _processes(process_index: int | None, process_count: int | None) -> tuple[in
 def _arrays(name: str, split: str, data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
     if name == "digits":
         return _digits.load_digits_arrays(split)
+    if name == _synthetic.NAME:
+        return _synthetic.load_synthetic_arrays(split)
     from zkd_jax.data.cifar import load_cifar100  # pylint: disable=import-outside-toplevel
 
     return load_cifar100(split, data_dir)

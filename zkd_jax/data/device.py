@@ -57,8 +57,13 @@ def load_device_arrays(name: str, split: str, data_dir: str | None = None) -> tu
         from zkd_jax.data.cifar import load_cifar100  # pylint: disable=import-outside-toplevel
 
         return load_cifar100(split, data_dir)
+    if name == "synthetic_cifar100":
+        from zkd_jax.data.synthetic import load_synthetic_arrays  # pylint: disable=import-outside-toplevel
+
+        return load_synthetic_arrays(split)
     raise ValueError(
-        f"the on-device path holds small splits only ('digits', 'cifar100'), not {name!r}; "
+        f"the on-device path holds small splits only ('digits', 'cifar100', 'synthetic_cifar100'), "
+        f"not {name!r}; "
         "use zkd_jax.data.train_batches for it."
     )
 

@@ -1,0 +1,154 @@
+"""Measures whole epochs of ``zkd-train`` (input, steps, evaluation, checkpoints) and projects a run.
+
+Issue 7's last target: a full 240-epoch CIFAR-100 run, on-device input path and per-epoch
+evaluation included, projected from a measured epoch. This runs the real trainer
+(``zkd_jax.train.train_and_evaluate``) three times in one process, each in a fresh workdir, with
+``input_pipeline="device"``:
+
+1. a warm-up run of ``--short`` epochs (compiles the step, the feed, the eval step; checkpoints);
+2. the same run again, timed: ``T_short`` (startup + ``short`` epochs, compiled programs reused);
+3. a run of ``--long`` epochs, timed: ``T_long``.
+
+One epoch is ``(T_long - T_short) / (long - short)``: everything an epoch does (781 steps for
+CIFAR-100 at batch 64 with their host loop, the 10,000-image evaluation, metrics, TensorBoard,
+``summary.json``, the orbax checkpoint) and nothing a run does once (startup, compilation).
+``total_minutes`` = startup + ``config.epochs`` (240) epochs. The LR schedule is the config's (the
+runs stop early through ``max_steps``), the teacher has random weights saved in the zkd-convert
+format (a converted teacher costs the same), and the data is ``--dataset`` (default
+``synthetic_cifar100``: random images of CIFAR-100's shapes, no download, no TensorFlow).
+
+    python benchmarks/epoch_time.py --config=configs/cifar100.py:kd_ls,resnet32x4,resnet8x4 \
+        [--mixed_precision] [--short=1] [--long=3] [--dataset=synthetic_cifar100]
+
+    # CPU smoke test (digits: 23 steps per epoch at batch 64):
+    python benchmarks/epoch_time.py --config=configs/demo.py:kd_ls --dataset=digits --batch=64
+
+Prints ONE JSON object (keys: see ``README.md``, section "Performance").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import sys
+import tempfile
+import time
+
+import jax
+from absl import app, flags
+import ml_collections
+from etils import epath
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None,
+    "Config file and argument, e.g. configs/cifar100.py:kd_ls,resnet32x4,resnet8x4.")
+_MIXED = flags.DEFINE_bool("mixed_precision", None, "bfloat16 compute (default: the config's).")
+_BATCH = flags.DEFINE_integer("batch", None, "Global batch size (default: the config's).")
+_DATASET = flags.DEFINE_string("dataset", "synthetic_cifar100",
+                               "zkd_jax.data name; it must fit the on-device path.")
+_SHORT = flags.DEFINE_integer("short", 1, "Epochs of the short run.")
+_LONG = flags.DEFINE_integer("long", 3, "Epochs of the long run (> short).")
+_TAG = flags.DEFINE_string("tag", None, "A label copied into the output.")
+
+KEYS = ("benchmark", "tag", "config", "dataset", "method", "teacher", "student", "batch",
+        "mixed_precision", "device_kind", "device_count", "jax_version", "date",
+        "short_epochs", "long_epochs", "short_seconds", "long_seconds", "compile_run_seconds",
+        "steps_per_epoch", "epoch_seconds", "images_per_sec_epoch", "startup_seconds", "epochs",
+        "total_minutes", "last_record")
+
+
+def save_random_teacher(config, directory: epath.Path) -> str:
+    """Random teacher variables of ``config.teacher.arch`` in the zkd-convert format."""
+    from zkd_jax import convert, data, models, train
+    from zkd_jax.train_state import init_variables
+
+    info = data.info(config.dataset)
+    family = train._model_dataset(config)  # pylint: disable=protected-access
+    model = models.create(config.teacher.arch, num_classes=info.num_classes, dataset=family)
+    size = info.image_size
+    variables = init_variables(model, jax.random.PRNGKey(123), (1, size, size, 3))
+    convert.save_variables(directory, jax.device_get(variables), arch=config.teacher.arch,
+                           dataset=family, num_classes=info.num_classes)
+    return str(directory)
+
+
+def timed_run(config, workdir: epath.Path, epochs: int, steps_per_epoch: int) -> tuple[float, dict]:
+    """Wall seconds of ``train_and_evaluate`` stopped after ``epochs`` epochs, and its summary."""
+    from zkd_jax.train import train_and_evaluate
+
+    with config.unlocked():
+        config.max_steps = epochs * steps_per_epoch
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(sys.stderr):  # the trainer's log lines; stdout is the JSON
+        summary = train_and_evaluate(config, workdir)
+    return time.perf_counter() - start, summary
+
+
+def run(config, *, short: int, long: int) -> dict:
+    """The measurement of the module docstring; returns the result dict (``KEYS``)."""
+    from zkd_jax import data, metrics_io
+
+    if not 0 < short < long:
+        raise ValueError(f"need 0 < --short < --long, got {short} and {long}.")
+    if long > config.epochs:
+        raise ValueError(f"--long={long} exceeds config.epochs={config.epochs}.")
+    steps = data.steps_per_epoch(config.dataset, config.batch_size)
+    with tempfile.TemporaryDirectory(prefix="zkd_epoch_time_") as tmp:
+        root = epath.Path(tmp)
+        with config.unlocked():
+            if config.teacher.arch:
+                config.teacher.checkpoint = save_random_teacher(config, root / "teacher")
+                config.teacher.train_if_missing = False
+        compile_s, _ = timed_run(config, root / "warmup", short, steps)
+        short_s, _ = timed_run(config, root / "short", short, steps)
+        long_s, _ = timed_run(config, root / "long", long, steps)
+        records = metrics_io.read_metrics(root / "long")
+    epoch_s = (long_s - short_s) / (long - short)
+    startup_s = max(short_s - short * epoch_s, 0.0)
+    dev = jax.devices()[0]
+    return {
+        "benchmark": "epoch_time", "dataset": config.dataset,
+        "method": config.get("variant") or config.method.name, "teacher": config.teacher.arch,
+        "student": config.student.arch, "batch": config.batch_size,
+        "mixed_precision": bool(config.mixed_precision), "device_kind": dev.device_kind,
+        "device_count": jax.device_count(), "jax_version": jax.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "short_epochs": short, "long_epochs": long, "short_seconds": round(short_s, 3),
+        "long_seconds": round(long_s, 3), "compile_run_seconds": round(compile_s, 3),
+        "steps_per_epoch": steps, "epoch_seconds": round(epoch_s, 3),
+        "images_per_sec_epoch": round(steps * config.batch_size / max(epoch_s, 1e-9), 1),
+        "startup_seconds": round(startup_s, 3), "epochs": config.epochs,
+        "total_minutes": round((startup_s + config.epochs * epoch_s) / 60, 2),
+        "last_record": records[-1] if records else None,
+    }
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if _CONFIG.value is None:
+        raise app.UsageError(
+            "--config is required, e.g. configs/cifar100.py:kd_ls,resnet32x4,resnet8x4")
+    config = _CONFIG.value
+    with config.unlocked():
+        config.dataset = _DATASET.value
+        config.input_pipeline = "device"
+        config.progress_bar = False
+        config.export = False
+        config.keep_checkpoints = 1
+        config.suite = ml_collections.ConfigDict()
+        config.students = ()
+        if _MIXED.value is not None:
+            config.mixed_precision = _MIXED.value
+        if _BATCH.value is not None:
+            config.batch_size = _BATCH.value
+    result = run(config, short=_SHORT.value, long=_LONG.value)
+    result["config"] = flags.FLAGS["config"].serialize().split("=", 1)[-1]
+    result["tag"] = _TAG.value
+    print(json.dumps({k: result[k] for k in KEYS}), flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)
