@@ -1,7 +1,8 @@
 """Distillation losses on logits: KD, DKD, MLKD, CTKD, each with optional logit standardization.
 
 Every function here is pure, jit/vmap/grad-safe (no Python control flow on values) and imports
-nothing but JAX. Logits may carry any number of leading axes (``[batch, classes]`` for vision,
+nothing but JAX (and ``zkd_jax.tempered_kl``, KD's per-row primitive, which imports only JAX and
+NumPy). Logits may carry any number of leading axes (``[batch, classes]`` for vision,
 ``[batch, seq, vocab]`` for language models) where stated; the class axis is the last one.
 Inputs in bfloat16 or float16 are computed in float32 and the result is float32; float64 inputs
 (with ``jax_enable_x64``) stay float64, which is how the tests compare against the reference.
@@ -11,6 +12,8 @@ unbiased standard deviation, ``1e-7`` added to the std, ``tau**2 * KL(teacher ||
 averaged over the batch, DKD's ``-1000`` target mask, MLKD's scalar-times-mask reduction.
 One deliberate difference: a row of identical logits (std 0) gives finite gradients, where the
 reference gives NaN; every other value is unchanged.
+The gradient of a traced KD temperature (CTKD) is the same derivative computed in a form without
+cancellation, so it keeps float32 precision where plain autodiff loses most digits.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from zkd_jax.tempered_kl import tau2_kl_rows
+from zkd_jax.tempered_kl import kl_terms, tau2_kl_rows
 
 Array = jax.Array
 
@@ -85,9 +88,7 @@ def _maybe_standardize(logits: Array, enabled: bool) -> Array:
 
 def _kl_rows(log_p_teacher: Array, log_p_student: Array) -> Array:
     """``sum_c p_t (log p_t - log p_s)`` over the last axis; terms with ``p_t == 0`` are 0."""
-    p_teacher = jnp.exp(log_p_teacher)
-    terms = jnp.where(p_teacher > 0, p_teacher * (log_p_teacher - log_p_student), 0.0)
-    return jnp.sum(terms, axis=-1)
+    return jnp.sum(kl_terms(log_p_teacher, log_p_student)[1], axis=-1)
 
 
 def _masked_mean(values: Array, where: Array | None) -> Array:

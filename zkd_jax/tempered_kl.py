@@ -47,7 +47,7 @@ def _log_probs(a: Array, b: Array, tau: Array) -> tuple[Array, Array]:
     return jax.nn.log_softmax(a / tau, axis=-1), jax.nn.log_softmax(b / tau, axis=-1)
 
 
-def _kl_terms(log_pt: Array, log_ps: Array) -> tuple[Array, Array]:
+def kl_terms(log_pt: Array, log_ps: Array) -> tuple[Array, Array]:
     """``p_t`` and the per-class terms ``p_t (log p_t - log p_s)`` (0 where ``p_t == 0``)."""
     p_t = jnp.exp(log_pt)
     return p_t, jnp.where(p_t > 0, p_t * (log_pt - log_ps), 0.0)
@@ -65,7 +65,7 @@ def tau2_kl_rows(teacher: Array, student: Array, tau: Array) -> Array:
     Returns:
       ``[...]`` per-row values. Terms with ``p_t == 0`` count 0.
     """
-    _, terms = _kl_terms(*_log_probs(teacher, student, tau))
+    _, terms = kl_terms(*_log_probs(teacher, student, tau))
     return tau**2 * jnp.sum(terms, axis=-1)
 
 
@@ -98,7 +98,7 @@ def _dh_dtau_path(a: Array, b: Array, tau: Array) -> Array:
 def dh_dtau(a: Array, b: Array, tau: Array) -> Array:
     """``d/d tau`` of :func:`tau2_kl_rows`, per row, choosing the accurate form (module doc)."""
     log_pt, log_ps = _log_probs(a, b, tau)
-    p_t, terms = _kl_terms(log_pt, log_ps)
+    p_t, terms = kl_terms(log_pt, log_ps)
     direct = _dh_dtau_direct(a, b, tau, p_t, jnp.exp(log_ps), jnp.sum(terms, axis=-1))
     d = a - b
     use_path = jnp.max(d, axis=-1) - jnp.min(d, axis=-1) <= QUAD_MAX_KAPPA * jnp.abs(tau)
@@ -110,7 +110,7 @@ def _tau2_kl_rows_jvp(primals, tangents):
     a, b, tau = primals
     da, db, dtau = tangents
     log_pt, log_ps = _log_probs(a, b, tau)
-    p_t, terms = _kl_terms(log_pt, log_ps)
+    p_t, terms = kl_terms(log_pt, log_ps)
     kl = jnp.sum(terms, axis=-1)
     out = tau**2 * kl
     tangent = jnp.zeros_like(out)

@@ -49,10 +49,11 @@ class DatasetInfo:
     std: tuple[float, float, float]
 
 
+_CIFAR100 = DatasetInfo(
+    "cifar100", 100, 32, 50_000, 10_000, (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
+)
 _INFOS = {
-    "cifar100": DatasetInfo(
-        "cifar100", 100, 32, 50_000, 10_000, (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
-    ),
+    "cifar100": _CIFAR100,
     "imagenet2012": DatasetInfo(
         "imagenet2012", 1000, 224, 1_281_167, 50_000, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     ),
@@ -62,7 +63,7 @@ _INFOS = {
     # Random images of CIFAR-100's shapes, for timing where the data is not (zkd_jax.data.synthetic).
     _synthetic.NAME: DatasetInfo(
         _synthetic.NAME, _synthetic.NUM_CLASSES, _synthetic.IMAGE_SIZE, _synthetic.NUM_TRAIN,
-        _synthetic.NUM_TEST, (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
+        _synthetic.NUM_TEST, _CIFAR100.mean, _CIFAR100.std
     ),
 }
 NAMES = tuple(_INFOS)
