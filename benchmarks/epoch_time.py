@@ -29,31 +29,24 @@ Prints ONE JSON object (keys: see ``README.md``, section "Performance").
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
 import sys
 import tempfile
 import time
 
+import bench_flags
 import jax
-from absl import app, flags
 import ml_collections
+from absl import app, flags
 from etils import epath
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None,
-    "Config file and argument, e.g. configs/cifar100.py:kd_ls,resnet32x4,resnet8x4.")
-_MIXED = flags.DEFINE_bool("mixed_precision", None, "bfloat16 compute (default: the config's).")
-_BATCH = flags.DEFINE_integer("batch", None, "Global batch size (default: the config's).")
 _DATASET = flags.DEFINE_string("dataset", "synthetic_cifar100",
                                "zkd_jax.data name; it must fit the on-device path.")
 _SHORT = flags.DEFINE_integer("short", 1, "Epochs of the short run.")
 _LONG = flags.DEFINE_integer("long", 3, "Epochs of the long run (> short).")
-_TAG = flags.DEFINE_string("tag", None, "A label copied into the output.")
 
 KEYS = ("benchmark", "tag", "config", "dataset", "method", "teacher", "student", "batch",
-        "mixed_precision", "device_kind", "device_count", "jax_version", "date",
+        "mixed_precision", "device_kind", "device_count", "platform", "jax_version", "date",
         "short_epochs", "long_epochs", "short_seconds", "long_seconds", "compile_run_seconds",
         "steps_per_epoch", "epoch_seconds", "images_per_sec_epoch", "startup_seconds", "epochs",
         "total_minutes", "last_record")
@@ -107,14 +100,11 @@ def run(config, *, short: int, long: int) -> dict:
         records = metrics_io.read_metrics(root / "long")
     epoch_s = (long_s - short_s) / (long - short)
     startup_s = max(short_s - short * epoch_s, 0.0)
-    dev = jax.devices()[0]
     return {
         "benchmark": "epoch_time", "dataset": config.dataset,
         "method": config.get("variant") or config.method.name, "teacher": config.teacher.arch,
         "student": config.student.arch, "batch": config.batch_size,
-        "mixed_precision": bool(config.mixed_precision), "device_kind": dev.device_kind,
-        "device_count": jax.device_count(), "jax_version": jax.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "mixed_precision": bool(config.mixed_precision), **bench_flags.run_fields(),
         "short_epochs": short, "long_epochs": long, "short_seconds": round(short_s, 3),
         "long_seconds": round(long_s, 3), "compile_run_seconds": round(compile_s, 3),
         "steps_per_epoch": steps, "epoch_seconds": round(epoch_s, 3),
@@ -126,12 +116,7 @@ def run(config, *, short: int, long: int) -> dict:
 
 
 def main(argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if _CONFIG.value is None:
-        raise app.UsageError(
-            "--config is required, e.g. configs/cifar100.py:kd_ls,resnet32x4,resnet8x4")
-    config = _CONFIG.value
+    config = bench_flags.load_config(argv)
     with config.unlocked():
         config.dataset = _DATASET.value
         config.input_pipeline = "device"
@@ -140,13 +125,7 @@ def main(argv) -> None:
         config.keep_checkpoints = 1
         config.suite = ml_collections.ConfigDict()
         config.students = ()
-        if _MIXED.value is not None:
-            config.mixed_precision = _MIXED.value
-        if _BATCH.value is not None:
-            config.batch_size = _BATCH.value
     result = run(config, short=_SHORT.value, long=_LONG.value)
-    result["config"] = flags.FLAGS["config"].serialize().split("=", 1)[-1]
-    result["tag"] = _TAG.value
     print(json.dumps({k: result[k] for k in KEYS}), flush=True)
 
 

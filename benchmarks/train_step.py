@@ -30,31 +30,24 @@ Prints ONE JSON object (keys: see ``README.md``, section "Performance").
 
 from __future__ import annotations
 
-import datetime
 import functools
 import json
 import math
 import statistics
 import time
 
+import bench_flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None,
-    "Config file and argument, e.g. configs/cifar100.py:kd_ls,resnet32x4,resnet8x4.")
-_MIXED = flags.DEFINE_bool("mixed_precision", None, "bfloat16 compute (default: the config's).")
-_BATCH = flags.DEFINE_integer("batch", None, "Global batch size (default: the config's).")
 _STUDENTS = flags.DEFINE_integer("students", 1, "K students in one program (seeds seed..seed+K-1).")
 _STEPS = flags.DEFINE_integer("steps", 50, "Steps per timed round.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed rounds; the median is reported.")
 _FORM = flags.DEFINE_enum("students_form", None, ["vmap", "loop"],
                           "How K > 1 students are mapped (default: the config's).")
 _PROJECTION = flags.DEFINE_bool("epoch_projection", True, "Also time eval and input; project.")
-_TAG = flags.DEFINE_string("tag", None, "A label copied into the output (e.g. the issue's row).")
 _EVAL_BATCH = flags.DEFINE_integer("eval_batch", None, "Eval batch (default: config's).")
 
 KEYS = ("benchmark", "tag", "config", "method", "teacher", "student", "batch", "students",
@@ -193,17 +186,13 @@ def run(config, *, num_students: int, steps: int, repeats: int, projection: bool
     rounds = _time_rounds(one_round, repeats)
     ms = 1e3 * statistics.median(rounds) / steps
     per_student = config.batch_size / (ms / 1e3)
-    dev = jax.devices()[0]
     result = {
-        "benchmark": "train_step", "tag": None, "config": None, "method": config.variant,
+        "benchmark": "train_step", "method": config.variant,
         "teacher": config.teacher.arch if method.needs_teacher else None,
         "student": config.student.arch, "batch": config.batch_size, "students": num_students,
         "mixed_precision": bool(config.mixed_precision),
         "students_form": config.students_form if num_students > 1 else None,
-        "device_kind": dev.device_kind,
-        "device_count": jax.device_count(), "platform": dev.platform,
-        "jax_version": jax.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **bench_flags.run_fields(),
         "steps": steps, "repeats": repeats, "compile_seconds": round(compile_seconds, 3),
         "ms_per_step": round(ms, 4),
         "ms_per_step_rounds": [round(1e3 * t / steps, 4) for t in rounds],
@@ -235,24 +224,13 @@ def run(config, *, num_students: int, steps: int, repeats: int, projection: bool
 
 
 def main(argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if _CONFIG.value is None:
-        raise app.UsageError(
-            "--config is required, e.g. configs/cifar100.py:kd_ls,resnet32x4,resnet8x4")
-    config = _CONFIG.value
-    with config.unlocked():
-        if _MIXED.value is not None:
-            config.mixed_precision = _MIXED.value
-        if _BATCH.value is not None:
-            config.batch_size = _BATCH.value
-        if _FORM.value is not None:
+    config = bench_flags.load_config(argv)
+    if _FORM.value is not None:
+        with config.unlocked():
             config.students_form = _FORM.value
     result = run(config, num_students=_STUDENTS.value, steps=_STEPS.value,
                  repeats=_REPEATS.value, projection=_PROJECTION.value,
                  eval_batch=_EVAL_BATCH.value)
-    result["config"] = flags.FLAGS["config"].serialize().split("=", 1)[-1]
-    result["tag"] = _TAG.value
     result = {k: result[k] for k in KEYS}
     print(json.dumps(result), flush=True)
 

@@ -13,7 +13,8 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "epoch_time.py"
 KEYS = {"benchmark", "tag", "config", "dataset", "method", "teacher", "student", "batch",
-        "mixed_precision", "device_kind", "device_count", "jax_version", "date", "short_epochs",
+        "mixed_precision", "device_kind", "device_count", "platform", "jax_version", "date",
+        "short_epochs",
         "long_epochs", "short_seconds", "long_seconds", "compile_run_seconds", "steps_per_epoch",
         "epoch_seconds", "images_per_sec_epoch", "startup_seconds", "epochs", "total_minutes",
         "last_record"}
