@@ -120,7 +120,7 @@ def test_a_run_on_the_device_feed_resumes_bit_identically(tmp_path):
         c = demo.teacher_config()  # cross-entropy only: the run is about the feed
         c.input_pipeline = "device"
         c.student.arch = "resnet8"
-        c.batch_size = BATCH
+        c.batch_size = 2 * BATCH  # 11 steps per epoch
         c.epochs = 2
         c.optimizer.milestones = ()
         c.max_steps = max_steps
@@ -129,10 +129,10 @@ def test_a_run_on_the_device_feed_resumes_bit_identically(tmp_path):
         c.export = False
         return c
 
-    straight = train_and_evaluate(config(30), tmp_path / "straight")
-    train_and_evaluate(config(9), tmp_path / "resumed")
-    resumed = train_and_evaluate(config(30), tmp_path / "resumed")
-    assert straight["step"] == resumed["step"] == 30
+    straight = train_and_evaluate(config(15), tmp_path / "straight")
+    train_and_evaluate(config(4), tmp_path / "resumed")  # stops inside epoch 1
+    resumed = train_and_evaluate(config(15), tmp_path / "resumed")  # on into epoch 2
+    assert straight["step"] == resumed["step"] == 15
     assert straight["last_top1"] == resumed["last_top1"]
     from zkd_jax import checkpoint
 
