@@ -9,12 +9,14 @@ checks by hand).
 The fabricated dataset is a directory of ``image.npy`` / ``label.npy`` written by the test; at step
 ``s`` the global batch is rows ``[s*B, (s+1)*B)`` and process ``p`` of ``P`` reads only its block
 ``[s*B + p*B/P, s*B + (p+1)*B/P)`` of it (memory-mapped). The result (``--out``, written by process 0) holds the flattened student parameters and
-BatchNorm statistics after ``--record-at`` steps and at the end, and the per-step losses.
+BatchNorm statistics after ``--record-at`` steps and at the end, and the per-step losses. With
+``--device-feed`` it also holds the first global batches of ``zkd_jax.feed``'s on-device path
+(the digits, gathered from all processes), which must not depend on the process count.
 
 Usage:
   multihost_worker.py --data DIR --out R.npz --steps N [--coordinator host:port
       --num-processes P --process-id p] [--save-dir DIR] [--restore-dir DIR] [--record-at K]
-      [--zoo-student NAME]
+      [--zoo-student NAME] [--device-feed]
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--restore-dir", default=None, help="start from the latest checkpoint here")
     p.add_argument("--record-at", type=int, default=None, help="also record the state at this step")
     p.add_argument("--zoo-student", default=None, help="a zkd_jax.models name instead of the tiny net")
+    p.add_argument("--device-feed", action="store_true", help="record on-device feed batches")
     return p.parse_args(argv)
 
 
@@ -71,6 +74,26 @@ def flat(prefix: str, tree) -> dict:
     out = {}
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
         out[prefix + jax.tree_util.keystr(path)] = np.asarray(leaf)
+    return out
+
+
+def device_feed_batches(mesh) -> dict:
+    """Two train batches (epoch 2, from step 3 on) and one eval batch of the digits' device feed,
+    gathered into whole global arrays on every process."""
+    import itertools
+
+    from jax.experimental import multihost_utils
+
+    from zkd_jax import feed
+
+    f = feed.make_feed("device", dataset="digits", mesh=mesh, seed=0, views=("weak",),
+                       batch_size=BATCH, eval_batch_size=BATCH)
+    batches = {"train0": None, "train1": None, "eval0": next(f.eval())}
+    batches["train0"], batches["train1"] = itertools.islice(f.train(2, 3), 2)
+    out = {}
+    for name, batch in batches.items():
+        for key, value in batch.items():
+            out[f"feed/{name}/{key}"] = multihost_utils.process_allgather(value, tiled=True)
     return out
 
 
@@ -143,6 +166,8 @@ def main(argv: list[str]) -> None:
     record["losses"] = np.asarray(losses, np.float32)
     record.update(flat("end/", to_host({"params": state.params, "batch_stats": state.batch_stats})))
 
+    if args.device_feed:
+        record.update(device_feed_batches(mesh))
     if args.save_dir:
         saver = ckpt_lib.Checkpointer(args.save_dir)
         saver.save(state, {"epoch": step // 3 + 1})

@@ -4,6 +4,8 @@
   collectives, two CPU devices each: a 4-device mesh) each read their half of every global batch of
   a fabricated dataset and train a small KD+LS student with the trainer's step; the parameters equal
   those of one process (one device) fed the same global batches.
+* The on-device feed (``zkd_jax.feed``, digits) builds the same global batches in two processes as
+  in one.
 * The checkpoint the two processes wrote restores in one process, and training continues there to
   the same parameters as an uninterrupted one-process run.
 * ``zkd_jax.distributed.initialize``'s decisions (with ``jax.distributed.initialize`` replaced by
@@ -173,14 +175,14 @@ def runs(tmp_path_factory) -> dict[str, dict[str, np.ndarray]]:
     coordinator = f"127.0.0.1:{_free_port()}"
     two = [
         _start([*common, "--out", str(tmp / "two.npz"), "--steps", str(FIRST_STEPS),
-                "--save-dir", str(tmp / "workdir"), "--coordinator", coordinator,
+                "--save-dir", str(tmp / "workdir"), "--coordinator", coordinator, "--device-feed",
                 "--num-processes", "2", "--process-id", str(i)], devices=2,
                # JAX's default binds the coordinator to [::]; IPv4 loopback works everywhere.
                JAX_COORDINATOR_BIND_ADDRESS=coordinator)
         for i in range(2)
     ]
     reference = _start([*common, "--out", str(tmp / "one.npz"), "--steps", str(TOTAL_STEPS),
-                        "--record-at", str(FIRST_STEPS)], devices=1)
+                        "--record-at", str(FIRST_STEPS), "--device-feed"], devices=1)
     _wait([*two, reference])
     resumed = _start([*common, "--out", str(tmp / "resumed.npz"), "--steps", str(TOTAL_STEPS),
                       "--restore-dir", str(tmp / "workdir")], devices=1)
@@ -209,6 +211,15 @@ def test_two_processes_train_like_one_with_the_same_global_batch(runs):
     assert moved > 1e-3
     np.testing.assert_allclose(two["losses"], one["losses"][:FIRST_STEPS], rtol=TOLERANCE)
     _assert_close(_state(two, "end/"), _state(one, "at/"))
+
+
+def test_device_feed_gives_the_same_global_batches_in_two_processes(runs):
+    two, one = _state(runs["two"], "feed/"), _state(runs["one"], "feed/")
+    assert sorted(two) == sorted(one) and len(two) == 7  # 2 x (image, label) + eval's 3
+    for key, value in one.items():
+        assert two[key].shape == value.shape and two[key].shape[0] == 8, key
+        np.testing.assert_array_equal(two[key], value, err_msg=key)
+    assert not np.array_equal(one["train0/label"], one["train1/label"])
 
 
 def test_two_process_checkpoint_restores_in_one_process_and_training_continues(runs):
