@@ -22,6 +22,10 @@ float64 round-off while the spread of the logit difference over the temperature,
 ``kappa = (max d - min d) / tau``, is at most ``QUAD_MAX_KAPPA`` (the integrand's singularities,
 zeros of the partition function of ``p_v``, lie at least ``pi / kappa`` off the real axis). Rows with ``kappa <= QUAD_MAX_KAPPA`` use the path form, the others (where the
 cancellation is mild) the direct form. Both are the exact derivative; only the rounding differs.
+
+Cost: the temperature derivative is built only when the temperature is differentiated (symbolic
+zero tangents otherwise); then it costs about ``QUAD_NODES`` softmax passes over the logits, in a
+``lax.scan`` (memory of one pass), next to the one pass of the value.
 """
 
 from __future__ import annotations
