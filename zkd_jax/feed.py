@@ -9,8 +9,8 @@ dicts of global ``jax.Array`` s sharded over the mesh's ``"data"`` axis, ready f
   ``host_to_global``.
 * ``"device"``: the whole uint8 split (CIFAR-100: 150 MB; digits) is replicated on every device
   once and ``zkd_jax.data.device`` shuffles, pads, crops, flips and normalizes in jitted JAX, so
-  no host work or host-to-device copy happens per step (what issue 7's 240-epoch projection
-  assumes). Deterministic given (seed, epoch, step), so resuming works as with tf.data; the
+  no image is read, augmented or copied on the host per step (one small jitted call builds each
+  batch; ``benchmarks/epoch_time.py`` times whole epochs of it). Deterministic given (seed, epoch, step), so resuming works as with tf.data; the
   random numbers come from JAX's PRNG (``fold_in(PRNGKey(config.seed), 2)``), so the batches
   differ from tf.data's while their distribution is the same. The weak view only (MLKD's strong
   view needs "tfdata"). Evaluation images are bit-identical to tf.data's.
