@@ -289,7 +289,7 @@ def test_workdir_code_uses_no_local_only_path_calls():
     import zkd_jax
 
     package = Path(zkd_jax.__file__).parent
-    for name in ("train.py", "checkpoint.py", "metrics_io.py"):
+    for name in ("train.py", "train_multi.py", "epoch_loop.py", "checkpoint.py", "metrics_io.py"):
         tree = ast.parse((package / name).read_text())
         for node in ast.walk(tree):
             where = f"{name}:{getattr(node, 'lineno', '?')}"

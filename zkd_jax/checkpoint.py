@@ -6,6 +6,9 @@ Layout of a workdir (local or ``gs://``; every path goes through ``etils.epath``
   steps, and where a run stops early); each holds ``state`` (the whole :class:`TrainState`) and
   ``meta`` (JSON: epoch, step, best_top1, best_epoch, ...). Orbax writes them atomically (a
   temporary directory renamed when complete), so a crash never leaves a half checkpoint behind.
+  Writing is asynchronous: ``save`` returns once the arrays are copied to host memory and the
+  files are written in the background while training goes on (the next ``save`` and ``close``
+  wait for them), so a checkpoint per epoch costs a device-to-host copy, not the file writes.
 * ``checkpoints_best/<step>/``: the checkpoint of the best evaluation so far (one).
 * ``export/``: the final student variables in ``zkd_jax.convert.save_variables`` format: what
   ``config.teacher.checkpoint`` points at when this run's model is used as a teacher (zkd-convert
@@ -42,7 +45,7 @@ class Checkpointer:
 
         def manager(directory: epath.Path, max_to_keep: int) -> ocp.CheckpointManager:
             options = ocp.CheckpointManagerOptions(
-                max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False
+                max_to_keep=max_to_keep, create=True, enable_async_checkpointing=True
             )
             return ocp.CheckpointManager(directory, options=options)
 
@@ -50,11 +53,15 @@ class Checkpointer:
         self.best = manager(workdir / BEST, 1)
 
     def latest_step(self) -> int | None:
-        """Step of the newest checkpoint, None when the workdir holds none."""
+        """Step of the newest complete checkpoint, None when the workdir holds none."""
+        self.wait()
         return self.last.latest_step()
 
     def save(self, state: TrainState, meta: Mapping[str, Any], *, best: bool = False) -> int:
-        """Writes ``state`` and ``meta`` at ``state.step`` (and as the best one when ``best``)."""
+        """Writes ``state`` and ``meta`` at ``state.step`` (and as the best one when ``best``).
+
+        Returns when the arrays are on the host; the files follow in the background (``wait``).
+        """
         step = int(jax.device_get(state.step))
         meta = dict(meta, step=step)
         managers = [self.last] + ([self.best] if best else [])
@@ -68,9 +75,12 @@ class Checkpointer:
                 ),
                 force=True,
             )
-        for mngr in managers:
-            mngr.wait_until_finished()
         return step
+
+    def wait(self) -> None:
+        """Blocks until every checkpoint written so far is complete on disk."""
+        self.last.wait_until_finished()
+        self.best.wait_until_finished()
 
     def restore(self, template: TrainState, step: int | None = None) -> tuple[TrainState, dict]:
         """The checkpoint at ``step`` (default the latest), with ``template``'s shardings."""
