@@ -94,6 +94,20 @@ def test_value_and_logit_derivatives_are_the_textbook_ones():
         check_grads(tempered_kl.tau2_kl_rows, (a, b, tau), order=1, modes=("fwd", "rev"))
 
 
+def test_second_derivatives_are_the_textbook_ones():
+    """The custom rule is itself differentiable (Hessian-vector products, meta-learning)."""
+    with jax.enable_x64():
+        a, b = (jnp.asarray(x) for x in _rows(1, (3, 5), standardized=False))
+
+        def total(fn):
+            return lambda b, tau: jnp.sum(fn(a, b, tau))
+
+        for argnum in (0, 1):
+            ours = jax.hessian(total(tempered_kl.tau2_kl_rows), argnums=argnum)(b, 3.0)
+            plain = jax.hessian(total(_plain_rows), argnums=argnum)(b, 3.0)
+            np.testing.assert_allclose(ours, plain, rtol=1e-9, atol=1e-13)
+
+
 class VariantTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     def test_jit_vmap_and_grad_agree(self):
