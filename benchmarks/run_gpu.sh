@@ -16,6 +16,7 @@
 # every command runs under `timeout` min(its own limit, time left), and an item with under 20 s left
 # is skipped with a JSON line saying so. Environment: PYTHON (default python3), OUT (default
 # /tmp/zkd_bench), BUDGET_S, ROW_TIMEOUT_S (default 90), TORCH_TIMEOUT_S (default 120),
+# EPOCH_TIMEOUT_S (default 150),
 # BENCH_CONFIG / BENCH_EXTRA / EPOCH_EXTRA (another pair; extra flags of train_step.py and of
 # epoch_time.py, e.g. for a CPU smoke test),
 # TORCH_BENCH (path of torch_kd_step.py; default benchmarks/torch_kd_step.py, then
@@ -28,6 +29,7 @@ OUT_DIR=${OUT:-/tmp/zkd_bench}
 BUDGET_S=${BUDGET_S:-540}
 ROW_TIMEOUT_S=${ROW_TIMEOUT_S:-90}
 TORCH_TIMEOUT_S=${TORCH_TIMEOUT_S:-120}
+EPOCH_TIMEOUT_S=${EPOCH_TIMEOUT_S:-150}
 BENCH_EXTRA=${BENCH_EXTRA:-}
 EPOCH_EXTRA=${EPOCH_EXTRA:-}
 mkdir -p "$OUT_DIR"
@@ -61,15 +63,15 @@ limit() {  # limit SECONDS: min(SECONDS, time left); prints 0 when under 20 s ar
 }
 row() {  # row TAG ARGS...: one train_step.py line (+ BENCH_EXTRA), or a JSON line saying why not
   # shellcheck disable=SC2086
-  run_script benchmarks/train_step.py "$@" $BENCH_EXTRA
+  run_script "$ROW_TIMEOUT_S" benchmarks/train_step.py "$@" $BENCH_EXTRA
 }
 epoch_row() {  # epoch_row TAG ARGS...: one epoch_time.py line (+ EPOCH_EXTRA)
   # shellcheck disable=SC2086
-  run_script benchmarks/epoch_time.py "$@" $EPOCH_EXTRA
+  run_script "$EPOCH_TIMEOUT_S" benchmarks/epoch_time.py "$@" $EPOCH_EXTRA
 }
-run_script() {  # run_script SCRIPT TAG ARGS...: its last stdout line if JSON, else an error line
-  local script=$1 tag=$2; shift 2
-  local t; t=$(limit "$ROW_TIMEOUT_S")
+run_script() {  # run_script TIMEOUT SCRIPT TAG ARGS...: its last stdout line if JSON, else an error
+  local timeout_s=$1 script=$2 tag=$3; shift 3
+  local t; t=$(limit "$timeout_s")
   if (( t == 0 )); then
     echo "{\"tag\": \"$tag\", \"skipped\": \"time budget of ${BUDGET_S}s spent\"}" | tee -a "$RESULTS"
     return
