@@ -3,14 +3,16 @@
 #
 #   bash benchmarks/run_gpu.sh            # writes $OUT/train_step.jsonl and $OUT/run_gpu.log
 #
+# In order of need (what comes last is what a spent budget skips):
 # 1. zkd_jax's real train step (benchmarks/train_step.py), resnet32x4 -> resnet8x4, KD+LS, one JSON
-#    line per row of the issue: fp32 b64, mixed b64, mixed b512, and K = 4 students (mixed b64) in
-#    both forms of zkd_jax.multi_student ("loop", "vmap"); K = 4 is compared with the mixed b64 row.
+#    line per row of the issue: fp32 b64, mixed b64, mixed b512.
 # 2. The PyTorch baseline (torch_kd_step.py: eager fp32, bf16 + channels_last, torch.compile; b64
 #    and b512) when the script and a CUDA torch are there; otherwise one "skipped" line.
-# 3. Measured epochs of the real trainer (benchmarks/epoch_time.py: zkd-train with the on-device
-#    input path on synthetic CIFAR-100-shaped data, evaluation and checkpoints included), fp32 and
-#    mixed b64, projected to 240 epochs.
+# 3. K = 4 students (mixed b64; compare with the mixed b64 row) in the forms of
+#    zkd_jax.multi_student: "loop", "vmap_matmul", and later "vmap" (issue 7 measured a naive vmap).
+# 4. Measured epochs of the real trainer (benchmarks/epoch_time.py: zkd-train with the on-device
+#    input path on synthetic CIFAR-100-shaped data, evaluation and checkpoints included), fp32 b64
+#    (before the vmap row) and mixed b64 (last), projected to 240 epochs.
 #
 # Bounded: the whole script ends within BUDGET_S seconds (default 540, for a 600 s device call):
 # every command runs under `timeout` min(its own limit, time left), and an item with under 20 s left
@@ -92,8 +94,6 @@ run_script() {  # run_script TIMEOUT SCRIPT TAG ARGS...: its last stdout line if
 row fp32_b64 --batch=64
 row mixed_b64 --batch=64 --mixed_precision
 row mixed_b512 --batch=512 --mixed_precision
-row k4_loop_mixed_b64 --batch=64 --mixed_precision --students=4 --students_form=loop --noepoch_projection
-row k4_vmap_mixed_b64 --batch=64 --mixed_precision --students=4 --students_form=vmap --noepoch_projection
 
 TORCH_BENCH=${TORCH_BENCH:-}
 for candidate in "$TORCH_BENCH" benchmarks/torch_kd_step.py ../shared/bench/torch_kd_step.py; do
@@ -115,6 +115,13 @@ else
       || echo "{\"impl\": \"torch\", \"mode\": \"$mode\", \"error\": \"timed out or failed\"}" | tee -a "$RESULTS"
   done
 fi
+k4() {  # k4 FORM: K = 4 students at mixed b64 (compare images_per_sec with the mixed_b64 row)
+  row "k4_${1}_mixed_b64" --batch=64 --mixed_precision --students=4 --students_form="$1" \
+      --noepoch_projection
+}
+k4 loop
+k4 vmap_matmul
 epoch_row epoch_fp32_b64 --batch=64
+k4 vmap
 epoch_row epoch_mixed_b64 --batch=64 --mixed_precision
 echo "done in ${SECONDS}s; results in $RESULTS" | tee -a "$LOG"

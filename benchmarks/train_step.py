@@ -19,8 +19,8 @@ That is the cost of ``zkd-train --config.input_pipeline=device``, whose feed (``
 every batch with that same function.
 
     python benchmarks/train_step.py --config=configs/cifar100.py:kd_ls,resnet32x4,resnet8x4 \
-        [--mixed_precision] [--batch=64] [--students=1 [--students_form=vmap|loop]] [--steps=50]
-        [--repeats=5] [--noepoch_projection]
+        [--mixed_precision] [--batch=64] [--students=1 [--students_form=loop|vmap|vmap_matmul]]
+        [--steps=50] [--repeats=5] [--noepoch_projection]
     # CPU smoke test:
     python benchmarks/train_step.py --config=configs/cifar100.py:kd_ls,resnet8,resnet8 --batch=8 \
         --steps=3 --repeats=2 --eval_batch=16
@@ -45,7 +45,7 @@ from absl import app, flags
 _STUDENTS = flags.DEFINE_integer("students", 1, "K students in one program (seeds seed..seed+K-1).")
 _STEPS = flags.DEFINE_integer("steps", 50, "Steps per timed round.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed rounds; the median is reported.")
-_FORM = flags.DEFINE_enum("students_form", None, ["vmap", "loop"],
+_FORM = flags.DEFINE_enum("students_form", None, ["loop", "vmap", "vmap_matmul"],
                           "How K > 1 students are mapped (default: the config's).")
 _PROJECTION = flags.DEFINE_bool("epoch_projection", True, "Also time eval and input; project.")
 _EVAL_BATCH = flags.DEFINE_integer("eval_batch", None, "Eval batch (default: config's).")

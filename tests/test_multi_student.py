@@ -6,7 +6,7 @@ end where the single run ends; in a second K = 2 run (stopped and resumed) the s
 single run's seed ends there too, the student with another seed, temperature and kd weight ends
 elsewhere, and each has its own metrics, summary, checkpoints and export. At the
 step level, K = 3 on a tiny model (two students identical to one single run, one different) checks
-both forms of the multi step ("loop", "vmap") against single steps.
+every form of the multi step ("loop", "vmap", "vmap_matmul") against single steps.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from flax import linen as nn
 
 from zkd_jax import checkpoint, convert, methods, metrics_io, models, multi_student, optim
 from zkd_jax.configs import common, demo
+from zkd_jax.models import layers
 from zkd_jax.step import create_mesh, host_to_global, make_train_step
 from zkd_jax.train import train_and_evaluate
 from zkd_jax.train_state import init_variables
@@ -136,16 +137,18 @@ def test_per_student_outputs_exist(runs):
 
 
 class TinyStudent(nn.Module):
-    """BatchNorm + dense: compiles in milliseconds, has params, batch stats and momentum."""
+    """The zoo's layers (3x3 conv, BatchNorm, stride-2 conv, linear): compiles in a second, has
+    params, batch stats and momentum, and convolutions that "vmap_matmul" turns into products."""
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        x = nn.Conv(4, (3, 3), use_bias=False, name="conv")(x)  # bias before BN: pure noise
-        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, name="bn")(x)
-        return nn.Dense(5, name="fc")(nn.relu(x).mean(axis=(1, 2)))
+        x = layers.Conv2d(4, 3, padding=1, name="conv")(x)
+        x = layers.BatchNorm(name="bn")(x, train)
+        x = layers.Conv2d(6, 3, stride=2, padding=1, name="down")(jax.nn.relu(x))
+        return layers.Linear(5, name="fc")(jax.nn.relu(x).mean(axis=(1, 2)))
 
 
-@pytest.mark.parametrize("form", ["vmap", "loop"])
+@pytest.mark.parametrize("form", multi_student.FORMS)
 def test_multi_step_matches_single_steps(form):
     """The jitted K = 3 step = single steps: two students with the single step's seed and settings,
     one with another seed and temperature (vmap selects its objective with lax.switch)."""

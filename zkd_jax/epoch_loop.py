@@ -2,10 +2,12 @@
 
 ``run_epochs(cohort, ...)`` trains from the cohort's current step to the end (or to
 ``config.max_steps``): per epoch, the feed's batches through the jitted step, metrics fetched every
-``config.log_every_steps`` (progress bar, NaN/inf check), then per student: evaluation,
-``metrics.jsonl`` / TensorBoard / ``summary.json``, orbax checkpoints (the best one kept apart) and,
-at the end, the export. A :class:`Cohort` says how the students live in the state: one plain
-``TrainState`` (``zkd_jax.train``) or K stacked ones (``zkd_jax.train_multi``).
+``config.log_every_steps`` (progress bar, NaN/inf check; the newest ``LOG_LAG_STEPS`` steps wait
+for the next fetch, so the device's queue never drains; checkpoints and epoch ends fetch all),
+then per student: evaluation, ``metrics.jsonl`` / TensorBoard / ``summary.json``, orbax
+checkpoints (the best one kept apart) and, at the end, the export. A :class:`Cohort` says how the
+students live in the state: one plain ``TrainState`` (``zkd_jax.train``) or K stacked ones
+(``zkd_jax.train_multi``).
 """
 
 from __future__ import annotations
@@ -33,14 +35,26 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def to_host(tree: Any) -> Any:
-    """NumPy copy of a (replicated) pytree; works when arrays span other processes' devices."""
+    """NumPy copy of a (replicated) pytree; works when arrays span other processes' devices.
 
-    def get(x):
+    Every device-to-host copy is started before the first is awaited, so fetching N scalars costs
+    about one transfer's latency, not N.
+    """
+
+    def local(x):
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
             x = x.addressable_data(0)
-        return np.asarray(x)
+        if isinstance(x, jax.Array):
+            x.copy_to_host_async()
+        return x
 
-    return jax.tree.map(get, tree)
+    return jax.tree.map(np.asarray, jax.tree.map(local, tree))
+
+
+#: A log-only metrics fetch leaves the newest ``LOG_LAG_STEPS`` steps pending, so the host waits
+#: for a step already behind the device's queue and the device never runs dry during the fetch.
+#: Checkpoints and epoch ends fetch everything (the NaN/inf check precedes every save).
+LOG_LAG_STEPS = 4
 
 
 def replicate(tree: Any, mesh) -> Any:
@@ -60,8 +74,8 @@ def log_main(message: str) -> None:
 def evaluate(eval_step, variables, feed) -> dict[str, float]:
     """Top-1 / top-5 (%) and mean cross-entropy on the test split (padded rows masked)."""
     totals = {"correct1": 0, "correct5": 0, "count": 0, "ce_sum": 0.0}
-    for batch in feed.eval():
-        out = to_host(eval_step(variables, batch))
+    outs = [eval_step(variables, batch) for batch in feed.eval()]  # dispatched back to back
+    for out in to_host(outs):  # one wait
         for k in totals:
             totals[k] += out[k].item()
     n = max(totals["count"], 1)
@@ -195,15 +209,17 @@ def run_epochs(
             )
             start_time, start_step = time.perf_counter(), step
 
-            def flush() -> None:
-                """Fetches the pending metrics (one host sync) and hands them to the trackers."""
+            def flush(keep: int = 0) -> int:
+                """Fetches the pending metrics but the newest ``keep`` (one host wait), hands
+                them to the trackers (NaN/inf check) and returns how many steps it fetched."""
                 nonlocal pending
-                fetched = [cohort.split_metrics(m) for m in to_host(pending)]
+                ready, pending = pending[:len(pending) - keep], pending[len(pending) - keep:]
+                fetched = [cohort.split_metrics(m) for m in to_host(ready)]
+                first = step - len(pending) - len(fetched) + 1
                 for k in range(num):
-                    trackers[k].add([f[k] for f in fetched], first_step=step - len(fetched) + 1,
-                                    epoch=epoch, workdir=dirs[k],
-                                    checkpointer=cohort.checkpointers[k])
-                pending = []
+                    trackers[k].add([f[k] for f in fetched], first_step=first, epoch=epoch,
+                                    workdir=dirs[k], checkpointer=cohort.checkpointers[k])
+                return len(fetched)
 
             for batch in itertools.islice(feed.train(epoch, offset), epoch_end - step):
                 cohort.state, metrics = cohort.train_step(cohort.state, teacher_variables, batch,
@@ -214,13 +230,15 @@ def run_epochs(
                 ckpt_now = config.checkpoint_every_steps > 0 and (
                     step % config.checkpoint_every_steps == 0)
                 if log_now or ckpt_now:
-                    n_new = len(pending)
-                    flush()
+                    full = ckpt_now or step == epoch_end
+                    n_new = flush(0 if full else min(LOG_LAG_STEPS, len(pending)))
                     rate = (step - start_step) * config.batch_size / (
                         time.perf_counter() - start_time)
-                    shown = {"loss": float(np.mean([t.last["loss"] for t in trackers]))}
-                    if "lr" in trackers[0].last:
-                        shown["lr"] = trackers[0].last["lr"]
+                    shown = {}
+                    if trackers[0].last:  # empty until a first fetch (log_every_steps < lag)
+                        shown["loss"] = float(np.mean([t.last["loss"] for t in trackers]))
+                        if "lr" in trackers[0].last:
+                            shown["lr"] = trackers[0].last["lr"]
                     progress.update(n_new, **shown, img_s=rate)
                 if ckpt_now and step < epoch_end:
                     save(epoch, [False] * num)

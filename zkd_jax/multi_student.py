@@ -16,13 +16,19 @@ stack, in one of two forms (``config.students_form``):
   the single-student computation (equal to a single run up to XLA's fusion rounding, ~1e-11 per
   step here); only the teacher is shared.
 * ``"vmap"``: ``jax.vmap`` over the stacked students; XLA turns the batched convolutions into
-  grouped ones. Students whose method settings differ select their objective with
+  grouped ones (``feature_group_count = K``) and their kernel gradients into batch-grouped ones
+  (``batch_group_count = K``). Students whose method settings differ select their objective with
   ``jax.lax.switch`` (every branch is evaluated on ``[B, classes]`` logits: negligible).
+* ``"vmap_matmul"``: the same ``vmap``, but each student convolution (``groups == 1``) is traced
+  as patches (the ``kh kw`` shifted views concatenated on channels) times the reshaped kernel, so
+  the K students' convolutions, forward and backward, are batched matrix products (one
+  ``dot_general`` with a K batch dimension each) rather than grouped convolutions; the teacher
+  keeps XLA's convolution. Same sums, another order of accumulation (float rounding).
 
-Measured on this project's 2-core CPU (resnet8 <- resnet8, batch 32, K = 2, two runs): "loop" 1.22x
-and 1.33x, "vmap" 0.39x and 0.47x the total images/s of one student (grouped convolutions are slow
-on CPU). Issue 7 reports
-that a naive vmap measured about 1.0x on an H100, i.e. no gain from sharing the program there.
+Measured on this project's 2-core CPU (resnet8 <- resnet8, batch 32, K = 2): "loop" 1.22x to
+1.53x, "vmap" 0.39x to 0.47x, "vmap_matmul" 0.95x the total images/s of one student (grouped
+convolutions are slow on CPU). Issue 7 reports that a naive vmap measured about 1.0x on an H100,
+i.e. no gain from sharing the program there; the GPU ranking of the three is not measured yet.
 
 THE SEAM: ``students_update`` is the one function that maps the single-student update
 (``zkd_jax.step.make_student_update``) over the K students. A faster form (for instance students
@@ -46,6 +52,7 @@ from jax.sharding import Mesh
 
 from zkd_jax import methods as methods_lib
 from zkd_jax.methods import Method
+from zkd_jax.models.layers import conv_implementation
 from zkd_jax.step import VIEW_KEYS, jit_train_step, make_student_update, replicated, teacher_forward
 from zkd_jax.train_state import TrainState, create_train_state
 
@@ -150,7 +157,7 @@ def create_states(
     return states
 
 
-FORMS = ("vmap", "loop")
+FORMS = ("loop", "vmap", "vmap_matmul")
 
 
 def students_update(
@@ -169,15 +176,20 @@ def students_update(
       teacher_logits, images, labels, epoch: as for one student (not mapped).
       form: ``"loop"``: the K single-student updates unrolled in one program (each the single
         run's computation). ``"vmap"``: ``jax.vmap`` over the stack (grouped convolutions; about
-        1.0x one student on an H100 per issue 7). A faster form goes here, same signature.
+        1.0x one student on an H100 per issue 7). ``"vmap_matmul"``: the same vmap with the
+        students' convolutions traced as patch matrix products
+        (``zkd_jax.models.layers.conv_implementation``), so the K students' convolutions become
+        batched matrix products. A faster form goes here, same signature.
 
     Returns:
       The stacked new states and metrics (each ``[K]``).
     """
-    if form == "vmap":
-        return jax.vmap(update_one, in_axes=(0, 0, None, None, None, None))(
-            states, jnp.asarray(branch), teacher_logits, images, labels, epoch
-        )
+    if form in ("vmap", "vmap_matmul"):
+        impl = "matmul" if form == "vmap_matmul" else "xla"
+        with conv_implementation(impl):  # read while vmap traces the students' convolutions
+            return jax.vmap(update_one, in_axes=(0, 0, None, None, None, None))(
+                states, jnp.asarray(branch), teacher_logits, images, labels, epoch
+            )
     if form == "loop":
         outs = [
             update_one(jax.tree.map(lambda x, k=k: x[k], states), int(b), teacher_logits, images,

@@ -249,7 +249,7 @@ def base_config() -> ml_collections.ConfigDict:
     # tuple of dicts {"seed": int, optional method settings such as "temperature", "kd_weight"};
     # empty: one student. Outputs go to WORKDIR/student_<k>/.
     c.students = ()
-    c.students_form = "loop"  # how the K students are mapped: "loop" or "vmap" (multi_student.py)
+    c.students_form = "loop"  # how K students are mapped: loop, vmap, vmap_matmul (multi_student)
     c.paper = ml_collections.ConfigDict(
         dict(source=PAPER, settings=(), defaulted=(), top1=optional(float))
     )

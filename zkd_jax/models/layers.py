@@ -11,6 +11,8 @@ a linear kernel is ``(in, out)`` (PyTorch ``(out, in)``).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from typing import Any
 from collections.abc import Callable
@@ -26,11 +28,14 @@ Initializer = Callable[..., Array]
 
 __all__ = [
     "BatchNorm",
+    "CONV_IMPLS",
     "Conv2d",
     "Linear",
     "avg_pool",
     "channel_shuffle",
     "classifier_normal",
+    "conv2d",
+    "conv_implementation",
     "global_avg_pool",
     "he_normal_fan_out",
     "max_pool",
@@ -63,6 +68,72 @@ def torch_default_bias(fan_in: int) -> Initializer:
         return jax.random.uniform(key, shape, dtype, -bound, bound)
 
     return init
+
+
+# --------------------------------------------------------------------------------------------------
+# Convolution: XLA's convolution, or the same sum as one matrix product
+# --------------------------------------------------------------------------------------------------
+
+#: "xla": ``lax.conv_general_dilated`` (cuDNN on GPU). "matmul": patches (``kh kw`` shifted views
+#: concatenated on channels) times the ``(kh kw in, out)`` kernel, one ``dot_general``.
+CONV_IMPLS = ("xla", "matmul")
+_CONV_IMPL: contextvars.ContextVar[str] = contextvars.ContextVar("zkd_conv_impl", default="xla")
+
+
+@contextlib.contextmanager
+def conv_implementation(impl: str):
+    """Within the block, :class:`Conv2d` (``groups == 1``) traces its convolution as ``impl``.
+
+    Read when a model is *traced*, like ``jax.default_matmul_precision``; enter it inside the
+    function that ``jax.jit`` traces. ``zkd_jax.multi_student``'s ``"vmap_matmul"`` form uses it so
+    that ``jax.vmap`` over K students' kernels makes batched matrix products (``dot_general`` with
+    a K batch dimension) instead of K-group convolutions.
+
+    Raises:
+      ValueError: ``impl`` is not one of ``CONV_IMPLS``.
+    """
+    if impl not in CONV_IMPLS:
+        raise ValueError(f"conv implementation {impl!r} is not one of {', '.join(CONV_IMPLS)}.")
+    token = _CONV_IMPL.set(impl)
+    try:
+        yield
+    finally:
+        _CONV_IMPL.reset(token)
+
+
+def conv2d(x: Array, kernel: Array, *, stride: int = 1, padding: int = 0, groups: int = 1,
+           impl: str | None = None) -> Array:
+    """``y[b, h, w, o] = sum_{i, j, c} xp[b, s h + i, s w + j, c] kernel[i, j, c, o]``.
+
+    ``x [B, H, W, Cin]`` (``xp``: zero-padded by ``padding`` on each side), ``kernel
+    [kh, kw, Cin / groups, Cout]`` -> ``[B, H', W', Cout]``, ``H' = (H + 2 p - kh) // s + 1``.
+    ``impl`` (default: the :func:`conv_implementation` in force, else "xla") picks how: both give
+    the same sum up to float rounding (order of accumulation); "matmul" serves ``groups == 1``
+    only and falls back to "xla" otherwise.
+    """
+    impl = impl or _CONV_IMPL.get()
+    if impl == "matmul" and groups == 1:
+        return _conv2d_matmul(x, kernel, stride, padding)
+    return lax.conv_general_dilated(
+        x, kernel, window_strides=(stride, stride), padding=((padding, padding),) * 2,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups,
+    )
+
+
+def _conv2d_matmul(x: Array, kernel: Array, stride: int, padding: int) -> Array:
+    kh, kw, cin, cout = kernel.shape
+    if padding:
+        x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    b, h, w, c = x.shape
+    ho, wo = (h - kh) // stride + 1, (w - kw) // stride + 1
+    views = [
+        lax.slice(x, (0, i, j, 0), (b, i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1, c),
+                  (1, stride, stride, 1))
+        for i in range(kh) for j in range(kw)
+    ]  # row-major (i, j), channels inside: the order of kernel.reshape(kh * kw * cin, cout)
+    patches = views[0] if len(views) == 1 else jnp.concatenate(views, axis=-1)
+    return lax.dot_general(patches, kernel.reshape(kh * kw * cin, cout),
+                           (((3,), (0,)), ((), ())))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -102,14 +173,8 @@ class Conv2d(nn.Module):
             (k, k, in_features // self.groups, self.features),
             jnp.float32,
         )
-        y = lax.conv_general_dilated(
-            x.astype(self.dtype),
-            kernel.astype(self.dtype),
-            window_strides=(self.stride, self.stride),
-            padding=((self.padding, self.padding), (self.padding, self.padding)),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            feature_group_count=self.groups,
-        )
+        y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), stride=self.stride,
+                   padding=self.padding, groups=self.groups)
         if self.use_bias:
             fan_in = in_features // self.groups * k * k
             bias_init = self.bias_init or torch_default_bias(fan_in)
