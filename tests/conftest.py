@@ -12,6 +12,7 @@ LONG_MODULES = (
     "test_train_resume.py",
     "test_multihost.py",
     "test_feed.py",
+    "test_epoch_loop.py",
     "test_benchmark.py",
 )
 
