@@ -8,7 +8,11 @@ and dtype) and one random batch placed on the device once, so the number measure
 itself: teacher forward + student forward/backward + optax update.
 
 Timing: the first calls (compilation) are excluded; then ``--repeats`` rounds of ``--steps`` steps,
-each round ended by ``jax.block_until_ready``; the median round is reported.
+each round ended by ``jax.block_until_ready``; the median round is reported. Two diagnostics come
+with it: ``dispatch_ms_per_step``, the host's time to enqueue a step (a round's time before its
+``block_until_ready``: close to ``ms_per_step`` means the host, not the device, sets the pace), and,
+with the projection, ``teacher_ms_per_step``, the teacher's forward alone (the part K students
+share; one student's own part is roughly ``ms_per_step - teacher_ms_per_step``).
 
 Epoch projection (``--epoch_projection``, on by default): one epoch of the config's dataset =
 ``steps_per_epoch`` (781 for CIFAR-100 at batch 64) x the measured step + the same number of
@@ -35,6 +39,7 @@ import json
 import math
 import statistics
 import time
+from typing import Any, NamedTuple
 
 import bench_flags
 import jax
@@ -54,7 +59,8 @@ KEYS = ("benchmark", "tag", "config", "method", "teacher", "student", "batch", "
         "mixed_precision", "students_form", "device_kind", "device_count", "platform",
         "jax_version", "date",
         "steps", "repeats", "compile_seconds", "ms_per_step", "ms_per_step_rounds",
-        "images_per_sec", "images_per_sec_per_student", "projection")
+        "dispatch_ms_per_step", "images_per_sec", "images_per_sec_per_student",
+        "teacher_ms_per_step", "projection")
 
 
 def _time_rounds(run_round, repeats: int) -> list[float]:
@@ -75,8 +81,21 @@ def _synthetic_batch(views, batch: int, image_shape, num_classes: int, mesh) -> 
     return host_to_global(host, mesh)
 
 
-def build(config, num_students: int):
-    """(step, state, teacher_variables, method, student module, mesh, steps_per_epoch, info)."""
+class Built(NamedTuple):
+    step: Any
+    state: Any
+    teacher: Any
+    teacher_variables: Any
+    method: Any
+    student: Any
+    mesh: Any
+    steps_per_epoch: int
+    info: Any
+    image_shape: tuple
+
+
+def build(config, num_students: int) -> Built:
+    """The step of ``zkd-train`` for ``config`` with K students, its state and a random teacher."""
     from zkd_jax import data, methods, models, multi_student, train
     from zkd_jax.step import check_batch_size, create_mesh
     from zkd_jax.train_state import create_train_state, init_variables
@@ -114,7 +133,8 @@ def build(config, num_students: int):
         state = multi_student.stack_states(multi_student.create_states(
             student, method_list, [s.seed for s in specs], tx, input_shape=(1, *image_shape),
             mesh=mesh), mesh)
-    return step, state, teacher_variables, method, student, mesh, steps_per_epoch, info, image_shape
+    return Built(step, state, teacher, teacher_variables, method, student, mesh, steps_per_epoch,
+                 info, image_shape)
 
 
 def _eval_ms_per_batch(student, state, num_students, mesh, eval_batch, image_shape, info,
@@ -135,6 +155,22 @@ def _eval_ms_per_batch(student, state, num_students, mesh, eval_batch, image_sha
     jax.block_until_ready(eval_step(variables, batch))
     calls = 5
     times = _time_rounds(lambda: [eval_step(variables, batch) for _ in range(calls)], repeats)
+    return 1e3 * statistics.median(times) / calls
+
+
+def _teacher_ms_per_step(teacher, method, mesh, teacher_variables, batch, repeats) -> float:
+    """Median ms of the step's teacher part alone (eval-mode forward of every view), jitted with
+    the step's shardings: what K students in one program share."""
+    from zkd_jax.step import VIEW_KEYS, batch_sharding, replicated, teacher_forward
+
+    forward = jax.jit(
+        lambda v, b: teacher_forward(teacher, v, {w: b[VIEW_KEYS[w]] for w in method.views},
+                                     method),
+        in_shardings=(replicated(mesh), batch_sharding(mesh)), out_shardings=replicated(mesh))
+    jax.block_until_ready(forward(teacher_variables, batch))
+    calls = 10
+    times = _time_rounds(lambda: [forward(teacher_variables, batch) for _ in range(calls)],
+                         repeats)
     return 1e3 * statistics.median(times) / calls
 
 
@@ -164,7 +200,7 @@ def run(config, *, num_students: int, steps: int, repeats: int, projection: bool
     """Builds and times the step; returns the result dict (``KEYS``)."""
     if num_students < 1 or steps < 1 or repeats < 1:
         raise ValueError("--students, --steps and --repeats must be >= 1.")
-    (step, state, teacher_variables, method, student, mesh, steps_per_epoch, info,
+    (step, state, teacher, teacher_variables, method, student, mesh, steps_per_epoch, info,
      image_shape) = build(config, num_students)
     batch = _synthetic_batch(method.views, config.batch_size, image_shape, info.num_classes, mesh)
     epoch = jax.device_put(np.int32(1))
@@ -174,12 +210,13 @@ def run(config, *, num_students: int, steps: int, repeats: int, projection: bool
     compile_seconds = time.perf_counter() - start
     state, metrics = step(state, teacher_variables, batch, epoch)  # one more warm step
     jax.block_until_ready(metrics)
-    box = [state]
+    box, dispatch = [state], []
 
     def one_round():
-        s = box[0]
+        start, s = time.perf_counter(), box[0]
         for _ in range(steps):
             s, m = step(s, teacher_variables, batch, epoch)
+        dispatch.append(time.perf_counter() - start)  # the host's share: all steps enqueued
         box[0] = s
         return s, m
 
@@ -196,11 +233,16 @@ def run(config, *, num_students: int, steps: int, repeats: int, projection: bool
         "steps": steps, "repeats": repeats, "compile_seconds": round(compile_seconds, 3),
         "ms_per_step": round(ms, 4),
         "ms_per_step_rounds": [round(1e3 * t / steps, 4) for t in rounds],
+        "dispatch_ms_per_step": round(1e3 * statistics.median(dispatch) / steps, 4),
         "images_per_sec": round(num_students * per_student, 1),
         "images_per_sec_per_student": round(per_student, 1),
+        "teacher_ms_per_step": None,
         "projection": None,
     }
     if projection:
+        if method.needs_teacher:
+            result["teacher_ms_per_step"] = round(_teacher_ms_per_step(
+                teacher, method, mesh, teacher_variables, batch, repeats), 4)
         eval_batch = eval_batch or config.eval_batch_size
         eval_ms = _eval_ms_per_batch(student, box[0], num_students, mesh, eval_batch,
                                      image_shape, info, repeats)

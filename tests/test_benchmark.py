@@ -17,7 +17,8 @@ SMALL = ["--config=configs/cifar100.py:kd_ls,resnet8,resnet8", "--batch=8", "--s
 KEYS = {"benchmark", "tag", "config", "method", "teacher", "student", "batch", "students",
         "mixed_precision", "students_form", "device_kind", "device_count", "platform",
         "jax_version", "date", "steps", "repeats", "compile_seconds", "ms_per_step",
-        "ms_per_step_rounds", "images_per_sec", "images_per_sec_per_student", "projection"}
+        "ms_per_step_rounds", "dispatch_ms_per_step", "images_per_sec",
+        "images_per_sec_per_student", "teacher_ms_per_step", "projection"}
 PROJECTION_KEYS = {"dataset", "steps_per_epoch", "train_seconds_per_epoch", "input_ms_per_step",
                    "input_seconds_per_epoch", "eval_images", "eval_batch", "eval_batches",
                    "eval_ms_per_batch", "eval_seconds_per_epoch", "epoch_seconds", "epochs",
@@ -42,7 +43,8 @@ def test_single_student_json():
     assert out["platform"] == "cpu" and out["mixed_precision"] is False
     assert len(out["ms_per_step_rounds"]) == 2 and out["ms_per_step"] > 0
     assert out["images_per_sec"] == pytest.approx(8 / (out["ms_per_step"] / 1e3), rel=1e-3)
-    assert out["projection"] is None
+    assert out["projection"] is None and out["teacher_ms_per_step"] is None
+    assert 0 < out["dispatch_ms_per_step"]
 
 
 def test_two_students_mixed_precision_with_projection():
@@ -51,6 +53,7 @@ def test_two_students_mixed_precision_with_projection():
     assert out["mixed_precision"] is True
     assert out["images_per_sec"] == pytest.approx(2 * out["images_per_sec_per_student"],
                                                   rel=1e-3)
+    assert 0 < out["teacher_ms_per_step"] and 0 < out["dispatch_ms_per_step"]
     proj = out["projection"]
     assert set(proj) == PROJECTION_KEYS
     assert (proj["steps_per_epoch"], proj["eval_images"]) == (6250, 10000)
