@@ -3,10 +3,13 @@
 The "matmul" form (patches times the reshaped kernel) must be the same sum as
 ``lax.conv_general_dilated`` for every kernel size, stride and padding the zoo uses, in value and
 gradient, in float32 and bfloat16; under ``jax.vmap`` over kernels it must trace batched matrix
-products, not grouped convolutions (what ``multi_student``'s "vmap_matmul" form relies on).
+products, not grouped convolutions (what ``multi_student``'s "vmap_matmul" form relies on); and
+whole zoo models give the same logits either way.
 """
 
 from __future__ import annotations
+
+import functools
 
 import chex
 import jax
@@ -94,3 +97,27 @@ def test_unknown_implementation_is_refused():
     with pytest.raises(ValueError, match="not one of xla, matmul"):
         with layers.conv_implementation("cudnn"):
             pass
+
+
+@pytest.mark.parametrize("arch, dataset, size", [
+    ("resnet8x4", "cifar100", 32),   # 3x3 stride 1/2, 1x1 stride-2 shortcuts
+    ("vgg8", "cifar100", 32),        # biased convs
+    ("ShuffleV1", "cifar100", 32),   # grouped and depthwise convs: XLA kept
+    ("ResNet18", "imagenet", 64),    # 7x7 stride-2 stem with padding 3
+])
+def test_zoo_models_give_the_same_logits_with_matmul_convolutions(arch, dataset, size):
+    from zkd_jax import models
+    from zkd_jax.train_state import init_variables
+
+    model = models.create(arch, num_classes=10, dataset=dataset)
+    variables = init_variables(model, jax.random.PRNGKey(0), (1, size, size, 3))
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, size, size, 3))
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def logits(impl, variables, x):
+        with layers.conv_implementation(impl):
+            return model.apply(variables, x, train=False)
+
+    want, got = logits("xla", variables, x), logits("matmul", variables, x)
+    chex.assert_shape(got, (2, 10))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
