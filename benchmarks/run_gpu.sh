@@ -17,8 +17,8 @@
 # Bounded: the whole script ends within BUDGET_S seconds (default 540, for a 600 s device call):
 # every command runs under `timeout` min(its own limit, time left), and an item with under 20 s left
 # is skipped with a JSON line saying so. Environment: PYTHON (default python3), OUT (default
-# /tmp/zkd_bench), BUDGET_S, ROW_TIMEOUT_S (default 90), TORCH_TIMEOUT_S (default 120),
-# EPOCH_TIMEOUT_S (default 150),
+# /tmp/zkd_bench), BUDGET_S, ROW_TIMEOUT_S (default 90), K4_TIMEOUT_S (default 120: K = 4 compiles
+# four students), TORCH_TIMEOUT_S (default 120), EPOCH_TIMEOUT_S (default 150),
 # BENCH_CONFIG / BENCH_EXTRA / EPOCH_EXTRA (another pair; extra flags of train_step.py and of
 # epoch_time.py, e.g. for a CPU smoke test),
 # TORCH_BENCH (path of torch_kd_step.py; default benchmarks/torch_kd_step.py, then
@@ -30,6 +30,7 @@ PY=${PYTHON:-python3}
 OUT_DIR=${OUT:-/tmp/zkd_bench}
 BUDGET_S=${BUDGET_S:-540}
 ROW_TIMEOUT_S=${ROW_TIMEOUT_S:-90}
+K4_TIMEOUT_S=${K4_TIMEOUT_S:-120}
 TORCH_TIMEOUT_S=${TORCH_TIMEOUT_S:-120}
 EPOCH_TIMEOUT_S=${EPOCH_TIMEOUT_S:-150}
 BENCH_EXTRA=${BENCH_EXTRA:-}
@@ -116,8 +117,9 @@ else
   done
 fi
 k4() {  # k4 FORM: K = 4 students at mixed b64 (compare images_per_sec with the mixed_b64 row)
-  row "k4_${1}_mixed_b64" --batch=64 --mixed_precision --students=4 --students_form="$1" \
-      --noepoch_projection
+  # shellcheck disable=SC2086
+  run_script "$K4_TIMEOUT_S" benchmarks/train_step.py "k4_${1}_mixed_b64" --batch=64 \
+      --mixed_precision --students=4 --students_form="$1" --noepoch_projection $BENCH_EXTRA
 }
 k4 loop
 k4 vmap_matmul
