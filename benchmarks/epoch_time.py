@@ -18,7 +18,8 @@ format (a converted teacher costs the same), and the data is ``--dataset`` (defa
 ``synthetic_cifar100``: random images of CIFAR-100's shapes, no download, no TensorFlow).
 
     python benchmarks/epoch_time.py --config=configs/cifar100.py:kd_ls,resnet32x4,resnet8x4 \
-        [--mixed_precision] [--short=1] [--long=3] [--dataset=synthetic_cifar100]
+        [--mixed_precision] [--short=1] [--long=3] [--dataset=synthetic_cifar100] \
+        [--config.steps_per_call=8]   # any config field can be overridden this way
 
     # CPU smoke test (digits: 23 steps per epoch at batch 64):
     python benchmarks/epoch_time.py --config=configs/demo.py:kd_ls --dataset=digits --batch=64
@@ -46,7 +47,7 @@ _SHORT = flags.DEFINE_integer("short", 1, "Epochs of the short run.")
 _LONG = flags.DEFINE_integer("long", 3, "Epochs of the long run (> short).")
 
 KEYS = ("benchmark", "tag", "config", "dataset", "method", "teacher", "student", "batch",
-        "mixed_precision", "device_kind", "device_count", "platform", "jax_version", "date",
+        "mixed_precision", "steps_per_call", "device_kind", "device_count", "platform", "jax_version", "date",
         "short_epochs", "long_epochs", "short_seconds", "long_seconds", "compile_run_seconds",
         "steps_per_epoch", "epoch_seconds", "images_per_sec_epoch", "startup_seconds", "epochs",
         "total_minutes", "last_record")
@@ -104,7 +105,8 @@ def run(config, *, short: int, long: int) -> dict:
         "benchmark": "epoch_time", "dataset": config.dataset,
         "method": config.get("variant") or config.method.name, "teacher": config.teacher.arch,
         "student": config.student.arch, "batch": config.batch_size,
-        "mixed_precision": bool(config.mixed_precision), **bench_flags.run_fields(),
+        "mixed_precision": bool(config.mixed_precision),
+        "steps_per_call": int(config.get("steps_per_call") or 1), **bench_flags.run_fields(),
         "short_epochs": short, "long_epochs": long, "short_seconds": round(short_s, 3),
         "long_seconds": round(long_s, 3), "compile_run_seconds": round(compile_s, 3),
         "steps_per_epoch": steps, "epoch_seconds": round(epoch_s, 3),

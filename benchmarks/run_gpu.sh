@@ -12,7 +12,8 @@
 #    zkd_jax.multi_student: "loop", "vmap_matmul", and later "vmap" (issue 7 measured a naive vmap).
 # 4. Measured epochs of the real trainer (benchmarks/epoch_time.py: zkd-train with the on-device
 #    input path on synthetic CIFAR-100-shaped data, evaluation and checkpoints included), fp32 b64
-#    (before the vmap row) and mixed b64 (last), projected to 240 epochs.
+#    (before the vmap row), mixed b64, and last mixed b64 with 8 steps per call
+#    (zkd_jax.scan_steps), projected to 240 epochs.
 #
 # Bounded: the whole script ends within BUDGET_S seconds (default 540, for a 600 s device call):
 # every command runs under `timeout` min(its own limit, time left), and an item with under 20 s left
@@ -126,4 +127,5 @@ k4 vmap_matmul
 epoch_row epoch_fp32_b64 --batch=64
 k4 vmap
 epoch_row epoch_mixed_b64 --batch=64 --mixed_precision
+epoch_row epoch_mixed_b64_scan8 --batch=64 --mixed_precision --config.steps_per_call=8
 echo "done in ${SECONDS}s; results in $RESULTS" | tee -a "$LOG"

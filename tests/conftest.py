@@ -13,6 +13,7 @@ LONG_MODULES = (
     "test_multihost.py",
     "test_feed.py",
     "test_epoch_loop.py",
+    "test_scan_steps.py",
     "test_benchmark.py",
 )
 

@@ -13,7 +13,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "epoch_time.py"
 KEYS = {"benchmark", "tag", "config", "dataset", "method", "teacher", "student", "batch",
-        "mixed_precision", "device_kind", "device_count", "platform", "jax_version", "date",
+        "mixed_precision", "steps_per_call", "device_kind", "device_count", "platform", "jax_version", "date",
         "short_epochs",
         "long_epochs", "short_seconds", "long_seconds", "compile_run_seconds", "steps_per_epoch",
         "epoch_seconds", "images_per_sec_epoch", "startup_seconds", "epochs", "total_minutes",
@@ -23,7 +23,8 @@ KEYS = {"benchmark", "tag", "config", "dataset", "method", "teacher", "student",
 def test_epoch_time_on_digits():
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     args = ["--config=configs/cifar100.py:kd_ls,resnet8,resnet8", "--dataset=digits",
-            "--batch=128", "--short=1", "--long=2", "--tag=cpu"]
+            "--batch=128", "--short=1", "--long=2", "--tag=cpu",
+            "--config.steps_per_call=4"]  # the scanned path: 11 steps = 4 + 4 + 1 + 1 + 1
     proc = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -31,6 +32,7 @@ def test_epoch_time_on_digits():
     assert len(lines) == 1, proc.stdout
     out = json.loads(lines[0])
     assert set(out) == KEYS and out["tag"] == "cpu" and out["method"] == "kd_ls"
+    assert out["steps_per_call"] == 4
     assert (out["dataset"], out["steps_per_epoch"], out["epochs"]) == ("digits", 11, 240)
     assert out["epoch_seconds"] == pytest.approx(out["long_seconds"] - out["short_seconds"],
                                                  abs=2e-3)

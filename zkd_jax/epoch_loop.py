@@ -16,7 +16,7 @@ import dataclasses
 import itertools
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -25,7 +25,7 @@ import numpy as np
 from etils import epath
 
 from zkd_jax import checkpoint as ckpt_lib
-from zkd_jax import metrics_io, optim
+from zkd_jax import metrics_io, optim, scan_steps
 from zkd_jax.step import replicated
 from zkd_jax.train_state import TrainState, student_variables
 
@@ -51,10 +51,49 @@ def to_host(tree: Any) -> Any:
     return jax.tree.map(np.asarray, jax.tree.map(local, tree))
 
 
-#: A log-only metrics fetch leaves the newest ``LOG_LAG_STEPS`` steps pending, so the host waits
-#: for a step already behind the device's queue and the device never runs dry during the fetch.
-#: Checkpoints and epoch ends fetch everything (the NaN/inf check precedes every save).
+#: A log-only metrics fetch leaves the newest ``LOG_LAG_STEPS`` calls (steps, or scans of
+#: ``config.steps_per_call`` steps) pending, so the host waits for a call already behind the
+#: device's queue and the device never runs dry during the fetch. Checkpoints and epoch ends fetch
+#: everything (the NaN/inf check precedes every save).
 LOG_LAG_STEPS = 4
+
+#: One call of an epoch: (steps it runs, whether its metrics carry a leading [steps] axis, and
+#: ``run(state) -> (state, metrics)``).
+Call = tuple[int, bool, Callable[[Any], tuple[Any, dict]]]
+
+
+def epoch_calls(cohort: Cohort, feed, teacher_variables, mesh, *, epoch: int, epoch_arr,
+                start: int, end: int, steps_per_epoch: int, steps_per_call: int,
+                checkpoint_every: int) -> Iterator[Call]:
+    """The calls that take the global step count from ``start`` to ``end`` inside ``epoch``.
+
+    ``steps_per_call == 1``: one jitted step per batch of ``feed.train``. Otherwise scans of
+    ``steps_per_call`` steps (``zkd_jax.scan_steps``) that build their batches from
+    ``feed.device``, and single steps where ``scan_steps.plan`` says so.
+    """
+    epoch_start = (epoch - 1) * steps_per_epoch
+    if steps_per_call == 1:
+        for batch in itertools.islice(feed.train(epoch, start - epoch_start), end - start):
+            yield 1, False, lambda st, b=batch: cohort.train_step(st, teacher_variables, b,
+                                                                  epoch_arr)
+        return
+    split = feed.device
+    order = split.order(epoch_arr)
+    scanned = scan_steps.make_scanned_step(cohort.train_step.unjitted, mesh, steps_per_call,
+                                           split.batch_size, split.mean, split.std)
+    step = start
+    for size in scan_steps.plan(start, end, epoch_start=epoch_start, n=steps_per_call,
+                                checkpoint_every=checkpoint_every):
+        local = step - epoch_start
+        if size == 1:
+            batch = split.batch(epoch_arr, order, local)
+            yield 1, False, lambda st, b=batch: cohort.train_step(st, teacher_variables, b,
+                                                                  epoch_arr)
+        else:
+            first = split.put(local)
+            yield size, True, lambda st, f=first: scanned(
+                st, teacher_variables, split.images, split.labels, split.key, epoch_arr, f, order)
+        step += size
 
 
 def replicate(tree: Any, mesh) -> Any:
@@ -165,6 +204,8 @@ def run_epochs(
       RuntimeError: the feed ended before ``steps_per_epoch`` batches.
     """
     num, dirs, is_main = cohort.size, cohort.dirs, jax.process_index() == 0
+    steps_per_call = scan_steps.check_steps_per_call(config.get("steps_per_call") or 1,
+                                                     feed.pipeline)
     step = int(np.ravel(to_host(cohort.state.step))[0])  # one student, or K at the same step
     total_steps = config.epochs * steps_per_epoch
     stop_at = min(total_steps, config.max_steps) if config.max_steps > 0 else total_steps
@@ -202,7 +243,7 @@ def run_epochs(
             epoch_end = min(epoch * steps_per_epoch, stop_at)
             epoch_arr = replicate(np.int32(epoch), mesh)
             trackers = [_EpochMetrics() for _ in range(num)]
-            pending: list[dict] = []
+            pending: list[tuple[int, bool, dict]] = []  # (steps, stacked, metrics) per call
             progress = metrics_io.Progress(
                 epoch=epoch, epochs=config.epochs, total=steps_per_epoch, initial=offset,
                 enabled=is_main and config.progress_bar,
@@ -210,23 +251,31 @@ def run_epochs(
             start_time, start_step = time.perf_counter(), step
 
             def flush(keep: int = 0) -> int:
-                """Fetches the pending metrics but the newest ``keep`` (one host wait), hands
-                them to the trackers (NaN/inf check) and returns how many steps it fetched."""
+                """Fetches the pending metrics but the newest ``keep`` calls' (one host wait),
+                hands them to the trackers (NaN/inf check); returns how many steps it fetched."""
                 nonlocal pending
                 ready, pending = pending[:len(pending) - keep], pending[len(pending) - keep:]
-                fetched = [cohort.split_metrics(m) for m in to_host(ready)]
-                first = step - len(pending) - len(fetched) + 1
+                per_step: list[dict] = []
+                for (count, stacked, _), m in zip(ready, to_host([m for *_, m in ready])):
+                    per_step.extend([{k: v[i] for k, v in m.items()} for i in range(count)]
+                                    if stacked else [m])
+                fetched = [cohort.split_metrics(m) for m in per_step]
+                first = step - sum(c for c, *_ in pending) - len(fetched) + 1
                 for k in range(num):
                     trackers[k].add([f[k] for f in fetched], first_step=first, epoch=epoch,
                                     workdir=dirs[k], checkpointer=cohort.checkpointers[k])
                 return len(fetched)
 
-            for batch in itertools.islice(feed.train(epoch, offset), epoch_end - step):
-                cohort.state, metrics = cohort.train_step(cohort.state, teacher_variables, batch,
-                                                          epoch_arr)
-                step += 1
-                pending.append(metrics)
-                log_now = step % config.log_every_steps == 0 or step == epoch_end
+            calls = epoch_calls(
+                cohort, feed, teacher_variables, mesh, epoch=epoch, epoch_arr=epoch_arr,
+                start=step, end=epoch_end, steps_per_epoch=steps_per_epoch,
+                steps_per_call=steps_per_call, checkpoint_every=config.checkpoint_every_steps)
+            for count, stacked, run in calls:
+                cohort.state, metrics = run(cohort.state)
+                step += count
+                pending.append((count, stacked, metrics))
+                every = config.log_every_steps
+                log_now = step // every != (step - count) // every or step == epoch_end
                 ckpt_now = config.checkpoint_every_steps > 0 and (
                     step % config.checkpoint_every_steps == 0)
                 if log_now or ckpt_now:

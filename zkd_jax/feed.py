@@ -35,13 +35,34 @@ Batch = dict[str, jax.Array]
 
 
 @dataclasses.dataclass(frozen=True)
+class DeviceSplit:
+    """The on-device training split, for programs that build their own batches
+    (``zkd_jax.scan_steps``): uint8 images, labels, the data key (replicated), the static batch
+    parameters, and host helpers: ``order(epoch_arr)`` (the epoch's permutation),
+    ``batch(epoch_arr, order, step)`` (global batch ``step``, as ``Feed.train`` yields it) and
+    ``put(value)`` (a host scalar -> replicated int32 array)."""
+
+    images: jax.Array
+    labels: jax.Array
+    key: jax.Array
+    batch_size: int
+    mean: tuple
+    std: tuple
+    order: Callable[[jax.Array], jax.Array]
+    batch: Callable[[jax.Array, jax.Array, int], Batch]
+    put: Callable[[int], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
 class Feed:
     """``train(epoch, start_step)``: the global batches of one epoch (counted from 1) from
-    ``start_step`` on; ``eval()``: the test split once, with a boolean "mask" per batch."""
+    ``start_step`` on; ``eval()``: the test split once, with a boolean "mask" per batch;
+    ``device``: the split held on the devices (the "device" pipeline only, else None)."""
 
     train: Callable[[int, int], Iterator[Batch]]
     eval: Callable[[], Iterator[Batch]]
     pipeline: str
+    device: DeviceSplit | None = None
 
 
 # Splits small enough to hold on every device.
@@ -151,19 +172,27 @@ def _device_feed(dataset, mesh, seed, batch_size, eval_batch_size, data_dir) -> 
         mesh, num_train, batch_size, eval_batch_size, tuple(info.mean), tuple(info.std))
     key = put(jax.random.fold_in(jax.random.PRNGKey(seed), DATA_KEY_PURPOSE))
 
+    def batch(epoch_arr: jax.Array, order: jax.Array, s: int) -> Batch:
+        return train_fn(train_images, train_labels, key, epoch_arr, put(np.int32(s)), order=order)
+
     def train(epoch: int, start_step: int) -> Iterator[Batch]:
         epoch_arr = put(np.int32(epoch))
         order = order_fn(key, epoch_arr)
         for s in range(start_step, steps):
-            yield train_fn(train_images, train_labels, key, epoch_arr, put(np.int32(s)),
-                           order=order)
+            yield batch(epoch_arr, order, s)
 
     def evaluate() -> Iterator[Batch]:
         count = device.num_eval_batches(int(test_images.shape[0]), eval_batch_size)
         for i in range(count):
             yield eval_fn(test_images, test_labels, put(np.int32(i)))
 
-    return Feed(train=train, eval=evaluate, pipeline="device")
+    split = DeviceSplit(
+        images=train_images, labels=train_labels, key=key, batch_size=batch_size,
+        mean=tuple(info.mean), std=tuple(info.std), order=lambda e: order_fn(key, e),
+        batch=batch, put=lambda v: put(np.int32(v)),
+    )
+    return Feed(train=train, eval=evaluate, pipeline="device", device=split)
 
 
-__all__ = ["DATA_KEY_PURPOSE", "DEVICE_DATASETS", "Feed", "PIPELINES", "check_pipeline", "make_feed"]
+__all__ = ["DATA_KEY_PURPOSE", "DEVICE_DATASETS", "DeviceSplit", "Feed", "PIPELINES",
+           "check_pipeline", "make_feed"]

@@ -205,14 +205,17 @@ def make_train_step(
 def jit_train_step(train_step: Callable, mesh: Mesh) -> TrainStep:
     """``jax.jit`` of ``train_step(state, teacher_variables, batch, epoch) -> (state, metrics)``
     with the mesh's shardings: the batch sharded on ``"data"``, everything else replicated, and
-    ``state`` donated."""
+    ``state`` donated. The plain function stays reachable as the result's ``unjitted`` attribute
+    (``zkd_jax.scan_steps`` runs several of it in one program)."""
     rep = replicated(mesh)
-    return jax.jit(
+    jitted = jax.jit(
         train_step,
         in_shardings=(rep, rep, batch_sharding(mesh), rep),
         out_shardings=(rep, rep),
         donate_argnums=(0,),
     )
+    jitted.unjitted = train_step
+    return jitted
 
 
 @functools.lru_cache(maxsize=16)

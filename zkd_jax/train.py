@@ -28,7 +28,7 @@ from etils import epath
 
 from zkd_jax import checkpoint as ckpt_lib
 from zkd_jax import feed as feed_lib
-from zkd_jax import methods, optim, paths
+from zkd_jax import methods, optim, paths, scan_steps
 from zkd_jax.epoch_loop import (
     Cohort,
     NonFiniteLossError,
@@ -161,9 +161,16 @@ def resolve_teacher(config, workdir: epath.Path, module, input_shape) -> dict:
 
 
 def make_feed(config: ml_collections.ConfigDict, mesh, views) -> feed_lib.Feed:
-    """The run's :class:`zkd_jax.feed.Feed` (``config.input_pipeline``, batch sizes, seed)."""
+    """The run's :class:`zkd_jax.feed.Feed` (``config.input_pipeline``, batch sizes, seed).
+
+    Raises:
+      ValueError: the pipeline cannot serve the run, or ``config.steps_per_call`` asks for scans
+        the pipeline cannot feed (see ``zkd_jax.scan_steps``).
+    """
+    pipeline = config.get("input_pipeline") or "tfdata"
+    scan_steps.check_steps_per_call(config.get("steps_per_call") or 1, pipeline)
     return feed_lib.make_feed(
-        config.get("input_pipeline") or "tfdata", dataset=config.dataset, mesh=mesh,
+        pipeline, dataset=config.dataset, mesh=mesh,
         seed=config.seed, views=views, batch_size=config.batch_size,
         eval_batch_size=config.eval_batch_size, data_dir=config.data_dir,
     )

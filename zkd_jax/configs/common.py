@@ -232,6 +232,9 @@ def base_config() -> ml_collections.ConfigDict:
     # "tfdata": batches from tf.data on the host (every dataset and view); "device": the split held
     # on the devices, augmented in jitted JAX (CIFAR-100 and digits, weak view only): zkd_jax.feed.
     c.input_pipeline = "tfdata"
+    # > 1 (input_pipeline "device" only): that many steps per jitted call, batches built inside
+    # (jax.lax.scan; zkd_jax.scan_steps): one host dispatch per call instead of two per step.
+    c.steps_per_call = 1
     c.eval_every_epochs = 1  # the last epoch is always evaluated
     c.checkpoint_every_epochs = 1  # the last epoch is always checkpointed
     c.checkpoint_every_steps = 0  # > 0: also checkpoint every this many global steps

@@ -1,0 +1,107 @@
+"""Several training steps in one program: ``config.steps_per_call = n`` with the on-device feed.
+
+With ``config.input_pipeline = "device"`` every batch is a pure function of (data key, epoch, step)
+(``zkd_jax.data.device.device_train_batch``), so ``n`` consecutive steps need no host input at all.
+:func:`make_scanned_step` builds one jitted program that runs ``jax.lax.scan`` over them: each
+iteration builds its global batch on the devices and applies the very step function ``zkd-train``
+jits for one step (``step.unjitted``: one student or K). The host then dispatches one call per ``n``
+steps instead of two per step (batch, step), which matters when a step is shorter than the host's
+dispatch work (small models, TPUs).
+
+Same batches, same updates, same order as ``n = 1``: only XLA's fusion of the scanned program
+differs, so results agree to float rounding, not bit for bit. :func:`plan` cuts an epoch into
+calls: scans of ``n`` steps aligned to the epoch's start, single steps where a scan would run past
+the epoch's end (or ``config.max_steps``) or over a ``config.checkpoint_every_steps`` boundary.
+A run resumed at an epoch boundary therefore repeats the uninterrupted run's calls exactly (bit for
+bit); one resumed inside an epoch agrees to rounding.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from zkd_jax.step import batch_sharding, replicated
+
+
+def check_steps_per_call(steps_per_call: int, pipeline: str) -> int:
+    """``steps_per_call`` as an int >= 1; raises ``ValueError`` saying what to set otherwise."""
+    n = int(steps_per_call)
+    if n < 1:
+        raise ValueError(f"config.steps_per_call={steps_per_call} must be >= 1 (1: one step per "
+                         "call, the default).")
+    if n > 1 and pipeline != "device":
+        raise ValueError(
+            f"config.steps_per_call={n} builds the batches inside the scanned program, which only "
+            "the on-device input path can do; set config.input_pipeline='device' (CIFAR-100, "
+            "digits) or config.steps_per_call=1.")
+    return n
+
+
+def plan(start: int, end: int, *, epoch_start: int, n: int,
+         checkpoint_every: int = 0) -> Iterator[int]:
+    """Sizes of the calls that take the global step count from ``start`` to ``end``.
+
+    A scan (size ``n``) starts where ``(step - epoch_start) % n == 0``, ends at or before ``end``,
+    and has no multiple of ``checkpoint_every`` (> 0) strictly inside (a checkpoint lands exactly
+    at the end of a call); every other step is a call of size 1.
+    """
+    step = start
+    while step < end:
+        crosses = checkpoint_every > 0 and (step + n - 1) // checkpoint_every > step // checkpoint_every
+        if n > 1 and (step - epoch_start) % n == 0 and step + n <= end and not crosses:
+            yield n
+            step += n
+        else:
+            yield 1
+            step += 1
+
+
+def default_unroll(mesh: Mesh) -> bool:
+    """Unroll the n steps on CPU meshes, keep a loop elsewhere.
+
+    Measured on this project's 2-core CPU (jax 0.10.2, resnet8, batch 128, 2026-11-26): 8 steps
+    as two 4-step calls took 55.8 s with a loop (``lax.scan``'s while loop: XLA:CPU runs its body
+    about 30x slower) and 1.3 s unrolled, against 1.9 s as 8 single steps. On accelerators a loop
+    keeps compilation at one step's cost; its speed there is what ``benchmarks/run_gpu.sh`` times.
+    """
+    return mesh.devices.flat[0].platform == "cpu"
+
+
+@functools.lru_cache(maxsize=8)
+def make_scanned_step(step_fn: Callable, mesh: Mesh, n: int, batch_size: int,
+                      mean: Sequence[float], std: Sequence[float],
+                      unroll: bool | None = None) -> Callable:
+    """The jitted ``scanned(state, teacher_variables, images, labels, key, epoch, first, order)``.
+
+    Runs ``step_fn(state, teacher_variables, batch, epoch)`` for the global steps ``first, ...,
+    first + n - 1`` of ``epoch`` (0-based within the epoch), each ``batch`` built by
+    ``device_train_batch(images, labels, key, epoch, step, order=order)`` and sharded over the
+    mesh's ``"data"`` axis. Returns the final state and the metrics stacked on a leading ``[n]``
+    axis. ``state`` is donated; everything else is replicated. ``mean``/``std``: tuples (static).
+    ``unroll``: n copies of the step instead of a loop (default: :func:`default_unroll`).
+    """
+    from zkd_jax.data import device
+
+    sharded = batch_sharding(mesh)
+    unroll = default_unroll(mesh) if unroll is None else bool(unroll)
+
+    def scanned(state, teacher_variables, images, labels, key, epoch, first, order):
+        def body(carry, i):
+            batch = device.device_train_batch(images, labels, key, epoch, first + i,
+                                              batch_size=batch_size, mean=mean, std=std,
+                                              order=order)
+            batch = jax.lax.with_sharding_constraint(batch, sharded)
+            return step_fn(carry, teacher_variables, batch, epoch)
+
+        return jax.lax.scan(body, state, jnp.arange(n, dtype=jnp.int32), unroll=unroll)
+
+    rep = replicated(mesh)
+    return jax.jit(scanned, in_shardings=rep, out_shardings=(rep, rep), donate_argnums=(0,))
+
+
+__all__ = ["check_steps_per_call", "default_unroll", "make_scanned_step", "plan"]
