@@ -132,19 +132,26 @@ def _final(workdir):
         ckpt.close()
 
 
-def test_runs_with_scans_checkpoint_alike_and_resume_bit_identically(tmp_path):
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """A 17-step run with 4 steps per call: (its workdir, its summary)."""
+    workdir = tmp_path_factory.mktemp("scans") / "straight"
+    return workdir, train_and_evaluate(_config(4, 17), workdir)
+
+
+def test_runs_with_scans_checkpoint_alike_and_resume_bit_identically(straight, tmp_path):
+    straight_dir, straight = straight
     one = train_and_evaluate(_config(1, 17), tmp_path / "one")
-    straight = train_and_evaluate(_config(4, 17), tmp_path / "straight")
     train_and_evaluate(_config(4, 11), tmp_path / "resumed")  # stops at the end of epoch 1
     resumed = train_and_evaluate(_config(4, 17), tmp_path / "resumed")
     assert one["step"] == straight["step"] == resumed["step"] == 17
     steps_one, leaves_one = _final(tmp_path / "one")
-    steps_straight, leaves_straight = _final(tmp_path / "straight")
+    steps_straight, leaves_straight = _final(straight_dir)
     _, leaves_resumed = _final(tmp_path / "resumed")
     assert steps_one == steps_straight == [7, 11, 14, 17]  # every 7 steps, epoch 1's end, the stop
     for a, b in zip(leaves_straight, leaves_resumed, strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    a, b = (metrics_io.read_metrics(tmp_path / d)[0] for d in ("one", "straight"))
+    a, b = (metrics_io.read_metrics(d)[0] for d in (tmp_path / "one", straight_dir))
     assert a["step"] == b["step"] == 11
     np.testing.assert_allclose(b["train_loss"], a["train_loss"], rtol=1e-4)  # same 11 batches
     with pytest.raises(ValueError, match="set config.input_pipeline='device'"):
@@ -153,17 +160,16 @@ def test_runs_with_scans_checkpoint_alike_and_resume_bit_identically(tmp_path):
         train_and_evaluate(c, tmp_path / "tfdata")
 
 
-def test_k_students_with_scans_split_their_metrics(tmp_path):
+def test_k_students_with_scans_split_their_metrics(straight, tmp_path):
     """Scanned K = 2 metrics ([steps, K]) reach each student: student 0 (the config's seed) logs
-    the single run's epoch, student 1 (another seed) its own."""
-    single = train_and_evaluate(_config(4, 11), tmp_path / "single")
+    the single run's first epoch, student 1 (another seed) its own."""
     config = _config(4, 11)
     config.students = ({"seed": config.seed}, {"seed": config.seed + 1})
     train_and_evaluate(config, tmp_path / "multi")
-    (ref,) = metrics_io.read_metrics(tmp_path / "single")
+    ref = metrics_io.read_metrics(straight[0])[0]  # epoch 1: the same 11 steps and calls
     (first,) = metrics_io.read_metrics(tmp_path / "multi" / "student_0")
     (second,) = metrics_io.read_metrics(tmp_path / "multi" / "student_1")
-    assert single["step"] == first["step"] == second["step"] == 11
+    assert ref["step"] == first["step"] == second["step"] == 11
     np.testing.assert_allclose(first["train_loss"], ref["train_loss"], rtol=1e-5)
     assert first["top1"] == pytest.approx(ref["top1"], abs=0.35)  # at most one image of 297
     assert second["train_loss"] != pytest.approx(ref["train_loss"], rel=1e-4)
