@@ -48,8 +48,8 @@ class ConvImplTest(chex.TestCase):
             cot = jax.random.normal(jax.random.PRNGKey(2), layers.conv2d(x, w, stride=s,
                                                                          padding=p).shape)
 
-            def f(x, w, impl, s=s, p=p):
-                return jnp.sum(layers.conv2d(x, w, stride=s, padding=p, impl=impl) * cot)  # noqa: B023
+            def f(x, w, impl, s=s, p=p, cot=cot):
+                return jnp.sum(layers.conv2d(x, w, stride=s, padding=p, impl=impl) * cot)
 
             grad = jax.jit(jax.grad(f, argnums=(0, 1)), static_argnums=2)
             want, got = grad(x, w, "xla"), grad(x, w, "matmul")

@@ -50,9 +50,9 @@ def plan(start: int, end: int, *, epoch_start: int, n: int,
     and has no multiple of ``checkpoint_every`` (> 0) strictly inside (a checkpoint lands exactly
     at the end of a call); every other step is a call of size 1.
     """
-    step = start
+    step, every = start, checkpoint_every
     while step < end:
-        crosses = checkpoint_every > 0 and (step + n - 1) // checkpoint_every > step // checkpoint_every
+        crosses = every > 0 and (step + n - 1) // every > step // every
         if n > 1 and (step - epoch_start) % n == 0 and step + n <= end and not crosses:
             yield n
             step += n
