@@ -57,9 +57,9 @@ def to_host(tree: Any) -> Any:
 #: everything (the NaN/inf check precedes every save).
 LOG_LAG_STEPS = 4
 
-#: One call of an epoch: (steps it runs, whether its metrics carry a leading [steps] axis, and
-#: ``run(state) -> (state, metrics)``).
-Call = tuple[int, bool, Callable[[Any], tuple[Any, dict]]]
+#: One call of an epoch: (steps it runs, ``run(state) -> (state, metrics)``). A call of more than
+#: one step is a scan: its metrics carry a leading ``[steps]`` axis.
+Call = tuple[int, Callable[[Any], tuple[Any, dict]]]
 
 
 def epoch_calls(cohort: Cohort, feed, teacher_variables, mesh, *, epoch: int, epoch_arr,
@@ -72,10 +72,13 @@ def epoch_calls(cohort: Cohort, feed, teacher_variables, mesh, *, epoch: int, ep
     ``feed.device``, and single steps where ``scan_steps.plan`` says so.
     """
     epoch_start = (epoch - 1) * steps_per_epoch
+
+    def single(batch) -> Call:
+        return 1, lambda st: cohort.train_step(st, teacher_variables, batch, epoch_arr)
+
     if steps_per_call == 1:
         for batch in itertools.islice(feed.train(epoch, start - epoch_start), end - start):
-            yield 1, False, lambda st, b=batch: cohort.train_step(st, teacher_variables, b,
-                                                                  epoch_arr)
+            yield single(batch)
         return
     split = feed.device
     order = split.order(epoch_arr)
@@ -86,12 +89,10 @@ def epoch_calls(cohort: Cohort, feed, teacher_variables, mesh, *, epoch: int, ep
                                 checkpoint_every=checkpoint_every):
         local = step - epoch_start
         if size == 1:
-            batch = split.batch(epoch_arr, order, local)
-            yield 1, False, lambda st, b=batch: cohort.train_step(st, teacher_variables, b,
-                                                                  epoch_arr)
+            yield single(split.batch(epoch_arr, order, local))
         else:
             first = split.put(local)
-            yield size, True, lambda st, f=first: scanned(
+            yield size, lambda st, f=first: scanned(
                 st, teacher_variables, split.images, split.labels, split.key, epoch_arr, f, order)
         step += size
 
@@ -243,7 +244,7 @@ def run_epochs(
             epoch_end = min(epoch * steps_per_epoch, stop_at)
             epoch_arr = replicate(np.int32(epoch), mesh)
             trackers = [_EpochMetrics() for _ in range(num)]
-            pending: list[tuple[int, bool, dict]] = []  # (steps, stacked, metrics) per call
+            pending: list[tuple[int, dict]] = []  # (steps, metrics) per call
             progress = metrics_io.Progress(
                 epoch=epoch, epochs=config.epochs, total=steps_per_epoch, initial=offset,
                 enabled=is_main and config.progress_bar,
@@ -256,11 +257,11 @@ def run_epochs(
                 nonlocal pending
                 ready, pending = pending[:len(pending) - keep], pending[len(pending) - keep:]
                 per_step: list[dict] = []
-                for (count, stacked, _), m in zip(ready, to_host([m for *_, m in ready])):
+                for (count, _), m in zip(ready, to_host([m for _, m in ready])):
                     per_step.extend([{k: v[i] for k, v in m.items()} for i in range(count)]
-                                    if stacked else [m])
+                                    if count > 1 else [m])  # a scan: [count]-stacked metrics
                 fetched = [cohort.split_metrics(m) for m in per_step]
-                first = step - sum(c for c, *_ in pending) - len(fetched) + 1
+                first = step - sum(c for c, _ in pending) - len(fetched) + 1
                 for k in range(num):
                     trackers[k].add([f[k] for f in fetched], first_step=first, epoch=epoch,
                                     workdir=dirs[k], checkpointer=cohort.checkpointers[k])
@@ -270,10 +271,10 @@ def run_epochs(
                 cohort, feed, teacher_variables, mesh, epoch=epoch, epoch_arr=epoch_arr,
                 start=step, end=epoch_end, steps_per_epoch=steps_per_epoch,
                 steps_per_call=steps_per_call, checkpoint_every=config.checkpoint_every_steps)
-            for count, stacked, run in calls:
+            for count, run in calls:
                 cohort.state, metrics = run(cohort.state)
                 step += count
-                pending.append((count, stacked, metrics))
+                pending.append((count, metrics))
                 every = config.log_every_steps
                 log_now = step // every != (step - count) // every or step == epoch_end
                 ckpt_now = config.checkpoint_every_steps > 0 and (
