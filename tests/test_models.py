@@ -209,8 +209,8 @@ def test_batchnorm_train_and_eval_match_pytorch_semantics():
     y, upd = bn.apply(variables, x, train=True, mutable=["batch_stats"])
     y_ref, mean_ref, var_ref = _bn_reference(x, scale, bias, mean, var)
     np.testing.assert_allclose(y, y_ref, atol=1e-5)
-    np.testing.assert_allclose(upd["batch_stats"]["mean"], mean_ref, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(upd["batch_stats"]["var"], var_ref, rtol=1e-6)  # unbiased update
+    np.testing.assert_allclose(upd["batch_stats"]["mean"], mean_ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(upd["batch_stats"]["var"], var_ref, rtol=1e-5)  # unbiased update
     y_eval = bn.apply(variables, x, train=False)
     np.testing.assert_allclose(y_eval, (x - mean) / np.sqrt(var + 1e-5) * scale + bias, atol=1e-5)
     with pytest.raises(ValueError, match="more than one value per channel"):

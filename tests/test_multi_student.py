@@ -106,7 +106,7 @@ def test_two_students_with_the_same_seed_and_settings_both_equal_single_run(runs
     _, first = _state_leaves(root / "twins" / "student_0")
     _, second = _state_leaves(root / "twins" / "student_1")
     for x, y, z in zip(first, second, reference, strict=True):
-        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(x, z, rtol=1e-5, atol=1e-6)
     summaries = metrics_io.read_summary(root / "twins")["students"]
     assert [s["last_top1"] for s in summaries] == [single["last_top1"]] * 2
@@ -177,7 +177,7 @@ def test_multi_step_matches_single_steps(form):
         stacked, m = multi(stacked, teacher_vars, batch, epoch)
         chex.assert_shape(m["loss"], (3,))
         np.testing.assert_allclose(np.asarray(m["loss"]),
-                                   [float(m1["loss"])] * 2 + [float(m3["loss"])], rtol=1e-6)
+                                   [float(m1["loss"])] * 2 + [float(m3["loss"])], rtol=1e-5)
     for k, expected in enumerate([state, state, state_other]):  # equal up to rounding
         got = jax.tree.leaves(multi_student.unstack_state(stacked, k, mesh))
         for x, y in zip(got, jax.tree.leaves(expected), strict=True):
