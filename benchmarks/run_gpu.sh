@@ -9,11 +9,11 @@
 # 2. The PyTorch baseline (torch_kd_step.py: eager fp32, bf16 + channels_last, torch.compile; b64
 #    and b512) when the script and a CUDA torch are there; otherwise one "skipped" line.
 # 3. K = 4 students (mixed b64; compare with the mixed b64 row) in the forms of
-#    zkd_jax.multi_student: "loop", "vmap_matmul", and later "vmap" (issue 7 measured a naive vmap).
+#    zkd_jax.step.multi: "loop", "vmap_matmul", and later "vmap" (issue 7 measured a naive vmap).
 # 4. Measured epochs of the real trainer (benchmarks/epoch_time.py: zkd-train with the on-device
 #    input path on synthetic CIFAR-100-shaped data, evaluation and checkpoints included), fp32 b64
 #    (before the vmap row), mixed b64, and last mixed b64 with 8 steps per call
-#    (zkd_jax.scan_steps), projected to 240 epochs.
+#    (zkd_jax.step.scan), projected to 240 epochs.
 #
 # Bounded: the whole script ends within BUDGET_S seconds (default 540, for a 600 s device call):
 # every command runs under `timeout` min(its own limit, time left), and an item with under 20 s left

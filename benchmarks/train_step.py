@@ -1,9 +1,8 @@
 """Times zkd_jax's real jitted distillation step on synthetic data resident on the device.
 
-The step is the very object ``zkd-train`` runs: ``zkd_jax.train._optimizer_and_step`` (one student)
-or ``zkd_jax.multi_student.cached_multi_train_step`` (``--students K``), built from the config
-(model, method, loss, PyTorch SGD with the paper's schedule, batch size) exactly as
-``train_and_evaluate`` builds it. Only the inputs are synthetic: a random teacher (same architecture
+The step is the very object ``zkd-train`` runs: ``zkd_jax.trainer.setup.make_step`` (one student,
+or ``--students K``), built from the config (model, method, loss, PyTorch SGD with the paper's
+schedule, batch size) by the function ``train_and_evaluate`` builds it with. Only the inputs are synthetic: a random teacher (same architecture
 and dtype) and one random batch placed on the device once, so the number measured is the step
 itself: teacher forward + student forward/backward + optax update.
 
@@ -19,7 +18,7 @@ Epoch projection (``--epoch_projection``, on by default): one epoch of the confi
 on-device input batches (``zkd_jax.data.device.device_train_batch``, timed alone; 32x32 datasets
 only) + the evaluation of the test split (10,000 images for CIFAR-100) with the real eval step,
 measured per eval batch, once per student. ``total_minutes`` multiplies by ``config.epochs`` (240).
-That is the cost of ``zkd-train --config.input_pipeline=device``, whose feed (``zkd_jax.feed``) builds
+That is the cost of ``zkd-train --config.input_pipeline=device``, whose feed (``zkd_jax.data.feeds``) builds
 every batch with that same function.
 
     python benchmarks/train_step.py --config=configs/cifar100.py:kd_ls,resnet32x4,resnet8x4 \
@@ -73,10 +72,11 @@ def _time_rounds(run_round, repeats: int) -> list[float]:
 
 
 def _synthetic_batch(views, batch: int, image_shape, num_classes: int, mesh) -> dict:
-    from zkd_jax.step import VIEW_KEYS, host_to_global
+    from zkd_jax.parallel import host_to_global
+    from zkd_jax.views import BATCH_KEYS
 
     rng = np.random.default_rng(0)
-    host = {VIEW_KEYS[v]: rng.normal(size=(batch, *image_shape)).astype(np.float32) for v in views}
+    host = {BATCH_KEYS[v]: rng.normal(size=(batch, *image_shape)).astype(np.float32) for v in views}
     host["label"] = rng.integers(0, num_classes, batch).astype(np.int32)
     return host_to_global(host, mesh)
 
@@ -96,19 +96,24 @@ class Built(NamedTuple):
 
 def build(config, num_students: int) -> Built:
     """The step of ``zkd-train`` for ``config`` with K students, its state and a random teacher."""
-    from zkd_jax import data, methods, models, multi_student, train
-    from zkd_jax.step import check_batch_size, create_mesh
-    from zkd_jax.train_state import create_train_state, init_variables
+    from zkd_jax import data, models
+    from zkd_jax.parallel import check_batch_size, create_mesh
+    from zkd_jax.step import StateStack, create_states, init_variables
+    from zkd_jax.trainer import setup, students
 
     mesh = create_mesh()
     check_batch_size(config.batch_size, mesh)
     info = data.info(config.dataset)
-    image_shape = train._image_shape(info)  # pylint: disable=protected-access
-    model_dataset = train._model_dataset(config)  # pylint: disable=protected-access
+    image_shape = setup._image_shape(info)  # pylint: disable=protected-access
+    model_dataset = setup._model_dataset(config)  # pylint: disable=protected-access
     dtype = jnp.bfloat16 if config.mixed_precision else jnp.float32
     student = models.create(config.student.arch, num_classes=info.num_classes,
                             dataset=model_dataset, dtype=dtype)
-    method = methods.from_config(config.method)
+    if num_students > 1:
+        config.students = tuple({"seed": config.seed + k} for k in range(num_students))
+    specs, single = students.run_students(config)
+    method_list = students.build_methods(specs)
+    method = method_list[0]
     teacher, teacher_variables = None, {}
     if method.needs_teacher:
         teacher = models.create(config.teacher.arch, num_classes=info.num_classes,
@@ -116,35 +121,22 @@ def build(config, num_students: int) -> Built:
         teacher_variables = init_variables(teacher, jax.random.PRNGKey(123),
                                            (1, *image_shape), mesh=mesh)
     steps_per_epoch = data.steps_per_epoch(config.dataset, config.batch_size)
-    solver = train.solver_of(config, steps_per_epoch)
-    if num_students == 1:
-        _, tx, step = train._optimizer_and_step(  # pylint: disable=protected-access
-            student, teacher, method, mesh, solver)
-        root = jax.random.PRNGKey(config.seed)
-        state = create_train_state(student, method, tx, init_rng=jax.random.fold_in(root, 0),
-                                   step_rng=jax.random.fold_in(root, 1),
-                                   input_shape=(1, *image_shape), mesh=mesh)
-    else:
-        config.students = tuple({"seed": config.seed + k} for k in range(num_students))
-        specs = multi_student.student_specs(config)
-        method_list = multi_student.build_methods(specs)
-        _, tx, step = multi_student.cached_multi_train_step(
-            student, teacher, tuple(method_list), mesh, solver, config.students_form)
-        state = multi_student.stack_states(multi_student.create_states(
-            student, method_list, [s.seed for s in specs], tx, input_shape=(1, *image_shape),
-            mesh=mesh), mesh)
+    tx, step = setup.make_step(config, student, teacher, method_list, mesh, steps_per_epoch,
+                               single=single)
+    states = create_states(student, method_list, [s.seed for s in specs], tx,
+                           input_shape=(1, *image_shape), mesh=mesh)
+    state = states[0] if single else StateStack(mesh).stack(states)
     return Built(step, state, teacher, teacher_variables, method, student, mesh, steps_per_epoch,
                  info, image_shape)
 
 
 def _eval_ms_per_batch(student, state, num_students, mesh, eval_batch, image_shape, info,
                        repeats) -> float:
-    from zkd_jax import multi_student
-    from zkd_jax.step import host_to_global, make_eval_step
-    from zkd_jax.train_state import student_variables
+    from zkd_jax.parallel import host_to_global
+    from zkd_jax.step import StateStack, make_eval_step, student_variables
 
     if num_students > 1:
-        state = multi_student.unstack_state(state, 0, mesh)
+        state = StateStack(mesh).take(state, 0)
     variables = student_variables(state)
     eval_step = make_eval_step(student, mesh)
     rng = np.random.default_rng(1)
@@ -161,11 +153,12 @@ def _eval_ms_per_batch(student, state, num_students, mesh, eval_batch, image_sha
 def _teacher_ms_per_step(teacher, method, mesh, teacher_variables, batch, repeats) -> float:
     """Median ms of the step's teacher part alone (eval-mode forward of every view), jitted with
     the step's shardings: what K students in one program share."""
-    from zkd_jax.step import VIEW_KEYS, batch_sharding, replicated, teacher_forward
+    from zkd_jax.parallel import batch_sharding, replicated
+    from zkd_jax.step.train import teacher_forward
+    from zkd_jax.views import images_of
 
     forward = jax.jit(
-        lambda v, b: teacher_forward(teacher, v, {w: b[VIEW_KEYS[w]] for w in method.views},
-                                     method),
+        lambda v, b: teacher_forward(teacher, v, images_of(b, method.views), method),
         in_shardings=(replicated(mesh), batch_sharding(mesh)), out_shardings=replicated(mesh))
     jax.block_until_ready(forward(teacher_variables, batch))
     calls = 10

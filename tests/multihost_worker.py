@@ -1,7 +1,7 @@
 """One process of the multi-process tests (tests/test_multihost.py); run as a script.
 
 Trains a tiny KD+LS student (a conv-BatchNorm-linear net on 16x16 images, distilling from a fixed,
-wider net of the same kind) with the trainer's own pieces: ``zkd_jax.distributed.initialize``,
+wider net of the same kind) with the trainer's own pieces: ``zkd_jax.parallel.distributed.initialize``,
 ``create_mesh``, ``host_to_global``, ``make_train_step``, ``create_train_state`` and the orbax
 ``Checkpointer``. ``--zoo-student resnet8`` swaps in a model of the zoo (slower to compile; for
 checks by hand).
@@ -10,7 +10,7 @@ The fabricated dataset is a directory of ``image.npy`` / ``label.npy`` written b
 ``s`` the global batch is rows ``[s*B, (s+1)*B)`` and process ``p`` of ``P`` reads only its block
 ``[s*B + p*B/P, s*B + (p+1)*B/P)`` of it (memory-mapped). The result (``--out``, written by process 0) holds the flattened student parameters and
 BatchNorm statistics after ``--record-at`` steps and at the end, and the per-step losses. With
-``--device-feed`` it also holds the first global batches of ``zkd_jax.feed``'s on-device path
+``--device-feed`` it also holds the first global batches of ``zkd_jax.data.feeds``'s on-device path
 (the digits, gathered from all processes), which must not depend on the process count.
 
 Usage:
@@ -84,7 +84,7 @@ def device_feed_batches(mesh) -> dict:
 
     from jax.experimental import multihost_utils
 
-    from zkd_jax import feed
+    from zkd_jax.data import feeds as feed
 
     f = feed.make_feed("device", dataset="digits", mesh=mesh, seed=0, views=("weak",),
                        batch_size=BATCH, eval_batch_size=BATCH)
@@ -99,7 +99,7 @@ def device_feed_batches(mesh) -> dict:
 
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
-    from zkd_jax import distributed
+    from zkd_jax.parallel import distributed
 
     # The same call the trainer makes (train.initialize_distributed); a no-op for one process.
     distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
@@ -108,10 +108,11 @@ def main(argv: list[str]) -> None:
     import jax
     import numpy as np
 
-    from zkd_jax import checkpoint as ckpt_lib
+    from zkd_jax.io import checkpoint as ckpt_lib
     from zkd_jax import methods, optim
-    from zkd_jax.train import create_mesh, host_to_global, make_train_step, replicate, to_host
-    from zkd_jax.train_state import create_train_state
+    from zkd_jax.parallel import create_mesh, host_to_global, replicate, to_host
+    from zkd_jax.step import make_train_step
+    from zkd_jax.step.state import create_train_state
 
     if args.num_processes is not None:
         assert jax.process_count() == args.num_processes, jax.process_count()

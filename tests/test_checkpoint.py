@@ -1,4 +1,4 @@
-"""zkd_jax.checkpoint: asynchronous orbax saves that are complete when they count."""
+"""zkd_jax.io.checkpoint: asynchronous orbax saves that are complete when they count."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zkd_jax import checkpoint
-from zkd_jax.train_state import TrainState
+from zkd_jax.io import checkpoint
+from zkd_jax.step.state import TrainState
 
 
 def _state(step: int, scale: float) -> TrainState:

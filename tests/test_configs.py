@@ -270,7 +270,7 @@ def test_config_files_load_through_config_flags_with_overrides(monkeypatch):
 def test_command_line_reports_a_bad_argument_in_one_line(tmp_path):
     """zkd-train with an unknown method: exit status 2 and one `zkd-train: error:` line."""
     proc = subprocess.run(
-        [sys.executable, "-m", "zkd_jax.main",
+        [sys.executable, "-m", "zkd_jax.cli.train",
          "--config=configs/cifar100.py:kd_lx,resnet32x4,resnet8x4", f"--workdir={tmp_path}"],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
         env=dict(os.environ, JAX_PLATFORMS="cpu"),
@@ -286,7 +286,7 @@ def test_command_line_reports_a_bad_argument_in_one_line(tmp_path):
 def test_command_line_reports_an_unknown_override_in_one_line(tmp_path):
     """--config.FIELD for a field the config lacks: exit status 2, one line, no traceback."""
     proc = subprocess.run(
-        [sys.executable, "-m", "zkd_jax.main", "--config.teacher.no_such_field=3",
+        [sys.executable, "-m", "zkd_jax.cli.train", "--config.teacher.no_such_field=3",
          f"--workdir={tmp_path}"],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
         env=dict(os.environ, JAX_PLATFORMS="cpu"),

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 from zkd_jax import convert, models
-from zkd_jax.torch_pickle import UnsafeCheckpointError
+from zkd_jax.io.torch_pickle import UnsafeCheckpointError
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 ARCHS = json.loads((FIXTURES / "architectures.json").read_text())

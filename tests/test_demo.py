@@ -1,6 +1,6 @@
 """Acceptance 3 (issue 5): the README's demo command, offline, end to end.
 
-Runs ``zkd-train --config=configs/demo.py --workdir=...`` (as ``python -m zkd_jax.main``, the same
+Runs ``zkd-train --config=configs/demo.py --workdir=...`` (as ``python -m zkd_jax.cli.train``, the same
 entry point) in a subprocess: a resnet14 teacher, then resnet8 students with KD and KD+LS on the
 digits. Checks the accuracies, the printed table and that summary.json and metrics.jsonl agree.
 The wall time is printed (``pytest -s``) rather than asserted.
@@ -25,7 +25,7 @@ def test_demo_command(tmp_path):
     start = time.perf_counter()
     # A relative --workdir, as the README's command passes it (orbax itself needs absolute paths).
     proc = subprocess.run(
-        [sys.executable, "-m", "zkd_jax.main", f"--config={ROOT / 'configs' / 'demo.py'}",
+        [sys.executable, "-m", "zkd_jax.cli.train", f"--config={ROOT / 'configs' / 'demo.py'}",
          "--workdir=demo"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
     )

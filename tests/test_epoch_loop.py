@@ -1,4 +1,4 @@
-"""``zkd_jax.epoch_loop``: host fetches and the lagged metrics fetch lose or repeat no step.
+"""``zkd_jax.trainer.loop``: host fetches and the lagged metrics fetch lose or repeat no step.
 
 The loop fetches metrics every ``config.log_every_steps`` but leaves the newest
 ``LOG_LAG_STEPS`` pending (checkpoints and epoch ends fetch all). Whatever the cadence, every step
@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from zkd_jax import epoch_loop, metrics_io
+from zkd_jax.io import metrics as metrics_io
+from zkd_jax.trainer import loop as epoch_loop
 from zkd_jax.train import train_and_evaluate
 
 

@@ -1,4 +1,4 @@
-"""The trainer's batch feeds (zkd_jax.feed): tf.data on the host vs the split held on the devices.
+"""The trainer's batch feeds (zkd_jax.data.feeds): tf.data on the host vs the split held on the devices.
 
 Both feeds on the offline digits: same shapes, dtypes and sharding; the device feed is
 deterministic and restartable at any step; its evaluation batches are tf.data's bit for bit; the
@@ -14,16 +14,18 @@ import jax
 import numpy as np
 import pytest
 
-from zkd_jax import feed as feed_lib
 from zkd_jax import models, step
-from zkd_jax.train import evaluate, train_and_evaluate
-from zkd_jax.train_state import init_variables
+from zkd_jax.data import feeds as feed_lib
+from zkd_jax.parallel import batch_sharding, create_mesh
+from zkd_jax.train import train_and_evaluate
+from zkd_jax.trainer.loop import evaluate
+from zkd_jax.step.state import init_variables
 
 BATCH, EVAL_BATCH = 64, 128
 
 
 def _feed(pipeline, *, seed=0, views=("weak",), dataset="digits", batch=BATCH):
-    return feed_lib.make_feed(pipeline, dataset=dataset, mesh=step.create_mesh(), seed=seed,
+    return feed_lib.make_feed(pipeline, dataset=dataset, mesh=create_mesh(), seed=seed,
                               views=views, batch_size=batch, eval_batch_size=EVAL_BATCH)
 
 
@@ -34,12 +36,12 @@ def _host(batches):
 @pytest.mark.parametrize("pipeline", feed_lib.PIPELINES)
 def test_train_batches_are_global_sharded_and_normalized(pipeline):
     batches = list(itertools.islice(_feed(pipeline).train(1, 0), 2))
-    mesh = step.create_mesh()
+    mesh = create_mesh()
     for b in batches:
         assert set(b) == {"image", "label"}
         assert b["image"].shape == (BATCH, 32, 32, 3) and b["image"].dtype == np.float32
         assert b["label"].shape == (BATCH,) and b["label"].dtype == np.int32
-        assert b["image"].sharding.is_equivalent_to(step.batch_sharding(mesh), 4)
+        assert b["image"].sharding.is_equivalent_to(batch_sharding(mesh), 4)
         image = np.asarray(b["image"])
         assert -3.0 < image.mean() < 3.0 and image.std() > 0.3  # normalized, not raw bytes
         assert 0 <= np.asarray(b["label"]).min() and np.asarray(b["label"]).max() < 10
@@ -85,7 +87,7 @@ def test_device_eval_batches_equal_tfdata_and_so_do_the_metrics():
             np.testing.assert_array_equal(a[key], b[key].astype(a[key].dtype))
     model = models.create("resnet8", num_classes=10, dataset="cifar100")
     variables = init_variables(model, jax.random.PRNGKey(0), (1, 32, 32, 3))
-    eval_step = step.make_eval_step(model, step.create_mesh())
+    eval_step = step.make_eval_step(model, create_mesh())
     assert evaluate(eval_step, variables, _feed("device")) == evaluate(
         eval_step, variables, _feed("tfdata"))
 
@@ -134,7 +136,7 @@ def test_a_run_on_the_device_feed_resumes_bit_identically(tmp_path):
     resumed = train_and_evaluate(config(15), tmp_path / "resumed")  # on into epoch 2
     assert straight["step"] == resumed["step"] == 15
     assert straight["last_top1"] == resumed["last_top1"]
-    from zkd_jax import checkpoint
+    from zkd_jax.io import checkpoint
 
     leaves = []
     for name in ("straight", "resumed"):

@@ -107,7 +107,7 @@ def test_unknown_implementation_is_refused():
 ])
 def test_zoo_models_give_the_same_logits_with_matmul_convolutions(arch, dataset, size):
     from zkd_jax import models
-    from zkd_jax.train_state import init_variables
+    from zkd_jax.step.state import init_variables
 
     model = models.create(arch, num_classes=10, dataset=dataset)
     variables = init_variables(model, jax.random.PRNGKey(0), (1, size, size, 3))

@@ -19,12 +19,17 @@ import pytest
 
 from flax import linen as nn
 
-from zkd_jax import checkpoint, convert, methods, metrics_io, models, multi_student, optim
+from zkd_jax import convert, methods, models, optim
+from zkd_jax.io import checkpoint
+from zkd_jax.io import metrics as metrics_io
+from zkd_jax.step import multi as multi_student
+from zkd_jax.trainer import students as students_lib
 from zkd_jax.configs import common, demo
 from zkd_jax.models import layers
-from zkd_jax.step import create_mesh, host_to_global, make_train_step
+from zkd_jax.parallel import create_mesh, host_to_global
+from zkd_jax.step import make_train_step
 from zkd_jax.train import train_and_evaluate
-from zkd_jax.train_state import init_variables
+from zkd_jax.step.state import init_variables
 
 BATCH = 128  # 1500 digits // 128 = 11 steps per epoch
 STEPS_PER_EPOCH = 11
@@ -189,11 +194,11 @@ def test_multi_step_matches_single_steps(form):
 def test_student_entries_are_checked(teacher_dir):
     config = _config(teacher_dir, students=[{"seed": 0}, {"temperature": 3.0}])
     with pytest.raises(ValueError, match="no 'seed'"):
-        multi_student.student_specs(config)
+        students_lib.student_specs(config)
     config = _config(teacher_dir, students=[{"seed": 0, "tau": 3.0}])
     with pytest.raises(ValueError, match="no setting tau"):
-        multi_student.student_specs(config)
+        students_lib.student_specs(config)
     students = [2, {"seed": 3, "ce_weight": 1.0}]
-    specs = multi_student.student_specs(_config(teacher_dir, students=students))
+    specs = students_lib.student_specs(_config(teacher_dir, students=students))
     assert [s.seed for s in specs] == [2, 3] and specs[1].method["ce_weight"] == 1.0
-    assert multi_student.student_specs(_config(teacher_dir)) == []
+    assert students_lib.student_specs(_config(teacher_dir)) == []

@@ -4,11 +4,11 @@
   collectives, two CPU devices each: a 4-device mesh) each read their half of every global batch of
   a fabricated dataset and train a small KD+LS student with the trainer's step; the parameters equal
   those of one process (one device) fed the same global batches.
-* The on-device feed (``zkd_jax.feed``, digits) builds the same global batches in two processes as
+* The on-device feed (``zkd_jax.data.feeds``, digits) builds the same global batches in two processes as
   in one.
 * The checkpoint the two processes wrote restores in one process, and training continues there to
   the same parameters as an uninterrupted one-process run.
-* ``zkd_jax.distributed.initialize``'s decisions (with ``jax.distributed.initialize`` replaced by
+* ``zkd_jax.parallel.distributed.initialize``'s decisions (with ``jax.distributed.initialize`` replaced by
   a recorder: this pytest process stays single-process).
 
 The processes run tests/multihost_worker.py.
@@ -26,29 +26,65 @@ import jax
 import numpy as np
 import pytest
 
-from zkd_jax import distributed
+from zkd_jax.parallel import distributed
 
 ZKD_VARS = (distributed.ENV_ENABLED, distributed.ENV_COORDINATOR_ADDRESS,
             distributed.ENV_NUM_PROCESSES, distributed.ENV_PROCESS_ID)
-CLUSTER_VARS = ("TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES", "MEGASCALE_NUM_SLICES",
-                "SLURM_JOB_ID", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
+
+
+class FakeJax:
+    """Stands in for ``jax.distributed.initialize``: records every call and, asked without a
+    coordinator, does what JAX does: joins the cluster it detects (``cluster``) or raises the
+    ValueError of no cluster; ``backend_started`` raises JAX's too-late RuntimeError."""
+
+    def __init__(self):
+        self.calls: list[dict] = []
+        self.cluster = False
+        self.backend_started = False
+
+    def initialize(self, **kw):
+        self.calls.append(kw)
+        if self.backend_started:
+            raise RuntimeError("jax.distributed.initialize() must be called before any JAX calls "
+                               "that might initialise the XLA backend.")
+        if "coordinator_address" not in kw and not self.cluster:
+            raise ValueError("coordinator_address should be defined.")
 
 
 @pytest.fixture
-def calls(monkeypatch):
-    """Records jax.distributed.initialize calls; a clean environment without cluster variables."""
-    for name in ZKD_VARS + CLUSTER_VARS:
+def fake(monkeypatch):
+    """A FakeJax in place of jax.distributed, in an environment without ZKD_* variables."""
+    for name in ZKD_VARS:
         monkeypatch.delenv(name, raising=False)
-    recorded: list[dict] = []
+    jax_fake = FakeJax()
     monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
-    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: recorded.append(kw))
-    return recorded
+    monkeypatch.setattr(jax.distributed, "initialize", jax_fake.initialize)
+    return jax_fake
 
 
-def test_auto_on_one_host_does_nothing(calls):
+@pytest.fixture
+def calls(fake):
+    return fake.calls
+
+
+def test_auto_on_one_host_asks_jax_and_stays_single_process(fake):
     distributed.initialize()
     distributed.initialize(enabled="auto")
-    assert calls == []
+    assert fake.calls == [dict(initialization_timeout=300)] * 2  # JAX found no cluster: no error
+
+
+def test_auto_joins_the_cluster_jax_detects(fake):
+    fake.cluster = True  # e.g. a TPU pod's metadata, Slurm, Open MPI: JAX's own detection
+    distributed.initialize(enabled="auto", timeout_s=9)
+    assert fake.calls == [dict(initialization_timeout=9)]
+
+
+def test_auto_after_the_backend_started_stays_single_process(fake):
+    fake.backend_started = True
+    distributed.initialize()
+    assert len(fake.calls) == 1
+    with pytest.raises(RuntimeError, match="before any JAX computation"):
+        distributed.initialize(enabled=True)
 
 
 def test_explicit_arguments_are_passed_on(calls):
@@ -67,32 +103,18 @@ def test_environment_variables_of_the_launcher(calls, monkeypatch):
 
 
 @pytest.mark.parametrize("enabled,env", [(True, None), ("True", None), ("auto", "1")])
-def test_enabled_lets_jax_detect_the_cluster(calls, monkeypatch, enabled, env):
+def test_enabled_requires_the_cluster_jax_detects(fake, monkeypatch, enabled, env):
     if env is not None:
         monkeypatch.setenv("ZKD_DISTRIBUTED", env)
+    with pytest.raises(ValueError, match="found no cluster"):
+        distributed.initialize(enabled=enabled)
+    fake.cluster = True
     distributed.initialize(enabled=enabled)
-    assert calls == [dict(initialization_timeout=300)]
-
-
-@pytest.mark.parametrize("name,value", [("TPU_WORKER_HOSTNAMES", "t1-w-0,t1-w-1,t1-w-2,t1-w-3"),
-                                        ("MEGASCALE_NUM_SLICES", "2"),
-                                        ("OMPI_COMM_WORLD_SIZE", "8")])
-def test_auto_initializes_in_a_multi_host_environment(calls, monkeypatch, name, value):
-    monkeypatch.setenv(name, value)
-    distributed.initialize(enabled="auto")
-    assert calls == [dict(initialization_timeout=300)]
-
-
-def test_single_worker_tpu_environment_is_not_multi_host(calls, monkeypatch):
-    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "localhost")
-    assert not distributed.multi_host_environment()
-    distributed.initialize()
-    assert calls == []
+    assert fake.calls == [dict(initialization_timeout=300)] * 2
 
 
 @pytest.mark.parametrize("enabled,env", [(False, None), ("false", None), ("auto", "0"), (True, "0")])
 def test_switched_off_wins(calls, monkeypatch, enabled, env):
-    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "a,b")
     if env is not None:
         monkeypatch.setenv("ZKD_DISTRIBUTED", env)
     distributed.initialize(enabled=enabled, coordinator_address="h:1", num_processes=2, process_id=0)
@@ -118,7 +140,7 @@ def test_second_call_is_a_no_op(monkeypatch, calls):
 
 
 def test_module_does_not_import_tensorflow():
-    code = ("import sys; import zkd_jax.distributed; "
+    code = ("import sys; import zkd_jax.parallel.distributed; "
             "assert 'tensorflow' not in sys.modules, 'tensorflow imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
@@ -246,8 +268,8 @@ GCS_DATA_DIR = "gs://zkd-bucket/tensorflow_datasets"
 def test_checkpointer_keeps_gs_paths_and_round_trips_locally(tmp_path, monkeypatch):
     import orbax.checkpoint as ocp
 
-    from zkd_jax import checkpoint as ckpt_lib
-    from zkd_jax.train_state import TrainState
+    from zkd_jax.io import checkpoint as ckpt_lib
+    from zkd_jax.step.state import TrainState
 
     opened = []
 
@@ -289,7 +311,8 @@ def test_workdir_code_uses_no_local_only_path_calls():
     import zkd_jax
 
     package = Path(zkd_jax.__file__).parent
-    for name in ("train.py", "train_multi.py", "epoch_loop.py", "checkpoint.py", "metrics_io.py"):
+    for name in ("trainer/setup.py", "trainer/students.py", "trainer/loop.py", "cli/runs.py",
+                 "cli/teacher.py", "cli/suite.py", "io/checkpoint.py", "io/metrics.py"):
         tree = ast.parse((package / name).read_text())
         for node in ast.walk(tree):
             where = f"{name}:{getattr(node, 'lineno', '?')}"
@@ -309,7 +332,7 @@ def test_workdir_code_uses_no_local_only_path_calls():
 
 
 def test_metrics_files_round_trip_through_epath_locally(tmp_path):
-    from zkd_jax import metrics_io
+    from zkd_jax.io import metrics as metrics_io
 
     writer = metrics_io.MetricsWriter(tmp_path / "w", enabled=True)
     writer.write({"epoch": 1, "step": 10, "top1": 12.5})

@@ -7,7 +7,8 @@ import os
 import jax
 import numpy as np
 
-from zkd_jax import convert, models, paths
+from zkd_jax import convert, models
+from zkd_jax.io import paths
 
 
 def test_relative_paths_resolve_against_the_working_directory(tmp_path, monkeypatch):

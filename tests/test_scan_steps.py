@@ -1,4 +1,4 @@
-"""``config.steps_per_call``: several steps in one scanned program (``zkd_jax.scan_steps``).
+"""``config.steps_per_call``: several steps in one scanned program (``zkd_jax.step.scan, zkd_jax.data.plan``).
 
 The plan covers every step exactly once, aligned and inside its bounds; one scanned call equals the
 same number of single steps (one student and K), up to rounding; real runs checkpoint at the same
@@ -15,12 +15,18 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from zkd_jax import checkpoint, feed as feed_lib, methods, metrics_io, multi_student, optim
-from zkd_jax import scan_steps
+from zkd_jax import methods, optim
+from zkd_jax.data import feeds as feed_lib
+from zkd_jax.data import plan as plan_lib
+from zkd_jax.io import checkpoint
+from zkd_jax.io import metrics as metrics_io
+from zkd_jax.step import multi as multi_student
+from zkd_jax.step import scan as scan_lib
 from zkd_jax.models import layers
-from zkd_jax.step import create_mesh, make_train_step
+from zkd_jax.parallel import create_mesh
+from zkd_jax.step import make_train_step
 from zkd_jax.train import train_and_evaluate
-from zkd_jax.train_state import init_variables
+from zkd_jax.step.state import init_variables
 
 BATCH = 32
 
@@ -31,7 +37,7 @@ BATCH = 32
     if s < e
 ])
 def test_plan_covers_each_step_once_aligned_and_bounded(start, end, epoch_start, n, every):
-    sizes = list(scan_steps.plan(start, end, epoch_start=epoch_start, n=n, checkpoint_every=every))
+    sizes = list(plan_lib.plan(start, end, epoch_start=epoch_start, n=n, checkpoint_every=every))
     assert sum(sizes) == end - start and set(sizes) <= {1, n}
     step = start
     for size in sizes:
@@ -45,12 +51,12 @@ def test_plan_covers_each_step_once_aligned_and_bounded(start, end, epoch_start,
 
 
 def test_steps_per_call_errors_say_what_to_set():
-    assert scan_steps.check_steps_per_call(1, "tfdata") == 1
-    assert scan_steps.check_steps_per_call(8, "device") == 8
+    assert plan_lib.check_steps_per_call(1, "tfdata") == 1
+    assert plan_lib.check_steps_per_call(8, "device") == 8
     with pytest.raises(ValueError, match="set config.input_pipeline='device'"):
-        scan_steps.check_steps_per_call(4, "tfdata")
+        plan_lib.check_steps_per_call(4, "tfdata")
     with pytest.raises(ValueError, match="must be >= 1"):
-        scan_steps.check_steps_per_call(0, "device")
+        plan_lib.check_steps_per_call(0, "device")
 
 
 class TinyNet(nn.Module):
@@ -94,7 +100,7 @@ def test_one_scanned_call_equals_single_steps(students, unroll):
     for s in range(5, 8):  # steps 5, 6, 7 of epoch 2
         state, m = step(state, teacher_vars, split.batch(epoch, order, s), epoch)
         losses.append(np.asarray(m["loss"]))
-    scanned = scan_steps.make_scanned_step(step.unjitted, mesh, 3, split.batch_size, split.mean,
+    scanned = scan_lib.make_scanned_step(step.unjitted, mesh, 3, split.batch_size, split.mean,
                                            split.std, unroll)  # a loop, unrolled, the default
     got, metrics = scanned(fresh(), teacher_vars, split.images, split.labels, split.key, epoch,
                            split.put(5), order)

@@ -16,10 +16,12 @@ import ml_collections
 import numpy as np
 import pytest
 
-from zkd_jax import checkpoint, convert, metrics_io, models
+from zkd_jax import convert, models
+from zkd_jax.io import checkpoint
+from zkd_jax.io import metrics as metrics_io
 from zkd_jax.configs import common, demo
 from zkd_jax.train import NonFiniteLossError, train_and_evaluate
-from zkd_jax.train_state import init_variables
+from zkd_jax.step.state import init_variables
 
 STEPS_PER_EPOCH = 23  # 1500 digits // 64
 

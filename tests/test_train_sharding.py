@@ -22,9 +22,10 @@ SCRIPT = textwrap.dedent(
     import jax, jax.numpy as jnp, numpy as np
     from zkd_jax import methods, optim
     from zkd_jax.configs import demo
-    from zkd_jax.step import create_mesh, host_to_global, make_train_step
+    from zkd_jax.parallel import create_mesh, host_to_global
+    from zkd_jax.step import make_train_step
     from zkd_jax.train import train_and_evaluate
-    from zkd_jax.train_state import create_train_state, init_variables
+    from zkd_jax.step.state import create_train_state, init_variables
 
     class Net(nn.Module):
         width: int = 4

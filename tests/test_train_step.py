@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 
 from zkd_jax import methods, optim
-from zkd_jax.step import create_mesh, host_to_global, make_eval_step, make_train_step
-from zkd_jax.train_state import create_train_state, init_variables
+from zkd_jax.parallel import create_mesh, host_to_global
+from zkd_jax.step import make_eval_step, make_train_step
+from zkd_jax.step.state import create_train_state, init_variables
 
 B, H, W, CH, C = 8, 4, 4, 1, 5
 LR, WD, MOMENTUM, MILESTONES = 0.2, 0.01, 0.9, (2,)  # steps_per_epoch = 1: step 3 is epoch 3
@@ -206,11 +207,12 @@ def test_trainer_imports_and_steps_without_tensorflow():
         sys.modules["tensorflow"] = None  # any import of TensorFlow now fails
         sys.modules["tensorflow_datasets"] = None
         import numpy as np, jax, flax.linen as nn
-        import zkd_jax.train, zkd_jax.main, zkd_jax.suite, zkd_jax.checkpoint
+        import zkd_jax.train, zkd_jax.cli.train, zkd_jax.cli.suite, zkd_jax.io.checkpoint
         from zkd_jax import methods, optim
         from zkd_jax.configs import cifar100, demo, imagenet
-        from zkd_jax.step import create_mesh, host_to_global, make_train_step
-        from zkd_jax.train_state import create_train_state
+        from zkd_jax.parallel import create_mesh, host_to_global
+        from zkd_jax.step import make_train_step
+        from zkd_jax.step.state import create_train_state
         cifar100.get_config(); demo.get_config(); imagenet.get_config()
         class M(nn.Module):
             @nn.compact

@@ -4,6 +4,7 @@ The loss API is re-exported here so that other code bases can write ``from zkd_j
 """
 
 from zkd_jax.losses import (
+    cross_entropy,
     bc_loss,
     cc_loss,
     ctkd_lambda,
@@ -21,6 +22,7 @@ __all__ = [
     "bc_loss",
     "cc_loss",
     "ctkd_lambda",
+    "cross_entropy",
     "ctkd_temperature",
     "dkd_loss",
     "gradient_reversal",

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from zkd_jax import losses
+from zkd_jax.views import STRONG, WEAK
 
 Array = jax.Array
 Logits = Mapping[str, Array]
@@ -65,7 +66,7 @@ class CrossEntropy:
     """Plain cross-entropy training (the teacher recipe)."""
 
     ce_weight: float = 1.0
-    views: tuple[str, ...] = ("weak",)
+    views: tuple[str, ...] = (WEAK,)
     needs_teacher: bool = False
 
     def init_params(self) -> dict[str, Array]:
@@ -86,7 +87,7 @@ class KD:
     ce_weight: float = 0.1
     kd_weight: float = 0.9
     standardize: bool = False
-    views: tuple[str, ...] = ("weak",)
+    views: tuple[str, ...] = (WEAK,)
     needs_teacher: bool = True
 
     def init_params(self) -> dict[str, Array]:
@@ -111,7 +112,7 @@ class DKD:
     beta: float = 8.0
     warmup_epochs: int = 20
     standardize: bool = False
-    views: tuple[str, ...] = ("weak",)
+    views: tuple[str, ...] = (WEAK,)
     needs_teacher: bool = True
 
     def init_params(self) -> dict[str, Array]:
@@ -142,7 +143,7 @@ class MLKD:
     ce_weight: float = 0.1
     kd_weight: float = 0.9
     standardize: bool = False
-    views: tuple[str, ...] = ("weak", "strong")
+    views: tuple[str, ...] = (WEAK, STRONG)
     needs_teacher: bool = True
 
     def init_params(self) -> dict[str, Array]:
@@ -180,7 +181,7 @@ class CTKD:
     lmax: float = 0.0
     lmin: float = -1.0
     loops: int = 10
-    views: tuple[str, ...] = ("weak",)
+    views: tuple[str, ...] = (WEAK,)
     needs_teacher: bool = True
 
     def init_params(self) -> dict[str, Array]:

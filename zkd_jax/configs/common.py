@@ -230,10 +230,10 @@ def base_config() -> ml_collections.ConfigDict:
     )
     c.mixed_precision = False  # params/optimizer state float32, compute bfloat16, losses float32
     # "tfdata": batches from tf.data on the host (every dataset and view); "device": the split held
-    # on the devices, augmented in jitted JAX (CIFAR-100 and digits, weak view only): zkd_jax.feed.
+    # on the devices, augmented in jitted JAX (CIFAR-100 and digits, weak view only): zkd_jax.data.feeds.
     c.input_pipeline = "tfdata"
     # > 1 (input_pipeline "device" only): that many steps per jitted call, batches built inside
-    # (jax.lax.scan; zkd_jax.scan_steps): one host dispatch per call instead of two per step.
+    # (jax.lax.scan; zkd_jax.step.scan): one host dispatch per call instead of two per step.
     c.steps_per_call = 1
     c.eval_every_epochs = 1  # the last epoch is always evaluated
     c.checkpoint_every_epochs = 1  # the last epoch is always checkpointed
@@ -248,7 +248,7 @@ def base_config() -> ml_collections.ConfigDict:
              process_id=optional(int))
     )
     c.suite = ml_collections.ConfigDict()  # name -> method settings: several students (the demo)
-    # Several students of config.student.arch trained in ONE program (zkd_jax.multi_student): a
+    # Several students of config.student.arch trained in ONE program (zkd_jax.step.multi): a
     # tuple of dicts {"seed": int, optional method settings such as "temperature", "kd_weight"};
     # empty: one student. Outputs go to WORKDIR/student_<k>/.
     c.students = ()
@@ -308,11 +308,6 @@ def method_config(settings: Mapping[str, Any]) -> ml_collections.ConfigDict:
         {k: (ml_collections.ConfigDict(v) if isinstance(v, dict) else v)
          for k, v in settings.items()}
     )
-
-
-def views_for(method_name: str) -> tuple[str, ...]:
-    """Image views a method trains on: MLKD uses a weak and a strong (RandAugment) view."""
-    return ("weak", "strong") if method_name == "mlkd" else ("weak",)
 
 
 def build_config(

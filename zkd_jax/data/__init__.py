@@ -25,6 +25,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from zkd_jax.views import VIEW_SETS, WEAK, check_views
 from zkd_jax.data import digits as _digits
 from zkd_jax.data import synthetic as _synthetic
 from zkd_jax.data.device import (
@@ -67,7 +68,7 @@ _INFOS = {
     ),
 }
 NAMES = tuple(_INFOS)
-VIEWS = (("weak",), ("weak", "strong"))
+VIEWS = VIEW_SETS  # zkd_jax.views
 
 
 def info(name: str) -> DatasetInfo:
@@ -113,7 +114,7 @@ def train_batches(
     seed: int,
     epoch: int,
     start_step: int = 0,
-    views: Sequence[str] = ("weak",),
+    views: Sequence[str] = (WEAK,),
     data_dir: str | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
@@ -125,9 +126,7 @@ def train_batches(
     Needs TensorFlow (+ TFDS for cifar100/imagenet2012, scikit-learn for digits).
     """
     ds_info = info(name)
-    views = tuple(views)
-    if views not in VIEWS:
-        raise ValueError(f"views must be ('weak',) or ('weak', 'strong'), got {views}.")
+    views = check_views(views)
     if per_process_batch_size <= 0:
         raise ValueError(f"per_process_batch_size must be positive, got {per_process_batch_size}.")
     if epoch < 1:

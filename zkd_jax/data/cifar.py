@@ -17,13 +17,13 @@ Every function here needs TensorFlow (imported lazily) except :func:`train_plan`
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Sequence
 
 import numpy as np
 
 from zkd_jax.data import augment, seeding
+from zkd_jax.views import BATCH_KEYS, STRONG, WEAK
 from zkd_jax.data.tfds_source import load_split_arrays, tf
 
 
@@ -100,9 +100,8 @@ def clear_tensor_cache() -> None:
     _TENSORS.clear()
 
 
-@functools.lru_cache(maxsize=32)
 def _train_batch_fn(b: int, process_index: int, global_batch: int, with_strong: bool, mean, std, pad: int):
-    """The per-batch map function, traced once per configuration (not once per epoch)."""
+    """The per-batch map function (a ``tf.function``, traced once per epoch's dataset)."""
 
     @tf.function(autograph=False)
     def make_batch(rows, step, weak_key, strong_key, all_images, all_labels):
@@ -115,7 +114,7 @@ def _train_batch_fn(b: int, process_index: int, global_batch: int, with_strong: 
         }
         if with_strong:
             us = tf.random.stateless_uniform([global_batch, augment.STRONG_DRAWS], seed=tf.stack([strong_key, step]))
-            out["image_strong"] = augment.normalize(augment.strong_view_batch(x, us[lo:hi]), mean, std)
+            out[BATCH_KEYS[STRONG]] = augment.normalize(augment.strong_view_batch(x, us[lo:hi]), mean, std)
         return out
 
     return make_batch
@@ -153,9 +152,9 @@ def array_train_dataset(
         process_index=process_index,
         process_count=process_count,
     )
-    keys = [np.full(len(steps), seeding.stream_key(seed, epoch, v), np.int64) for v in ("weak", "strong")]
+    keys = [np.full(len(steps), seeding.stream_key(seed, epoch, v), np.int64) for v in (WEAK, STRONG)]
     make_batch = _train_batch_fn(
-        b, process_index, b * process_count, "strong" in views, tuple(mean), tuple(std), pad
+        b, process_index, b * process_count, STRONG in views, tuple(mean), tuple(std), pad
     )
     plan = tf.data.Dataset.from_tensor_slices((rows, steps, keys[0], keys[1]))
     data = tf.data.Dataset.from_tensors(_as_tensors(images, labels)).repeat()

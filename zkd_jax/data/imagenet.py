@@ -25,6 +25,7 @@ import math
 from typing import Sequence
 
 from zkd_jax.data import augment, seeding
+from zkd_jax.views import BATCH_KEYS, STRONG, WEAK
 from zkd_jax.data.tfds_source import import_tfds, prepared_builder, split_cardinality, tf
 
 NAME = "imagenet2012"
@@ -133,9 +134,9 @@ def imagenet_train_dataset(
     ds = ds.map(lambda ex: (ex["image"], tf.cast(ex["label"], tf.int32)))
     ds = ds.shuffle(SHUFFLE_BUFFER, seed=seeding.small_seed(seed, epoch, "imagenet_shuffle"), reshuffle_each_iteration=False)
     ds = ds.take(steps * b).enumerate().skip(start_step * b)
-    weak_key = seeding.stream_key(seed, epoch, "weak")
-    strong_key = seeding.stream_key(seed, epoch, "strong")
-    with_strong = "strong" in views
+    weak_key = seeding.stream_key(seed, epoch, WEAK)
+    strong_key = seeding.stream_key(seed, epoch, STRONG)
+    with_strong = STRONG in views
 
     def per_example(i, example):
         jpeg, label = example
@@ -148,14 +149,14 @@ def imagenet_train_dataset(
             )
             x = decode_train(jpeg, us[:_TRAIN_DRAWS])
             x = augment.rand_augment_image(x, us[_TRAIN_DRAWS : _TRAIN_DRAWS + augment.RANDAUG_DRAWS])
-            out["image_strong"] = augment.cutout(x[None], us[None, -augment.CUTOUT_DRAWS :])[0]
+            out[BATCH_KEYS[STRONG]] = augment.cutout(x[None], us[None, -augment.CUTOUT_DRAWS :])[0]
         return out
 
     def finish(batch):
         out = dict(batch)
         out["image"] = augment.normalize(batch["image"], mean, std)
         if with_strong:
-            out["image_strong"] = augment.normalize(batch["image_strong"], mean, std)
+            out[BATCH_KEYS[STRONG]] = augment.normalize(batch[BATCH_KEYS[STRONG]], mean, std)
         return out
 
     ds = ds.map(per_example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

@@ -85,7 +85,7 @@ def conv_implementation(impl: str):
     """Within the block, :class:`Conv2d` (``groups == 1``) traces its convolution as ``impl``.
 
     Read when a model is *traced*, like ``jax.default_matmul_precision``; enter it inside the
-    function that ``jax.jit`` traces. ``zkd_jax.multi_student``'s ``"vmap_matmul"`` form uses it so
+    function that ``jax.jit`` traces. ``zkd_jax.step.multi``'s ``"vmap_matmul"`` form uses it so
     that ``jax.vmap`` over K students' kernels makes batched matrix products (``dot_general`` with
     a K batch dimension) instead of K-group convolutions.
 

@@ -6,8 +6,8 @@
     zkd-train --config=configs/imagenet.py:kd_ls,ResNet34,ResNet18 --workdir=gs://bucket/run \
         --config.data_dir=gs://bucket/tfds --config.mixed_precision=True
 
-A config with a non-empty ``suite`` (the demo) trains its teacher and each listed student
-(``train_suite``); any other config is one run (``train_and_evaluate``). A run started in a workdir
+What a config runs is ``zkd_jax.cli.runs.run``: the demo suite, or one run of the trainer (after
+training a missing teacher when the config asks for it). A run started in a workdir
 that holds checkpoints resumes. Errors a user can fix end with one line ``zkd-train: error: ...``.
 """
 
@@ -61,16 +61,14 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
-    from zkd_jax import suite, train  # after flag parsing: keeps --help fast
+    from zkd_jax.cli import runs  # after flag parsing: keeps --help fast
+    from zkd_jax.trainer import NonFiniteLossError
 
     config = _FLAGS["config"].value
     workdir = _FLAGS["workdir"].value
     try:
-        if len(config.get("suite", {})):
-            suite.train_suite(config, workdir)
-        else:
-            train.train_and_evaluate(config, workdir)
-    except (ValueError, train.NonFiniteLossError) as err:
+        runs.run(config, workdir)
+    except (ValueError, NonFiniteLossError) as err:
         print(f"zkd-train: error: {err}", file=sys.stderr)
         sys.exit(1)
 

@@ -13,15 +13,13 @@ import copy
 import ml_collections
 from etils import epath
 
-from zkd_jax import checkpoint as ckpt_lib
-from zkd_jax import metrics_io, paths
-from zkd_jax.train import (
-    TEACHER_SUBDIR,
-    initialize_distributed,
-    log_main,
-    teacher_recipe,
-    train_and_evaluate,
-)
+from zkd_jax.cli.teacher import teacher_recipe
+from zkd_jax.io import checkpoint as ckpt_lib
+from zkd_jax.io import metrics as metrics_io
+from zkd_jax.io import paths
+from zkd_jax.trainer import train_and_evaluate
+from zkd_jax.trainer.loop import log_main
+from zkd_jax.trainer.setup import TEACHER_SUBDIR, initialize_distributed
 
 
 def train_suite(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict[str, dict]:

@@ -26,7 +26,9 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from zkd_jax.step import batch_sharding, check_batch_size, host_to_global, replicated
+from zkd_jax.data import device
+from zkd_jax.parallel import batch_sharding, check_batch_size, host_to_global, replicated
+from zkd_jax.views import WEAK
 
 PIPELINES = ("tfdata", "device")
 DATA_KEY_PURPOSE = 2  # PRNGKey(seed) folded with 0: init, 1: in-step randomness, 2: device data
@@ -37,7 +39,7 @@ Batch = dict[str, jax.Array]
 @dataclasses.dataclass(frozen=True)
 class DeviceSplit:
     """The on-device training split, for programs that build their own batches
-    (``zkd_jax.scan_steps``): uint8 images, labels, the data key (replicated), the static batch
+    (``zkd_jax.step.scan``): uint8 images, labels, the data key (replicated), the static batch
     parameters, and host helpers: ``order(epoch_arr)`` (the epoch's permutation),
     ``batch(epoch_arr, order, step)`` (global batch ``step``, as ``Feed.train`` yields it) and
     ``put(value)`` (a host scalar -> replicated int32 array)."""
@@ -80,7 +82,7 @@ def check_pipeline(pipeline: str, views: Sequence[str], dataset: str) -> None:
             f"config.input_pipeline='device' holds small splits only ({', '.join(DEVICE_DATASETS)}),"
             f" not {dataset!r}; set config.input_pipeline='tfdata'."
         )
-    if pipeline == "device" and tuple(views) != ("weak",):
+    if pipeline == "device" and tuple(views) != (WEAK,):
         raise ValueError(
             "config.input_pipeline='device' makes the weak view only, and this method (MLKD) also "
             "needs the strong view; set config.input_pipeline='tfdata'."
@@ -113,7 +115,7 @@ def make_feed(
 
 
 def _host_feed(dataset, mesh, seed, views, per_process, per_process_eval, data_dir) -> Feed:
-    from zkd_jax import data
+    import zkd_jax.data as data  # the package (this module is one of its parts)
 
     def train(epoch: int, start_step: int) -> Iterator[Batch]:
         batches = data.train_batches(
@@ -130,12 +132,9 @@ def _host_feed(dataset, mesh, seed, views, per_process, per_process_eval, data_d
     return Feed(train=train, eval=evaluate, pipeline="tfdata")
 
 
-@functools.lru_cache(maxsize=4)
 def _device_functions(mesh: Mesh, num_train: int, batch_size: int, eval_batch_size: int,
                       mean: tuple, std: tuple):
-    """Jitted (epoch order, train batch, eval batch) builders; cached per shape and mesh."""
-    from zkd_jax.data import device
-
+    """Jitted (epoch order, train batch, eval batch) builders of one feed."""
     rep, sharded = replicated(mesh), batch_sharding(mesh)
     order = jax.jit(functools.partial(device.epoch_permutation, num_examples=num_train),
                     out_shardings=rep)
@@ -152,8 +151,7 @@ def _device_functions(mesh: Mesh, num_train: int, batch_size: int, eval_batch_si
 
 
 def _device_feed(dataset, mesh, seed, batch_size, eval_batch_size, data_dir) -> Feed:
-    from zkd_jax import data
-    from zkd_jax.data import device
+    import zkd_jax.data as data  # the package (this module is one of its parts)
 
     info = data.info(dataset)
     rep = replicated(mesh)

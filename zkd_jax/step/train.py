@@ -1,9 +1,8 @@
-"""The sharded distillation step, the evaluation step, and the mesh they run on.
+"""The sharded distillation step of one student.
 
-One ``Mesh`` with a single axis ``"data"`` spans all devices of all processes. Batches are sharded on
-their leading axis over ``"data"``; parameters, optimizer state and metrics are replicated. Under
-``jax.jit`` with these shardings XLA inserts the cross-device reductions, so BatchNorm statistics and
-gradients are those of the *global* batch: the step computes the same numbers on 1 or N devices.
+On the mesh of ``zkd_jax.parallel`` (batch sharded on ``"data"``, the rest replicated), so BatchNorm
+statistics and gradients are those of the *global* batch: the step computes the same numbers on 1 or
+N devices.
 
 ``train_step(state, teacher_variables, batch, epoch) -> (state, metrics)``:
 
@@ -20,81 +19,21 @@ every epoch without recompiling.
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import linen as nn
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from zkd_jax.methods import Method
-from zkd_jax.train_state import TrainState
-
-DATA_AXIS = "data"
-# Which batch entry holds each view's images.
-VIEW_KEYS: dict[str, str] = {"weak": "image", "strong": "image_strong"}
+from zkd_jax.parallel import batch_sharding, replicated
+from zkd_jax.step.state import TrainState
+from zkd_jax.views import images_of
 
 TrainStep = Callable[[TrainState, Any, Mapping[str, Any], Any], tuple[TrainState, dict]]
-EvalStep = Callable[[Any, Mapping[str, Any]], dict]
-
-
-def create_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A 1-D mesh with axis ``"data"`` over ``devices`` (default: all devices of all processes)."""
-    devices = jax.devices() if devices is None else list(devices)
-    return Mesh(np.asarray(devices), (DATA_AXIS,))
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec())
-
-
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
-
-
-def check_batch_size(global_batch_size: int, mesh: Mesh, *, what: str = "config.batch_size") -> int:
-    """Returns the per-process batch size; raises if the batch does not split evenly.
-
-    Raises:
-      ValueError: ``global_batch_size`` is not a multiple of the mesh's device count.
-    """
-    n = mesh.devices.size
-    if global_batch_size < 1 or global_batch_size % n:
-        nearest = max(n, round(global_batch_size / n) * n)
-        raise ValueError(
-            f"{what}={global_batch_size} is not divisible by the {n} devices of the mesh; "
-            f"set {what} to a multiple of {n} (e.g. {nearest})."
-        )
-    return global_batch_size // jax.process_count()
-
-
-def host_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """This process's share of a batch (NumPy, leading axis = batch) -> global ``jax.Array``s.
-
-    Every process passes its own rows (``per_process_batch = global_batch / process_count``); the
-    result is sharded over the mesh's ``"data"`` axis.
-
-    Raises:
-      ValueError: the global batch does not split evenly over the mesh's devices.
-    """
-    sharding = batch_sharding(mesh)
-    n, processes = mesh.devices.size, jax.process_count()
-    out = {}
-    for key, value in batch.items():
-        value = np.asarray(value)
-        rows = value.shape[0] * processes
-        if rows % n:
-            raise ValueError(
-                f"batch entry {key!r} has {rows} rows in all ({value.shape[0]} per process x "
-                f"{processes} processes), which is not divisible by the {n} devices of the mesh; "
-                f"use a global batch size that is a multiple of {n} (e.g. {max(n, rows // n * n)})."
-            )
-        out[key] = jax.make_array_from_process_local_data(sharding, value)
-    return out
 
 
 def _float32(tree: Any) -> Any:
@@ -125,7 +64,7 @@ def make_student_update(
     ``update(state, teacher_logits, images, labels, epoch) -> (state, metrics)`` where ``images``
     maps a view name to ``[B, H, W, C]``, ``teacher_logits`` a view name to ``[B, classes]`` (or
     None), and ``objective`` is a method's ``objective`` (``zkd_jax.methods``). ``make_train_step``
-    jits it behind one teacher forward; ``zkd_jax.multi_student`` maps it over K stacked students.
+    jits it behind one teacher forward; ``zkd_jax.step.multi`` maps it over K stacked students.
     """
 
     def update(state: TrainState, teacher_logits, images, labels, epoch):
@@ -179,7 +118,7 @@ def make_train_step(
       teacher: linen module run in eval mode, or None for a method without teacher.
       method: see ``zkd_jax.methods``.
       tx: the optax transformation (``zkd_jax.optim.sgd``).
-      mesh: 1-D mesh with axis "data" (``create_mesh``).
+      mesh: 1-D mesh with axis "data" (``zkd_jax.parallel.create_mesh``).
       learning_rate_fn: the schedule, to report ``lr`` (of this update) in the metrics.
 
     Returns:
@@ -195,7 +134,7 @@ def make_train_step(
 
     def train_step(state: TrainState, teacher_variables, batch, epoch):
         labels = batch["label"]
-        images = {view: batch[VIEW_KEYS[view]] for view in method.views}
+        images = images_of(batch, method.views)
         teacher_logits = teacher_forward(teacher, teacher_variables, images, method)
         return update(state, teacher_logits, images, labels, epoch)
 
@@ -206,7 +145,7 @@ def jit_train_step(train_step: Callable, mesh: Mesh) -> TrainStep:
     """``jax.jit`` of ``train_step(state, teacher_variables, batch, epoch) -> (state, metrics)``
     with the mesh's shardings: the batch sharded on ``"data"``, everything else replicated, and
     ``state`` donated. The plain function stays reachable as the result's ``unjitted`` attribute
-    (``zkd_jax.scan_steps`` runs several of it in one program)."""
+    (``zkd_jax.step.scan`` runs several of it in one program)."""
     rep = replicated(mesh)
     jitted = jax.jit(
         train_step,
@@ -218,37 +157,5 @@ def jit_train_step(train_step: Callable, mesh: Mesh) -> TrainStep:
     return jitted
 
 
-@functools.lru_cache(maxsize=16)
-def make_eval_step(model: nn.Module, mesh: Mesh) -> EvalStep:
-    """Builds the jitted ``eval_step(variables, batch) -> sums`` (eval-mode forward).
-
-    ``batch``: "image" ``[B, H, W, C]``, "label" ``[B]`` and optionally "mask" ``[B]`` (padded rows
-    False). Returns replicated scalars: ``correct1``, ``correct5`` and ``count`` (int32, masked
-    rows excluded) and ``ce_sum`` (float32 sum of per-example cross-entropy).
-    """
-
-    def eval_step(variables, batch):
-        logits = model.apply(variables, batch["image"], train=False).astype(jnp.float32)
-        labels = batch["label"].astype(jnp.int32)
-        mask = batch.get("mask")
-        mask = jnp.ones(labels.shape, bool) if mask is None else mask.astype(bool)
-        k = min(5, logits.shape[-1])
-        _, top = jax.lax.top_k(logits, k)
-        hits = top == labels[:, None]
-        ce = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=-1)[:, 0]
-        return {
-            "correct1": jnp.sum(hits[:, 0] & mask, dtype=jnp.int32),
-            "correct5": jnp.sum(jnp.any(hits, axis=-1) & mask, dtype=jnp.int32),
-            "count": jnp.sum(mask, dtype=jnp.int32),
-            "ce_sum": jnp.sum(jnp.where(mask, ce, 0.0)),
-        }
-
-    rep = replicated(mesh)
-    return jax.jit(eval_step, in_shardings=(rep, batch_sharding(mesh)), out_shardings=rep)
-
-
-__all__ = [
-    "DATA_AXIS", "batch_sharding", "check_batch_size", "create_mesh", "host_to_global",
-    "jit_train_step", "make_eval_step", "make_student_update", "make_train_step", "replicated",
-    "teacher_forward",
-]
+__all__ = ["TrainStep", "jit_train_step", "make_student_update", "make_train_step",
+           "teacher_forward"]

@@ -11,7 +11,7 @@ so that a resumed run draws the same numbers.
 from __future__ import annotations
 
 import contextlib
-import functools
+from collections.abc import Callable
 from typing import Any
 
 import flax
@@ -35,13 +35,16 @@ class TrainState:
     rng: jax.Array  # uint32[2]
 
 
-@functools.lru_cache(maxsize=32)
-def _jitted_init(module: nn.Module, input_shape: tuple[int, ...], sharding) -> Any:
-    """One compiled ``module.init`` per (module, shape, sharding): several runs in one process
-    (the demo's students, a resumed run) share it; XLA takes seconds to compile a model's init."""
+def make_initializer(
+    module: nn.Module, input_shape: tuple[int, ...], *, mesh: Mesh | None = None
+) -> Callable[[jax.Array], dict]:
+    """``init(rng)``: one compiled ``module.init`` on zeros of ``input_shape`` in eval mode
+    (replicated over ``mesh``); reuse it for several seeds of one model (XLA takes seconds to
+    compile a model's init)."""
+    sharding = None if mesh is None else NamedSharding(mesh, PartitionSpec())
 
     def init(rng):
-        return module.init(rng, jnp.zeros(input_shape, jnp.float32), train=False)
+        return module.init(rng, jnp.zeros(tuple(input_shape), jnp.float32), train=False)
 
     jitted = jax.jit(init, out_shardings=sharding)
 
@@ -59,8 +62,7 @@ def init_variables(
     module: nn.Module, rng: jax.Array, input_shape: tuple[int, ...], *, mesh: Mesh | None = None
 ) -> dict:
     """``module.init`` on zeros of ``input_shape`` in eval mode (replicated over ``mesh``)."""
-    sharding = None if mesh is None else NamedSharding(mesh, PartitionSpec())
-    return _jitted_init(module, tuple(input_shape), sharding)(rng)
+    return make_initializer(module, input_shape, mesh=mesh)(rng)
 
 
 def create_train_state(
@@ -72,6 +74,7 @@ def create_train_state(
     step_rng: jax.Array,
     input_shape: tuple[int, ...],
     mesh: Mesh | None = None,
+    init: Callable[[jax.Array], dict] | None = None,
 ) -> TrainState:
     """Initializes the student and the method's parameters and the optimizer state.
 
@@ -85,9 +88,11 @@ def create_train_state(
       step_rng: base key of in-step randomness.
       input_shape: ``(1, H, W, C)`` of one example batch.
       mesh: where the state lives (replicated); None: default device.
+      init: ``make_initializer(student, input_shape, mesh=mesh)``, to share one compiled init
+        between several states (default: built here).
     """
-
-    variables = init_variables(student, init_rng, input_shape, mesh=mesh)
+    init = init or make_initializer(student, input_shape, mesh=mesh)
+    variables = init(init_rng)
 
     def assemble(variables, step_rng) -> TrainState:
         params = {"student": variables["params"], "method": method.init_params()}

@@ -10,7 +10,7 @@ Layout of a workdir (local or ``gs://``; every path goes through ``etils.epath``
   files are written in the background while training goes on (the next ``save`` and ``close``
   wait for them), so a checkpoint per epoch costs a device-to-host copy, not the file writes.
 * ``checkpoints_best/<step>/``: the checkpoint of the best evaluation so far (one).
-* ``export/``: the final student variables in ``zkd_jax.convert.save_variables`` format: what
+* ``export/``: the final student variables in ``zkd_jax.io.convert.save_variables`` format: what
   ``config.teacher.checkpoint`` points at when this run's model is used as a teacher (zkd-convert
   writes the same format from a PyTorch ``.pth``).
 
@@ -27,8 +27,9 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import linen as nn
 
-from zkd_jax import paths
-from zkd_jax.train_state import TrainState
+from zkd_jax import models
+from zkd_jax.io import convert, paths
+from zkd_jax.step.state import TrainState
 
 CHECKPOINTS = "checkpoints"
 BEST = "checkpoints_best"
@@ -111,8 +112,6 @@ def export_variables(
     num_classes: int,
 ) -> epath.Path:
     """Writes ``workdir/export`` with ``zkd_jax.convert.save_variables`` (teacher format)."""
-    from zkd_jax import convert  # lazy: only runs that export need it
-
     directory = paths.absolute(workdir) / EXPORT
     convert.save_variables(
         directory, jax.device_get(dict(variables)), arch=arch, dataset=dataset,
@@ -135,8 +134,6 @@ def load_teacher(
     Raises:
       ValueError: the directory is missing, or holds another architecture or other shapes.
     """
-    from zkd_jax import convert, models
-
     directory = teacher_directory(path)
     if not directory.exists():
         raise ValueError(

@@ -21,12 +21,11 @@ Environment variables read here (the launch scripts set them):
 ``ZKD_PROCESS_ID``         this process's index, ``0 .. num_processes - 1``.
 =========================  ==========================================================================
 
-Multi-host environments recognised by ``enabled="auto"`` without the variables above: several TPU
-workers (``TPU_WORKER_HOSTNAMES`` / ``TPU_PROCESS_ADDRESSES`` with more than one entry, as set on
-GKE), several TPU slices (``MEGASCALE_NUM_SLICES`` > 1), a Slurm job with several tasks
-(``SLURM_NTASKS`` > 1) and an Open MPI job with several ranks (``OMPI_COMM_WORLD_SIZE`` > 1). On a
-pod created with ``gcloud compute tpus tpu-vm create`` the workers' list lives in the VM's metadata,
-not in the environment, so ``launch/tpu_vm.sh`` exports ``ZKD_DISTRIBUTED=1`` on pods.
+With ``enabled="auto"`` and no explicit coordinator, JAX's own cluster detection decides:
+``jax.distributed.initialize()`` is called without arguments and finds the cluster by itself (Cloud
+TPU VMs and pods through their metadata, GKE, Slurm, Open MPI, mpi4py: whatever the installed JAX
+knows); where it finds none (one GPU box, a laptop) it raises, and the run stays a single process.
+``config.distributed.enabled=False`` (or ``ZKD_DISTRIBUTED=0``) skips the attempt.
 
 This module imports only ``jax`` (never TensorFlow).
 """
@@ -63,46 +62,6 @@ def _parse_enabled(value: bool | str | None, what: str) -> bool | str:
     raise ValueError(
         f"{what}={value!r} is not understood; use True, False or 'auto'."
     )
-
-
-def _count_entries(value: str | None) -> int:
-    """Number of non-empty comma-separated entries of an environment variable."""
-    if not value:
-        return 0
-    return len([part for part in value.split(",") if part.strip()])
-
-
-def _int_env(env: Mapping[str, str], name: str) -> int:
-    value = env.get(name, "").strip()
-    try:
-        return int(value)
-    except ValueError:
-        return 0
-
-
-def multi_host_environment(env: Mapping[str, str] | None = None) -> bool:
-    """Whether the environment describes a run of several processes that JAX can detect by itself.
-
-    Args:
-      env: the environment to inspect (default ``os.environ``).
-
-    Returns:
-      True on a multi-worker TPU slice (``TPU_WORKER_HOSTNAMES`` or ``TPU_PROCESS_ADDRESSES`` with
-      several entries), a multi-slice TPU job (``MEGASCALE_NUM_SLICES`` > 1), a Slurm job of several
-      tasks or an Open MPI job of several ranks; False otherwise.
-    """
-    env = os.environ if env is None else env
-    if _count_entries(env.get("TPU_PROCESS_ADDRESSES")) > 1:
-        return True
-    if _count_entries(env.get("TPU_WORKER_HOSTNAMES")) > 1:
-        return True
-    if _int_env(env, "MEGASCALE_NUM_SLICES") > 1:
-        return True
-    if "SLURM_JOB_ID" in env and _int_env(env, "SLURM_NTASKS") > 1:
-        return True
-    if _int_env(env, "OMPI_COMM_WORLD_SIZE") > 1:
-        return True
-    return False
 
 
 def _explicit_args(
@@ -190,10 +149,10 @@ def initialize(
       1. ``ZKD_DISTRIBUTED=0`` in the environment, or ``enabled=False``: nothing.
       2. explicit arguments (or ``ZKD_COORDINATOR_ADDRESS``, ``ZKD_NUM_PROCESSES``,
          ``ZKD_PROCESS_ID``): ``jax.distributed.initialize(address, count, index)``.
-      3. ``enabled=True``, ``ZKD_DISTRIBUTED=1``, or (with ``enabled="auto"``) a multi-host
-         environment (:func:`multi_host_environment`): ``jax.distributed.initialize()``, JAX
-         detecting the cluster (TPU VM metadata, Slurm, Open MPI).
-      4. otherwise (``"auto"`` on one host): nothing.
+      3. ``enabled=True`` or ``ZKD_DISTRIBUTED=1``: ``jax.distributed.initialize()``, JAX
+         detecting the cluster; finding none is an error.
+      4. ``"auto"``: ``jax.distributed.initialize()`` as in 3; where JAX detects no cluster, or
+         the process already started JAX's backend (it can no longer join one), nothing.
 
     On the CPU platform, cross-process collectives ("gloo") are switched on first.
 
@@ -217,11 +176,7 @@ def initialize(
     if mode is False or env_mode is False:
         return
     explicit = _explicit_args(coordinator_address, num_processes, process_id, env)
-    if explicit is None and not (
-        mode is True or env_mode is True or multi_host_environment(env)
-    ):
-        return
-
+    required = mode is True or env_mode is True
     _ensure_cpu_collectives()
     try:
         if explicit is None:
@@ -237,13 +192,17 @@ def initialize(
     except RuntimeError as err:
         if "before any JAX" not in str(err):
             raise
+        if explicit is None and not required:
+            return  # auto: JAX already runs as one process here
         raise RuntimeError(
-            "zkd_jax.distributed.initialize() must run before any JAX computation or "
+            "zkd_jax.parallel.distributed.initialize() must run before any JAX computation or "
             "jax.devices() call in this process; call it first in main()."
         ) from err
     except ValueError as err:
         if explicit is not None:
             raise
+        if not required:
+            return  # auto: JAX detected no cluster; a single-process run
         raise ValueError(
             "Distributed mode is on but JAX found no cluster to join; set "
             "config.distributed.coordinator_address/num_processes/process_id (or the ZKD_* "

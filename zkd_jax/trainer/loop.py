@@ -1,13 +1,13 @@
 """The epoch loop every run goes through, for one student or for K trained in one program.
 
-``run_epochs(cohort, ...)`` trains from the cohort's current step to the end (or to
-``config.max_steps``): per epoch, the feed's batches through the jitted step, metrics fetched every
-``config.log_every_steps`` (progress bar, NaN/inf check; the newest ``LOG_LAG_STEPS`` steps wait
+``run_epochs(cohort, settings, ...)`` trains from the cohort's current step to the end (or to
+``settings.max_steps``): per epoch, the feed's batches through the jitted step, metrics fetched every
+``settings.log_every_steps`` (progress bar, NaN/inf check; the newest ``LOG_LAG_STEPS`` steps wait
 for the next fetch, so the device's queue never drains; checkpoints and epoch ends fetch all),
 then per student: evaluation, ``metrics.jsonl`` / TensorBoard / ``summary.json``, orbax
 checkpoints (the best one kept apart) and, at the end, the export. A :class:`Cohort` says how the
-students live in the state: one plain ``TrainState`` (``zkd_jax.train``) or K stacked ones
-(``zkd_jax.train_multi``).
+students live in the state: one plain ``TrainState`` or K stacked ones (``zkd_jax.trainer.setup``
+builds both). :class:`LoopSettings` holds the few values of the config the loop needs.
 """
 
 from __future__ import annotations
@@ -20,35 +20,19 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 from etils import epath
 
-from zkd_jax import checkpoint as ckpt_lib
-from zkd_jax import metrics_io, optim, scan_steps
-from zkd_jax.step import replicated
-from zkd_jax.train_state import TrainState, student_variables
+from zkd_jax.data import plan as plan_lib
+from zkd_jax.io import checkpoint as ckpt_lib
+from zkd_jax.io import metrics as metrics_io
+from zkd_jax.parallel import replicate, to_host
+from zkd_jax.step.scan import make_scanned_step
+from zkd_jax.step.state import TrainState, student_variables
 
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or inf; the run stopped keeping its last good checkpoint."""
-
-
-def to_host(tree: Any) -> Any:
-    """NumPy copy of a (replicated) pytree; works when arrays span other processes' devices.
-
-    Every device-to-host copy is started before the first is awaited, so fetching N scalars costs
-    about one transfer's latency, not N.
-    """
-
-    def local(x):
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            x = x.addressable_data(0)
-        if isinstance(x, jax.Array):
-            x.copy_to_host_async()
-        return x
-
-    return jax.tree.map(np.asarray, jax.tree.map(local, tree))
 
 
 #: A log-only metrics fetch leaves the newest ``LOG_LAG_STEPS`` calls (steps, or scans of
@@ -62,14 +46,14 @@ LOG_LAG_STEPS = 4
 Call = tuple[int, Callable[[Any], tuple[Any, dict]]]
 
 
-def epoch_calls(cohort: Cohort, feed, teacher_variables, mesh, *, epoch: int, epoch_arr,
+def epoch_calls(cohort: Cohort, feed, teacher_variables, *, epoch: int, epoch_arr,
                 start: int, end: int, steps_per_epoch: int, steps_per_call: int,
-                checkpoint_every: int) -> Iterator[Call]:
+                checkpoint_every: int, scanned: Callable | None = None) -> Iterator[Call]:
     """The calls that take the global step count from ``start`` to ``end`` inside ``epoch``.
 
     ``steps_per_call == 1``: one jitted step per batch of ``feed.train``. Otherwise scans of
-    ``steps_per_call`` steps (``zkd_jax.scan_steps``) that build their batches from
-    ``feed.device``, and single steps where ``scan_steps.plan`` says so.
+    ``steps_per_call`` steps (``scanned``, from ``zkd_jax.step.scan.make_scanned_step``) that build
+    their batches from ``feed.device``, and single steps where ``zkd_jax.data.plan.plan`` says so.
     """
     epoch_start = (epoch - 1) * steps_per_epoch
 
@@ -82,10 +66,8 @@ def epoch_calls(cohort: Cohort, feed, teacher_variables, mesh, *, epoch: int, ep
         return
     split = feed.device
     order = split.order(epoch_arr)
-    scanned = scan_steps.make_scanned_step(cohort.train_step.unjitted, mesh, steps_per_call,
-                                           split.batch_size, split.mean, split.std)
     step = start
-    for size in scan_steps.plan(start, end, epoch_start=epoch_start, n=steps_per_call,
+    for size in plan_lib.plan(start, end, epoch_start=epoch_start, n=steps_per_call,
                                 checkpoint_every=checkpoint_every):
         local = step - epoch_start
         if size == 1:
@@ -95,14 +77,6 @@ def epoch_calls(cohort: Cohort, feed, teacher_variables, mesh, *, epoch: int, ep
             yield size, lambda st, f=first: scanned(
                 st, teacher_variables, split.images, split.labels, split.key, epoch_arr, f, order)
         step += size
-
-
-def replicate(tree: Any, mesh) -> Any:
-    """Host values (identical on every process) -> arrays replicated over ``mesh``."""
-    sharding = replicated(mesh)
-    return jax.tree.map(
-        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree
-    )
 
 
 def log_main(message: str) -> None:
@@ -127,6 +101,31 @@ def evaluate(eval_step, variables, feed) -> dict[str, float]:
     }
 
 
+@dataclasses.dataclass(frozen=True)
+class LoopSettings:
+    """The values of a run's config that the epoch loop reads (``zkd_jax.trainer.setup``).
+
+    Attributes:
+      epochs, max_steps (0: no limit), batch_size (global), log_every_steps,
+      checkpoint_every_steps (0: off), checkpoint_every_epochs, eval_every_epochs,
+      steps_per_call, progress_bar: the config fields of the same names.
+      lr_for_epoch: the learning rate of an epoch (logged in ``metrics.jsonl``).
+      paper_top1: the paper's result for the run (``summary.json``), or None.
+    """
+
+    epochs: int
+    max_steps: int
+    batch_size: int
+    log_every_steps: int
+    checkpoint_every_steps: int
+    checkpoint_every_epochs: int
+    eval_every_epochs: int
+    steps_per_call: int
+    progress_bar: bool
+    lr_for_epoch: Callable[[int], float]
+    paper_top1: float | None = None
+
+
 @dataclasses.dataclass
 class Cohort:
     """The students of one run and how they live in the (possibly stacked) train state.
@@ -137,7 +136,7 @@ class Cohort:
       train_step: ``(state, teacher_variables, batch, epoch) -> (state, metrics)``.
       student_state: ``(state, k) -> TrainState`` of student ``k`` (to save, evaluate, export).
       split_metrics: one step's fetched metrics -> one dict of floats per student.
-      checkpointers: one ``zkd_jax.checkpoint.Checkpointer`` per student.
+      checkpointers: one ``zkd_jax.io.checkpoint.Checkpointer`` per student.
       metas: the restored checkpoint metadata per student (``{}`` on a fresh start).
       summary_fields: extra ``summary.json`` fields per student (its config, seeds).
       write_top_summary: K students: writes ``workdir/summary.json`` from the K summaries.
@@ -188,8 +187,8 @@ class _EpochMetrics:
 
 def run_epochs(
     cohort: Cohort,
+    settings: LoopSettings,
     *,
-    config: ml_collections.ConfigDict,
     workdir: epath.Path,
     feed,
     teacher_variables,
@@ -198,31 +197,34 @@ def run_epochs(
     steps_per_epoch: int,
     export: Callable[[epath.Path, Any], None] | None,
 ) -> list[dict]:
-    """Trains ``cohort`` to the end (or ``config.max_steps``); returns one summary per student.
+    """Trains ``cohort`` to the end (or ``settings.max_steps``); returns one summary per student.
 
     Raises:
       NonFiniteLossError: a loss became NaN/inf (the last good checkpoints are kept).
       RuntimeError: the feed ended before ``steps_per_epoch`` batches.
     """
     num, dirs, is_main = cohort.size, cohort.dirs, jax.process_index() == 0
-    steps_per_call = scan_steps.check_steps_per_call(config.get("steps_per_call") or 1,
-                                                     feed.pipeline)
+    steps_per_call = plan_lib.check_steps_per_call(settings.steps_per_call, feed.pipeline)
+    scanned = None
+    if steps_per_call > 1:  # one compiled scan for the whole run
+        split = feed.device
+        scanned = make_scanned_step(cohort.train_step.unjitted, mesh, steps_per_call,
+                                    split.batch_size, split.mean, split.std)
     step = int(np.ravel(to_host(cohort.state.step))[0])  # one student, or K at the same step
-    total_steps = config.epochs * steps_per_epoch
-    stop_at = min(total_steps, config.max_steps) if config.max_steps > 0 else total_steps
+    total_steps = settings.epochs * steps_per_epoch
+    stop_at = min(total_steps, settings.max_steps) if settings.max_steps > 0 else total_steps
     best = [{"top1": m.get("best_top1", -1.0), "epoch": m.get("best_epoch", 0)}
             for m in cohort.metas]
     last = [{"top1": m.get("last_top1"), "epoch": m.get("last_epoch", 0)} for m in cohort.metas]
     writers = [metrics_io.MetricsWriter(d, enabled=is_main, resume_step=step) for d in dirs]
     names = [workdir.name] if num == 1 else [f"{workdir.name}/{d.name}" for d in dirs]
-    opt = config.optimizer
 
     def summaries(finished: bool) -> list[dict]:
         out = [{
             "best_top1": best[k]["top1"] if best[k]["epoch"] else None,
             "best_epoch": best[k]["epoch"], "last_top1": last[k]["top1"],
             "last_epoch": last[k]["epoch"], "step": step, "finished": finished,
-            "paper_top1": config.paper.get("top1"), **cohort.summary_fields[k],
+            "paper_top1": settings.paper_top1, **cohort.summary_fields[k],
         } for k in range(num)]
         if is_main:
             for d, s in zip(dirs, out):
@@ -246,8 +248,8 @@ def run_epochs(
             trackers = [_EpochMetrics() for _ in range(num)]
             pending: list[tuple[int, dict]] = []  # (steps, metrics) per call
             progress = metrics_io.Progress(
-                epoch=epoch, epochs=config.epochs, total=steps_per_epoch, initial=offset,
-                enabled=is_main and config.progress_bar,
+                epoch=epoch, epochs=settings.epochs, total=steps_per_epoch, initial=offset,
+                enabled=is_main and settings.progress_bar,
             )
             start_time, start_step = time.perf_counter(), step
 
@@ -268,21 +270,22 @@ def run_epochs(
                 return len(fetched)
 
             calls = epoch_calls(
-                cohort, feed, teacher_variables, mesh, epoch=epoch, epoch_arr=epoch_arr,
+                cohort, feed, teacher_variables, epoch=epoch, epoch_arr=epoch_arr,
                 start=step, end=epoch_end, steps_per_epoch=steps_per_epoch,
-                steps_per_call=steps_per_call, checkpoint_every=config.checkpoint_every_steps)
+                steps_per_call=steps_per_call, checkpoint_every=settings.checkpoint_every_steps,
+                scanned=scanned)
             for count, run in calls:
                 cohort.state, metrics = run(cohort.state)
                 step += count
                 pending.append((count, metrics))
-                every = config.log_every_steps
+                every = settings.log_every_steps
                 log_now = step // every != (step - count) // every or step == epoch_end
-                ckpt_now = config.checkpoint_every_steps > 0 and (
-                    step % config.checkpoint_every_steps == 0)
+                ckpt_now = settings.checkpoint_every_steps > 0 and (
+                    step % settings.checkpoint_every_steps == 0)
                 if log_now or ckpt_now:
                     full = ckpt_now or step == epoch_end
                     n_new = flush(0 if full else min(LOG_LAG_STEPS, len(pending)))
-                    rate = (step - start_step) * config.batch_size / (
+                    rate = (step - start_step) * settings.batch_size / (
                         time.perf_counter() - start_time)
                     shown = {}
                     if trackers[0].last:  # empty until a first fetch (log_every_steps < lag)
@@ -302,11 +305,10 @@ def run_epochs(
             if step < epoch * steps_per_epoch:  # stopped inside the epoch (max_steps)
                 save(epoch, [False] * num)
                 break
-            images_per_sec = (step - start_step) * config.batch_size / max(seconds, 1e-9)
+            images_per_sec = (step - start_step) * settings.batch_size / max(seconds, 1e-9)
             is_best = [False] * num
-            if epoch % config.eval_every_epochs == 0 or epoch == config.epochs:
-                lr = optim.lr_for_epoch(epoch, lr=opt.lr, milestones=opt.milestones,
-                                        decay_rate=opt.decay_rate)
+            if epoch % settings.eval_every_epochs == 0 or epoch == settings.epochs:
+                lr = settings.lr_for_epoch(epoch)
                 for k in range(num):
                     variables = student_variables(cohort.student_state(cohort.state, k))
                     result = evaluate(eval_step, variables, feed)
@@ -320,14 +322,14 @@ def run_epochs(
                               **result, "images_per_sec": images_per_sec,
                               "epoch_seconds": seconds}
                     writers[k].write(record)
-                    log_main(f"{names[k]} epoch {epoch}/{config.epochs}: loss "
+                    log_main(f"{names[k]} epoch {epoch}/{settings.epochs}: loss "
                              f"{record['train_loss']:.4f} top1 {result['top1']:.2f} top5 "
                              f"{result['top5']:.2f} (best {best[k]['top1']:.2f} @ "
                              f"{best[k]['epoch']}), {images_per_sec:.0f} img/s")
                 summaries(finished=False)
-            step_due = config.checkpoint_every_steps > 0 and (
-                step % config.checkpoint_every_steps == 0)
-            if (epoch % config.checkpoint_every_epochs == 0 or epoch == config.epochs
+            step_due = settings.checkpoint_every_steps > 0 and (
+                step % settings.checkpoint_every_steps == 0)
+            if (epoch % settings.checkpoint_every_epochs == 0 or epoch == settings.epochs
                     or any(is_best) or step_due or step >= stop_at):
                 save(epoch, is_best)
         finished = step >= total_steps

@@ -9,7 +9,7 @@ steps instead of two per step (batch, step), which matters when a step is shorte
 dispatch work (small models, TPUs).
 
 Same batches, same updates, same order as ``n = 1``: only XLA's fusion of the scanned program
-differs, so results agree to float rounding, not bit for bit. :func:`plan` cuts an epoch into
+differs, so results agree to float rounding, not bit for bit. :func:`zkd_jax.data.plan.plan` cuts an epoch into
 calls: scans of ``n`` steps aligned to the epoch's start, single steps where a scan would run past
 the epoch's end (or ``config.max_steps``) or over a ``config.checkpoint_every_steps`` boundary.
 A run resumed at an epoch boundary therefore repeats the uninterrupted run's calls exactly (bit for
@@ -18,61 +18,26 @@ bit); one resumed inside an epoch agrees to rounding.
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from zkd_jax.step import batch_sharding, replicated
-
-
-def check_steps_per_call(steps_per_call: int, pipeline: str) -> int:
-    """``steps_per_call`` as an int >= 1; raises ``ValueError`` saying what to set otherwise."""
-    n = int(steps_per_call)
-    if n < 1:
-        raise ValueError(f"config.steps_per_call={steps_per_call} must be >= 1 (1: one step per "
-                         "call, the default).")
-    if n > 1 and pipeline != "device":
-        raise ValueError(
-            f"config.steps_per_call={n} builds the batches inside the scanned program, which only "
-            "the on-device input path can do; set config.input_pipeline='device' (CIFAR-100, "
-            "digits) or config.steps_per_call=1.")
-    return n
-
-
-def plan(start: int, end: int, *, epoch_start: int, n: int,
-         checkpoint_every: int = 0) -> Iterator[int]:
-    """Sizes of the calls that take the global step count from ``start`` to ``end``.
-
-    A scan (size ``n``) starts where ``(step - epoch_start) % n == 0``, ends at or before ``end``,
-    and has no multiple of ``checkpoint_every`` (> 0) strictly inside (a checkpoint lands exactly
-    at the end of a call); every other step is a call of size 1.
-    """
-    step, every = start, checkpoint_every
-    while step < end:
-        crosses = every > 0 and (step + n - 1) // every > step // every
-        if n > 1 and (step - epoch_start) % n == 0 and step + n <= end and not crosses:
-            yield n
-            step += n
-        else:
-            yield 1
-            step += 1
+from zkd_jax.data import device
+from zkd_jax.parallel import batch_sharding, replicated
 
 
 def default_unroll(mesh: Mesh) -> bool:
     """Unroll the n steps on CPU meshes, keep a loop elsewhere.
 
-    Measured on this project's 2-core CPU (jax 0.10.2, resnet8, batch 128, 2026-11-26): 8 steps
-    as two 4-step calls took 55.8 s with a loop (``lax.scan``'s while loop: XLA:CPU runs its body
-    about 30x slower) and 1.3 s unrolled, against 1.9 s as 8 single steps. On accelerators a loop
-    keeps compilation at one step's cost; its speed there is what ``benchmarks/run_gpu.sh`` times.
+    XLA:CPU runs a ``lax.scan`` while-loop body far slower than the same steps unrolled (README
+    "Input pipelines" has the measurement); on accelerators a loop keeps compilation at one step's
+    cost.
     """
     return mesh.devices.flat[0].platform == "cpu"
 
 
-@functools.lru_cache(maxsize=8)
 def make_scanned_step(step_fn: Callable, mesh: Mesh, n: int, batch_size: int,
                       mean: Sequence[float], std: Sequence[float],
                       unroll: bool | None = None) -> Callable:
@@ -85,8 +50,6 @@ def make_scanned_step(step_fn: Callable, mesh: Mesh, n: int, batch_size: int,
     axis. ``state`` is donated; everything else is replicated. ``mean``/``std``: tuples (static).
     ``unroll``: n copies of the step instead of a loop (default: :func:`default_unroll`).
     """
-    from zkd_jax.data import device
-
     sharded = batch_sharding(mesh)
     unroll = default_unroll(mesh) if unroll is None else bool(unroll)
 
@@ -104,4 +67,4 @@ def make_scanned_step(step_fn: Callable, mesh: Mesh, n: int, batch_size: int,
     return jax.jit(scanned, in_shardings=rep, out_shardings=(rep, rep), donate_argnums=(0,))
 
 
-__all__ = ["check_steps_per_call", "default_unroll", "make_scanned_step", "plan"]
+__all__ = ["default_unroll", "make_scanned_step"]

@@ -1,0 +1,83 @@
+"""``zkd-convert``: a published PyTorch teacher -> a zkd_jax variables checkpoint, without torch.
+
+    zkd-convert SRC.pth DST_DIR --arch NAME [--dataset cifar100|imagenet] [--num-classes N] [--force]
+
+absl flags, like ``zkd-train``. Exit status 0 on success, 2 on an error a user can fix (one line
+``zkd-convert: error: ...`` on stderr).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from absl import flags
+
+from zkd_jax import models
+from zkd_jax.io import convert
+
+PROG = "zkd-convert"
+USAGE = (f"usage: {PROG} SRC DST --arch NAME [--dataset DATASET] [--num-classes N] [--force]\n\n"
+         "Convert a PyTorch checkpoint of a reference architecture (a state dict, or mdistiller's\n"
+         "{'model': ...}) into a zkd_jax (orbax) variables checkpoint DST (local or gs://; must not\n"
+         "exist unless --force), without torch.\n")
+
+
+def _flag_values() -> flags.FlagValues:
+    """The command's own flags (not absl's global FLAGS: zkd-train's flags live there)."""
+    fv = flags.FlagValues()
+    flags.DEFINE_string("arch", None, "architecture name, e.g. resnet32x4, ResNet34", flag_values=fv)
+    flags.DEFINE_enum("dataset", "cifar100", sorted(models.DATASETS), "dataset family of the model",
+                      flag_values=fv)
+    flags.DEFINE_integer("num-classes", None,
+                         "number of classes (default: read from the classifier's weight)",
+                         flag_values=fv)
+    flags.DEFINE_boolean("force", False, "overwrite an existing DST", flag_values=fv)
+    flags.DEFINE_boolean("help", False, "show this help", short_name="h", flag_values=fv)
+    return fv
+
+
+def _error(message: str) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """Runs ``zkd-convert`` on ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    fv = _flag_values()
+    try:
+        positional = fv([PROG, *argv])[1:]
+    except flags.Error as err:
+        return _error(str(err))
+    if fv.help:
+        print(USAGE + "\nflags:\n" + fv.get_help(include_special_flags=False))
+        return 0
+    if len(positional) != 2:
+        return _error(f"expected SRC and DST, got {len(positional)} arguments; see --help.")
+    if not fv.arch:
+        return _error("--arch is required (e.g. --arch resnet32x4); see --help.")
+    src, dst = positional
+    num_classes = fv["num-classes"].value
+    try:
+        sd = convert.load_torch_checkpoint(src)
+        num_classes = num_classes or convert.infer_num_classes(sd, fv.arch)
+        variables = convert.from_torch_state_dict(fv.arch, sd, dataset=fv.dataset,
+                                                  num_classes=num_classes)
+        convert.save_variables(dst, variables, arch=fv.arch, dataset=fv.dataset,
+                               num_classes=num_classes, overwrite=fv.force)
+    except (ValueError, FileNotFoundError) as err:
+        return _error(str(err))
+    n = models.count_params(variables)
+    print(f"{PROG}: wrote {fv.arch} ({fv.dataset}, {num_classes} classes, {n:,} parameters) "
+          f"to {dst}")
+    return 0
+
+
+def main() -> None:
+    """The ``zkd-convert`` entry point."""
+    sys.exit(run())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+"""What ``zkd-train`` runs for a config, one level above the trainer.
+
+``run(config, workdir)``: a config with a non-empty ``suite`` (the demo) trains its teacher and each
+listed student (``zkd_jax.cli.suite``); any other config is one run of the trainer, preceded, when
+``config.teacher.train_if_missing`` is set and the teacher checkpoint does not exist, by training
+the teacher in ``workdir/teacher`` with ``config.teacher.recipe`` (then the student distills from
+it). The trainer itself never trains a teacher.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from etils import epath
+
+from zkd_jax import methods
+from zkd_jax.cli import suite
+from zkd_jax.cli.teacher import ensure_teacher
+from zkd_jax.io import paths
+from zkd_jax.trainer import train_and_evaluate
+
+
+def needs_teacher(config: ml_collections.ConfigDict) -> bool:
+    """Whether the run's method distills from a teacher (cross-entropy alone does not)."""
+    return methods.from_config(config.method).needs_teacher
+
+
+def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict:
+    """The suite of ``config.suite``, or one run (after training a missing teacher if asked)."""
+    if len(config.get("suite", {})):
+        return suite.train_suite(config, workdir)
+    workdir = paths.absolute(workdir)
+    if needs_teacher(config):
+        config = ensure_teacher(config, workdir)
+    return train_and_evaluate(config, workdir)

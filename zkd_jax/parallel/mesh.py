@@ -1,0 +1,104 @@
+"""The mesh every program runs on, its shardings, and moving arrays between hosts and devices.
+
+One ``Mesh`` with a single axis ``"data"`` spans all devices of all processes. Batches are sharded on
+their leading axis over ``"data"``; parameters, optimizer state and metrics are replicated. Under
+``jax.jit`` with these shardings XLA inserts the cross-device reductions, so BatchNorm statistics and
+gradients are those of the *global* batch: a step computes the same numbers on 1 or N devices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+DATA_AXIS = "data"
+
+
+def create_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A 1-D mesh with axis ``"data"`` over ``devices`` (default: all devices of all processes)."""
+    devices = jax.devices() if devices is None else list(devices)
+    return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """The sharding of a value every device holds whole."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """The sharding of a batch: leading axis split over ``"data"``."""
+    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def check_batch_size(global_batch_size: int, mesh: Mesh, *, what: str = "config.batch_size") -> int:
+    """Returns the per-process batch size; raises if the batch does not split evenly.
+
+    Raises:
+      ValueError: ``global_batch_size`` is not a multiple of the mesh's device count.
+    """
+    n = mesh.devices.size
+    if global_batch_size < 1 or global_batch_size % n:
+        nearest = max(n, round(global_batch_size / n) * n)
+        raise ValueError(
+            f"{what}={global_batch_size} is not divisible by the {n} devices of the mesh; "
+            f"set {what} to a multiple of {n} (e.g. {nearest})."
+        )
+    return global_batch_size // jax.process_count()
+
+
+def host_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """This process's share of a batch (NumPy, leading axis = batch) -> global ``jax.Array``s.
+
+    Every process passes its own rows (``per_process_batch = global_batch / process_count``); the
+    result is sharded over the mesh's ``"data"`` axis.
+
+    Raises:
+      ValueError: the global batch does not split evenly over the mesh's devices.
+    """
+    sharding = batch_sharding(mesh)
+    n, processes = mesh.devices.size, jax.process_count()
+    out = {}
+    for key, value in batch.items():
+        value = np.asarray(value)
+        rows = value.shape[0] * processes
+        if rows % n:
+            raise ValueError(
+                f"batch entry {key!r} has {rows} rows in all ({value.shape[0]} per process x "
+                f"{processes} processes), which is not divisible by the {n} devices of the mesh; "
+                f"use a global batch size that is a multiple of {n} (e.g. {max(n, rows // n * n)})."
+            )
+        out[key] = jax.make_array_from_process_local_data(sharding, value)
+    return out
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """Host values (identical on every process) -> arrays replicated over ``mesh``."""
+    sharding = replicated(mesh)
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree
+    )
+
+
+def to_host(tree: Any) -> Any:
+    """NumPy copy of a (replicated) pytree; works when arrays span other processes' devices.
+
+    Every device-to-host copy is started before the first is awaited, so fetching N scalars costs
+    about one transfer's latency, not N.
+    """
+
+    def local(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            x = x.addressable_data(0)
+        if isinstance(x, jax.Array):
+            x.copy_to_host_async()
+        return x
+
+    return jax.tree.map(np.asarray, jax.tree.map(local, tree))
+
+
+__all__ = ["DATA_AXIS", "batch_sharding", "check_batch_size", "create_mesh", "host_to_global",
+           "replicate", "replicated", "to_host"]

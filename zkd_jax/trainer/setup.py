@@ -1,0 +1,256 @@
+"""``train_and_evaluate(config, workdir)``: one run of K >= 1 students (or a teacher), resumable.
+
+The one place below the command line that reads the whole config: it turns it into the values
+each layer takes (feed, models, optimizer, step, checkpointers, :class:`LoopSettings`) and hands
+them to ``zkd_jax.trainer.loop.run_epochs``.
+
+Students: without ``config.students``, one student (``config.seed``, ``config.method``) whose
+outputs are the workdir itself; with K entries, K students of ``config.student.arch`` trained in one
+program (the teacher runs once per batch; ``zkd_jax.step.multi``), each in ``workdir/student_<k>/``
+laid out like a single run's workdir, and ``workdir/summary.json`` lists the K summaries.
+Checkpoints hold one student's ``TrainState`` each, all written at the same steps.
+
+Resuming: the newest checkpoint step ``s`` (K students: the newest every student has) restarts
+training at epoch ``s // steps_per_epoch + 1`` from batch ``s % steps_per_epoch`` of that epoch
+(the feeds are deterministic), and in-step randomness is folded with the step, so a stopped and
+resumed run ends bit-identical to an uninterrupted one.
+
+The teacher must exist: training a missing one (``config.teacher.train_if_missing``) is done a
+level above, by ``zkd_jax.cli.runs``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from etils import epath
+
+import zkd_jax.data as data
+from zkd_jax import methods, models, optim
+from zkd_jax.data import feeds as feed_lib
+from zkd_jax.data import plan as plan_lib
+from zkd_jax.io import checkpoint as ckpt_lib
+from zkd_jax.io import metrics as metrics_io
+from zkd_jax.io import paths
+from zkd_jax.parallel import create_mesh, distributed, replicate
+from zkd_jax.step import (
+    StateStack,
+    create_states,
+    make_eval_step,
+    make_multi_train_step,
+    make_train_step,
+)
+from zkd_jax.trainer import students as students_lib
+from zkd_jax.trainer.loop import Cohort, LoopSettings, log_main, run_epochs
+
+TEACHER_SUBDIR = "teacher"
+
+
+def initialize_distributed(config: ml_collections.ConfigDict) -> None:
+    """Starts jax.distributed when ``config.distributed`` or the environment asks for it."""
+    d = config.get("distributed") or {}
+    distributed.initialize(
+        enabled=d.get("enabled", "auto"), coordinator_address=d.get("coordinator_address"),
+        num_processes=d.get("num_processes"), process_id=d.get("process_id"),
+    )
+
+
+def _image_shape(info) -> tuple[int, int, int]:
+    size = info.image_size
+    if isinstance(size, int):
+        return (size, size, 3)
+    size = tuple(int(s) for s in size)
+    return size if len(size) == 3 else (*size, 3)
+
+
+def _model_dataset(config) -> str:
+    """The model-zoo family of a dataset (``zkd_jax.models.create``'s ``dataset``)."""
+    default = "imagenet" if config.dataset.startswith("imagenet") else "cifar100"
+    return config.get("model_dataset") or default
+
+
+def make_optimizer(optimizer: ml_collections.ConfigDict, steps_per_epoch: int):
+    """(schedule, tx) of ``config.optimizer``: the step-decay schedule and PyTorch SGD."""
+    schedule = optim.step_decay_schedule(
+        float(optimizer.lr), steps_per_epoch=steps_per_epoch,
+        milestones=tuple(int(m) for m in optimizer.milestones),
+        decay_rate=float(optimizer.decay_rate),
+    )
+    tx = optim.sgd(schedule, momentum=float(optimizer.momentum),
+                   weight_decay=float(optimizer.weight_decay), nesterov=bool(optimizer.nesterov))
+    return schedule, tx
+
+
+def loop_settings(config: ml_collections.ConfigDict) -> LoopSettings:
+    """The values of ``config`` that the epoch loop reads."""
+    opt = config.optimizer
+
+    def lr_for_epoch(epoch: int) -> float:
+        return optim.lr_for_epoch(epoch, lr=opt.lr, milestones=opt.milestones,
+                                  decay_rate=opt.decay_rate)
+
+    return LoopSettings(
+        epochs=config.epochs, max_steps=config.max_steps, batch_size=config.batch_size,
+        log_every_steps=config.log_every_steps,
+        checkpoint_every_steps=config.checkpoint_every_steps,
+        checkpoint_every_epochs=config.checkpoint_every_epochs,
+        eval_every_epochs=config.eval_every_epochs,
+        steps_per_call=config.get("steps_per_call") or 1, progress_bar=config.progress_bar,
+        lr_for_epoch=lr_for_epoch, paper_top1=config.paper.get("top1"),
+    )
+
+
+def build_models(config: ml_collections.ConfigDict, method, mesh):
+    """(info, image_shape, model_dataset, student, teacher, teacher_variables) of a run; the
+    teacher is None (variables ``{}``) for a method without teacher."""
+    info = data.info(config.dataset)
+    image_shape = _image_shape(info)
+    model_dataset = _model_dataset(config)
+    dtype = jnp.bfloat16 if config.mixed_precision else jnp.float32
+    student = models.create(
+        config.student.arch, num_classes=info.num_classes, dataset=model_dataset, dtype=dtype
+    )
+    teacher, teacher_variables = None, {}
+    if method.needs_teacher:
+        teacher = models.create(
+            config.teacher.arch, num_classes=info.num_classes, dataset=model_dataset, dtype=dtype
+        )
+        teacher_variables = replicate(load_teacher(config, teacher, image_shape), mesh)
+    return info, image_shape, model_dataset, student, teacher, teacher_variables
+
+
+def load_teacher(config, module, input_shape) -> dict:
+    """The teacher's variables from ``config.teacher.checkpoint`` (checked against ``module``).
+
+    Raises:
+      ValueError: no checkpoint given, a missing one, or one of another arch or shape.
+    """
+    path = config.teacher.checkpoint
+    if not path:
+        raise ValueError(
+            "config.teacher.checkpoint is not set; convert the published teacher with zkd-convert "
+            "and pass --config.teacher.checkpoint=DIR, or set config.teacher.train_if_missing=True."
+        )
+    return ckpt_lib.load_teacher(
+        epath.Path(path), module=module, arch=config.teacher.arch, input_shape=(1, *input_shape)
+    )
+
+
+def make_feed(config: ml_collections.ConfigDict, mesh, views) -> feed_lib.Feed:
+    """The run's :class:`zkd_jax.data.feeds.Feed` (``config.input_pipeline``, batch sizes, seed).
+
+    Raises:
+      ValueError: the pipeline cannot serve the run, or ``config.steps_per_call`` asks for scans
+        the pipeline cannot feed (see ``zkd_jax.data.plan``).
+    """
+    pipeline = config.get("input_pipeline") or "tfdata"
+    plan_lib.check_steps_per_call(config.get("steps_per_call") or 1, pipeline)
+    return feed_lib.make_feed(
+        pipeline, dataset=config.dataset, mesh=mesh,
+        seed=config.seed, views=views, batch_size=config.batch_size,
+        eval_batch_size=config.eval_batch_size, data_dir=config.data_dir,
+    )
+
+
+def export_function(config, model_dataset: str, num_classes: int):
+    """``export(directory, host_variables)`` writing the zkd-convert format; None when
+    ``config.export`` is off."""
+    if not config.export:
+        return None
+
+    def export(directory, variables):
+        ckpt_lib.export_variables(directory, variables, arch=config.student.arch,
+                                  dataset=model_dataset, num_classes=num_classes)
+
+    return export
+
+
+def make_step(config, student, teacher, method_list, mesh, steps_per_epoch: int, *,
+              single: bool):
+    """``(tx, train_step)`` of a run: the optimizer and the jitted step of one student
+    (``single``) or of the K students of ``method_list`` (``config.students_form``). The
+    benchmarks time this very step."""
+    schedule, tx = make_optimizer(config.optimizer, steps_per_epoch)
+    if single:
+        return tx, make_train_step(student, teacher, method_list[0], tx, mesh,
+                                   learning_rate_fn=schedule)
+    return tx, make_multi_train_step(student, teacher, method_list, tx, mesh,
+                                     learning_rate_fn=schedule,
+                                     form=config.get("students_form") or "loop")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict:
+    """Trains the run's K >= 1 students in ``workdir``; returns the summary.
+
+    One student: its summary (``summary.json``). K students: ``{"students": [summary, ...]}``.
+    Resumes from the checkpoints in the workdir when there are some. With ``config.max_steps > 0``
+    it stops after that many global steps (checkpointing there). Outputs: see
+    ``zkd_jax.io.metrics`` and ``zkd_jax.io.checkpoint``.
+
+    Raises:
+      ValueError: a config a user can fix (batch size vs device count, teacher checkpoint, ...).
+      NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
+    """
+    initialize_distributed(config)
+    workdir = paths.absolute(workdir)
+    specs, single = students_lib.run_students(config)
+    method_list = students_lib.build_methods(specs)
+    num = len(specs)
+    dirs = [workdir] if single else [workdir / students_lib.STUDENT_DIR.format(k)
+                                     for k in range(num)]
+    if jax.process_index() == 0:
+        for d in dirs:
+            d.mkdir(parents=True, exist_ok=True)
+    mesh = create_mesh()
+    feed = make_feed(config, mesh, method_list[0].views)
+    info, image_shape, model_dataset, student, teacher, teacher_variables = build_models(
+        config, method_list[0], mesh)
+    steps_per_epoch = data.steps_per_epoch(config.dataset, config.batch_size)
+    tx, train_step = make_step(config, student, teacher, method_list, mesh, steps_per_epoch,
+                               single=single)
+    states = create_states(student, method_list, [s.seed for s in specs], tx,
+                           input_shape=(1, *image_shape), mesh=mesh)
+    checkpointers = [ckpt_lib.Checkpointer(d, keep=config.keep_checkpoints) for d in dirs]
+    metas: list[dict[str, Any]] = [{} for _ in range(num)]
+    resume = students_lib.resume_step(checkpointers)
+    if resume is not None:
+        for k in range(num):
+            states[k], metas[k] = checkpointers[k].restore(states[k], resume)
+        log_main(f"resuming {workdir}" + ("" if single else f" ({num} students)")
+                 + f" from step {resume}")
+    if single:
+        cohort = Cohort(
+            dirs=dirs, state=states[0], train_step=train_step,
+            student_state=lambda s, k: s, split_metrics=lambda m: [m],
+            checkpointers=checkpointers, metas=metas,
+            summary_fields=[{"config": config.to_dict()}],
+        )
+    else:
+        stack = StateStack(mesh)
+
+        def write_top_summary(summaries: list[dict], finished: bool, step: int) -> None:
+            metrics_io.write_summary(workdir, {
+                "students": [{k: v for k, v in s.items() if k != "config"} for s in summaries],
+                "finished": finished, "step": step, "config": config.to_dict()})
+
+        cohort = Cohort(
+            dirs=dirs, state=stack.stack(states), train_step=train_step,
+            student_state=stack.take,
+            split_metrics=lambda m: [{key: v[k] for key, v in m.items()} for k in range(num)],
+            checkpointers=checkpointers, metas=metas,
+            summary_fields=[{"student": k, "student_seed": spec.seed, "data_seed": config.seed,
+                             "config": students_lib.student_config(config, spec).to_dict()}
+                            for k, spec in enumerate(specs)],
+            write_top_summary=write_top_summary,
+        )
+    del states
+    results = run_epochs(
+        cohort, loop_settings(config), workdir=workdir, feed=feed,
+        teacher_variables=teacher_variables, eval_step=make_eval_step(student, mesh), mesh=mesh,
+        steps_per_epoch=steps_per_epoch,
+        export=export_function(config, model_dataset, info.num_classes),
+    )
+    return results[0] if single else {"students": results}

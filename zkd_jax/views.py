@@ -1,0 +1,33 @@
+"""The image views a method trains on, and where a batch holds each: the one home of that fact.
+
+A *view* is one augmentation of the same training images. Every method uses the ``"weak"`` view
+(crop + flip); MLKD also uses ``"strong"`` (crop + flip + RandAugment + Cutout). Methods declare
+their views (``Method.views``), the data pipelines build the batch entries named here, the feeds
+check that they can serve them, and the train step reads each view from its entry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+WEAK = "weak"
+STRONG = "strong"
+
+#: The batch entry holding each view's images.
+BATCH_KEYS: dict[str, str] = {WEAK: "image", STRONG: "image_strong"}
+
+#: The view sets a method may ask for, in the order the student sees them.
+VIEW_SETS: tuple[tuple[str, ...], ...] = ((WEAK,), (WEAK, STRONG))
+
+
+def check_views(views: Sequence[str]) -> tuple[str, ...]:
+    """``views`` as a tuple; raises ``ValueError`` unless it is one of :data:`VIEW_SETS`."""
+    views = tuple(views)
+    if views not in VIEW_SETS:
+        raise ValueError(f"views must be one of {VIEW_SETS}, got {views}.")
+    return views
+
+
+def images_of(batch, views: Sequence[str]) -> dict:
+    """``{view: batch[BATCH_KEYS[view]]}`` for each of ``views``."""
+    return {view: batch[BATCH_KEYS[view]] for view in views}
