@@ -247,8 +247,8 @@ ensure_vm() {
         ACCEPTED | CREATING | WAITING_FOR_RESOURCES | PROVISIONING | SUSPENDING | DELETING)
           info "queued resource $QR is $QR_STATE ($((SECONDS - start))s so far); checking again in ${POLL}s"
           pause "$POLL"; continue ;;
-        FAILED | SUSPENDED)
-          attempts=$((attempts + 1))
+        FAILED | SUSPENDED)  # SUSPENDED: preempted, expected; FAILED counts as a failed attempt
+          [ "$QR_STATE" = SUSPENDED ] || attempts=$((attempts + 1))
           [ "$attempts" -lt "$CREATE_RETRIES" ] || die "queued resource $QR is $QR_STATE after $attempts attempts; rerun later or try another zone."
           info "queued resource $QR is $QR_STATE; deleting and queueing it again in ${RETRY_SLEEP}s"
           delete_vm; pause "$RETRY_SLEEP"; continue ;;
@@ -348,9 +348,11 @@ start_training() {
 # Stream worker 0's log until its job ends: the job's exit status; 254 when the job is gone without
 # one (killed, out of memory, VM restarted); 255 when ssh is lost.
 stream_log() {
+  local flush=1  # let tail print the last lines
+  case "$LOG_POLL" in 0.*) flush="$LOG_POLL" ;; esac
   local remote="$REMOTE_FNS; tail -n +1 -F $REMOTE_LOG & t=\$!"
   remote="$remote; while [ ! -s $REMOTE_RC ] && zkd_alive \"\$(zkd_pgid)\"; do sleep $LOG_POLL; done"
-  remote="$remote; sleep 1; kill \$t 2>/dev/null; if [ -s $REMOTE_RC ]; then exit \"\$(cat $REMOTE_RC)\"; fi"
+  remote="$remote; sleep $flush; kill \$t 2>/dev/null; if [ -s $REMOTE_RC ]; then exit \"\$(cat $REMOTE_RC)\"; fi"
   remote="$remote; echo '[tpu_vm] zkd-train stopped without an exit status' >&2; exit 254"
   if [ "$DRY_RUN" = 1 ]; then
     show gcloud "${TPU[@]}" "${SSH[@]}" --worker=0 "--command=$remote"
@@ -375,8 +377,15 @@ training_status() {
   [ -n "$TRAIN_RC" ] || TRAIN_RC=unknown
 }
 
+# One more recovery (reconnection, restart or recreation), or the end when --max-restarts are used up.
+RESTARTS=0
+budget() {
+  RESTARTS=$((RESTARTS + 1))
+  [ "$RESTARTS" -le "$MAX_RESTARTS" ] || die "gave up after $MAX_RESTARTS restarts; rerun to resume from $WORKDIR."
+}
+
 run_all() {
-  local restarts=0 rc
+  local rc
   ensure_vm
   install_workers
   start_training
@@ -388,13 +397,15 @@ run_all() {
       training_status
       case "$TRAIN_RC" in
         0) info "training finished (exit status 0, read after the log stream broke)"; break ;;
-        running | unknown) info "lost the log stream (worker 0: $TRAIN_RC); reconnecting" ;;
+        running | unknown) budget; info "lost the log stream (worker 0: $TRAIN_RC); reconnecting" ;;
         gone)
+          budget
           info "zkd-train stopped on worker 0 without an exit status (killed, out of memory or a VM restart); restarting it, resuming from $WORKDIR"
           install_workers; start_training ;;
         *) die "zkd-train failed on worker 0 (exit status $TRAIN_RC); the VM is kept: launch/tpu_vm.sh logs --name=$NAME --zone=$ZONE" ;;
       esac
     else
+      budget
       if [ "$SPOT" = 1 ]; then
         info "$NAME is $STATE (preempted?); recreating it if needed and resuming from $WORKDIR"
         ensure_vm
@@ -404,8 +415,6 @@ run_all() {
       # A VM that only restarted comes back without the job: the next stream sees it gone.
       if [ "$CREATED" = 1 ]; then install_workers; start_training; fi
     fi
-    restarts=$((restarts + 1))
-    [ "$restarts" -le "$MAX_RESTARTS" ] || die "gave up after $MAX_RESTARTS restarts; rerun to resume from $WORKDIR."
     pause "$POLL"
   done
   [ "$DELETE_AT_END" = 0 ] || delete_vm

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -285,3 +287,100 @@ def test_gpu_runs_zkd_train_from_an_existing_venv(tmp_path):
                   "--workdir=out dir")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"{ROOT}|1|--config=c.py:x,y --workdir=out dir"
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process exists and is not a zombie (nobody may reap it here)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def test_tpu_a_new_start_stops_the_old_trainer_first(tmp_path):
+    """Start the job twice on one "worker": the first trainer (not only its wrapper) is gone first."""
+    trainer = ('for p in $(cat "$HOME/pids" 2>/dev/null); do\n'
+               '  if [ "$(ps -o stat= -p "$p" 2>/dev/null | cut -c1)" = S ]; then echo "$p" >> "$HOME/overlap"; fi\n'
+               'done\n'
+               'echo $$ >> "$HOME/pids"\n'
+               # the second trainer ignores SIGTERM: the third start must SIGKILL its group
+               '[ "$(wc -l < "$HOME/pids")" != 2 ] || trap "" TERM\n'
+               'exec sleep 60')
+    home, env = _fake_worker(tmp_path, trainer)
+    result = _run(TPU, "train", "--dry-run", "--zone=z", "--config=c.py", "--workdir=gs://b/w",
+                  env={"ZKD_TPU_STOP_WAIT": "1"})
+    (cmd,) = _commands(result.stdout)
+    remote = _remote(cmd)
+    pids: list[int] = []
+    try:
+        for n in (1, 2, 3):
+            subprocess.run(["bash", "-c", remote], env=env, check=True, timeout=30)
+            pids = [int(p) for p in _wait_for(home / "pids", n)]
+            assert _alive(pids[-1])
+            assert not any(_alive(p) for p in pids[:-1])  # every earlier trainer is gone
+            pgid = int((home / "zkd_train.pid").read_text().split()[0])
+            assert os.getpgid(pids[-1]) == pgid  # the pid file names the trainer's own group
+        assert not (home / "overlap").exists()  # no trainer saw an earlier one still running
+        assert (home / "zkd_train.log.1").exists()  # the previous log is kept once
+        stop = _run(TPU, "stop", "--dry-run", "--zone=z")
+        (cmd,) = _commands(stop.stdout)
+        subprocess.run(["bash", "-c", _remote(cmd)], env=env, check=True, timeout=30)
+        assert not _alive(pids[-1]) and not (home / "zkd_train.pid").exists()
+    finally:
+        for pid in pids:
+            if _alive(pid):
+                os.kill(pid, 9)
+
+
+def test_tpu_job_refuses_to_train_without_a_tpu(tmp_path):
+    """The job's device check, with the real JAX of this machine: no TPU, one line, no training."""
+    python = f'exec {shlex.quote(sys.executable)} "$@"'
+    home, env = _fake_worker(tmp_path, 'touch "$HOME/trained"', python=python)
+    (home / "zkd_jax").rmdir()
+    (home / "zkd_jax").symlink_to(ROOT)  # the job runs the check from the source tree
+    result = _run(TPU, "train", "--dry-run", "--zone=z", "--accelerator-type=v6e-8",
+                  "--config=c.py", "--workdir=gs://b/w")
+    (cmd,) = _commands(result.stdout)
+    subprocess.run(["bash", "-c", _remote(cmd)], env=env, check=True, timeout=30)
+    assert _wait_for(home / "zkd_train.rc", timeout=60) == ["1"]
+    assert not (home / "trained").exists()
+    (line,) = (home / "zkd_train.log").read_text().strip().splitlines()
+    assert line.startswith("zkd-check-devices: ") and "TPU" in line
+
+
+def _python_path(tmp_path: Path, *pythons: tuple[str, str]) -> str:
+    """A PATH with only the tools gpu_local.sh needs and fake interpreters (name, version)."""
+    bin_dir = tmp_path / "pybin"
+    bin_dir.mkdir()
+    for tool in ("dirname", "sed", "head"):
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    for name, version in pythons:
+        ok = int(tuple(map(int, version.split(".")[:2])) >= (3, 11))
+        (bin_dir / name).write_text(f'#!/bin/sh\n[ "$1" = --version ] && echo "Python {version}" '
+                                    f'&& exit 0\nexit {1 - ok}\n')
+        (bin_dir / name).chmod(0o755)
+    return str(bin_dir)
+
+
+@pytest.mark.parametrize("pythons,expected", [
+    ([("python3", "3.10.12"), ("python3.12", "3.12.3")], "python3.12"),
+    ([("python3", "3.10.12"), ("python3.11", "3.11.9")], "python3.11"),
+    ([("python3", "3.12.3")], "python3"),
+    ([("python3", "3.10.12")], None),
+])
+def test_gpu_picks_a_python_of_at_least_3_11_or_refuses(tmp_path, pythons, expected):
+    env = {"PATH": _python_path(tmp_path, *pythons)}
+    result = subprocess.run([shutil.which("bash"), str(GPU), "--dry-run", "--config=c.py",
+                             "--workdir=w", f"--venv={tmp_path / 'venv'}"], capture_output=True,
+                            text=True, env=env, timeout=30, check=False)
+    if expected is None:
+        assert result.returncode == 2 and result.stdout == ""
+        (line,) = result.stderr.strip().splitlines()
+        assert "python3 is 3.10.12" in line and ">= 3.11" in line
+    else:
+        assert result.returncode == 0, result.stderr
+        assert _commands(result.stdout)[0] == [expected, "-m", "venv", str(tmp_path / "venv")]
+    old = subprocess.run([shutil.which("bash"), str(GPU), "--dry-run", "--config=c.py", "--workdir=w",
+                          f"--venv={tmp_path / 'venv'}", "--python=python3"], capture_output=True,
+                         text=True, env=env, timeout=30, check=False)
+    assert (old.returncode == 2) == (pythons[0][1] < "3.11")
