@@ -68,3 +68,25 @@ pick_python() {
     if command -v "$p" >/dev/null 2>&1 && python_ok "$p"; then echo "$p"; return 0; fi
   done
 }
+
+# --- Shell text for the TPU workers' job control. The job runs in its own session (setsid); its
+# process group id and the boot id are in the pid file, so a pid file left from before a reboot
+# names nothing. Defines zkd_pgid (the live job's group id, or nothing) and zkd_alive G (a process
+# that is not a zombie is in group G). $1 = pid file (as the remote shell spells it).
+remote_job_fns() {
+  printf '%s' "zkd_pgid() { local g b; { read -r g b < $1; } 2>/dev/null || return 0; "
+  printf '%s' '[ "$b" = "$(cat /proc/sys/kernel/random/boot_id 2>/dev/null)" ] && echo "$g"; }; '
+  printf '%s' 'zkd_alive() { [ -n "$1" ] && ps -eo pgid=,stat= | awk -v g="$1" '
+  printf '%s' "'\$1 == g && \$2 !~ /^Z/ { f = 1 } END { exit !f }'; }"
+}
+
+# Stop the job's whole process group (the trainer, not only its wrapper): SIGTERM, SIGKILL after
+# $3 seconds, and wait until it is gone; then remove the pid file $1 and the exit file $2.
+remote_stop() {
+  printf '%s' 'g=$(zkd_pgid); if [ -n "$g" ]; then kill -TERM -- -$g 2>/dev/null; i=0; '
+  printf '%s' "while zkd_alive \$g && [ \$i -lt $(($3 * 5)) ]; do sleep 0.2; i=\$((i + 1)); done; "
+  printf '%s' 'if zkd_alive $g; then kill -KILL -- -$g 2>/dev/null; i=0; '
+  printf '%s' 'while zkd_alive $g && [ $i -lt 300 ]; do sleep 0.2; i=$((i + 1)); done; fi; '
+  printf '%s' 'if zkd_alive $g; then echo "process group $g survives SIGKILL" >&2; exit 1; fi; fi; '
+  printf '%s' "rm -f $1 $2"
+}

@@ -93,33 +93,23 @@ show() {
 while [ $# -gt 0 ]; do
   case "$1" in
     run | create | install | train | stop | logs | delete | status) ACTION="$1" ;;
+    --) shift; EXTRA=("$@"); break ;;
+    --*=*) set -- "${1%%=*}" "${1#*=}" "${@:2}"; continue ;;  # --opt=value: as --opt value
     --name) NAME="${2:?--name needs a value}"; shift ;;
-    --name=*) NAME="${1#*=}" ;;
     --zone) ZONE="${2:?--zone needs a value}"; shift ;;
-    --zone=*) ZONE="${1#*=}" ;;
     --project) PROJECT="${2:?--project needs a value}"; shift ;;
-    --project=*) PROJECT="${1#*=}" ;;
     --accelerator-type) ACCELERATOR_TYPE="${2:?--accelerator-type needs a value}"; shift ;;
-    --accelerator-type=*) ACCELERATOR_TYPE="${1#*=}" ;;
     --version) VERSION="${2:?--version needs a value}"; shift ;;
-    --version=*) VERSION="${1#*=}" ;;
     --spot) SPOT=1 ;;
     --config) CONFIG="${2:?--config needs a value}"; shift ;;
-    --config=*) CONFIG="${1#*=}" ;;
     --workdir) WORKDIR="${2:?--workdir needs a value}"; shift ;;
-    --workdir=*) WORKDIR="${1#*=}" ;;
     --data-dir) DATA_DIR="${2:?--data-dir needs a value}"; shift ;;
-    --data-dir=*) DATA_DIR="${1#*=}" ;;
     --python) PYTHON_VERSION="${2:?--python needs a value}"; shift ;;
-    --python=*) PYTHON_VERSION="${1#*=}" ;;
     --max-restarts) MAX_RESTARTS="${2:?--max-restarts needs a value}"; shift ;;
-    --max-restarts=*) MAX_RESTARTS="${1#*=}" ;;
     --create-retries) CREATE_RETRIES="${2:?--create-retries needs a value}"; shift ;;
-    --create-retries=*) CREATE_RETRIES="${1#*=}" ;;
     --delete) DELETE_AT_END=1 ;;
     --dry-run) DRY_RUN=1 ;;
     -h | --help) usage; exit 0 ;;
-    --) shift; EXTRA=("$@"); break ;;
     *) die "unknown argument '$1'; see --help." ;;
   esac
   shift
@@ -303,19 +293,9 @@ install_workers() {
   gc "${TPU[@]}" "${SSH[@]}" --worker=all "--command=$remote"
 }
 
-# Remote shell helpers. The job runs in its own session (setsid); its process group id and the
-# boot id go to REMOTE_PID, so that a pid file left over from before a reboot names nothing.
-# zkd_pgid: the live job's group id (or nothing); zkd_alive G: a non-zombie process is in group G.
-REMOTE_FNS="zkd_pgid() { local g b; { read -r g b < $REMOTE_PID; } 2>/dev/null || return 0"
-REMOTE_FNS="$REMOTE_FNS; [ \"\$b\" = \"\$(cat /proc/sys/kernel/random/boot_id 2>/dev/null)\" ] && echo \"\$g\"; }"
-REMOTE_FNS="$REMOTE_FNS; zkd_alive() { [ -n \"\$1\" ] && ps -eo pgid=,stat= | awk -v g=\"\$1\" '\$1 == g && \$2 !~ /^Z/ { f = 1 } END { exit !f }'; }"
-# Stop the job's whole process group (the trainer, not only its wrapper) and wait until it is gone.
-REMOTE_STOP="g=\$(zkd_pgid); if [ -n \"\$g\" ]; then kill -TERM -- -\$g 2>/dev/null; i=0"
-REMOTE_STOP="$REMOTE_STOP; while zkd_alive \$g && [ \$i -lt $((STOP_WAIT * 5)) ]; do sleep 0.2; i=\$((i + 1)); done"
-REMOTE_STOP="$REMOTE_STOP; if zkd_alive \$g; then kill -KILL -- -\$g 2>/dev/null; i=0"
-REMOTE_STOP="$REMOTE_STOP; while zkd_alive \$g && [ \$i -lt 300 ]; do sleep 0.2; i=\$((i + 1)); done; fi"
-REMOTE_STOP="$REMOTE_STOP; if zkd_alive \$g; then echo \"process group \$g survives SIGKILL\" >&2; exit 1; fi; fi"
-REMOTE_STOP="$REMOTE_STOP; rm -f $REMOTE_PID $REMOTE_RC"
+# Remote job control (launch/lib.sh): zkd_pgid, zkd_alive, and the stop of the previous job.
+REMOTE_FNS="$(remote_job_fns "$REMOTE_PID")"
+REMOTE_STOP="$(remote_stop "$REMOTE_PID" "$REMOTE_RC" "$STOP_WAIT")"
 
 stop_training() {
   info "stopping the job on every worker of $NAME"
@@ -397,7 +377,8 @@ run_all() {
       training_status
       case "$TRAIN_RC" in
         0) info "training finished (exit status 0, read after the log stream broke)"; break ;;
-        running | unknown) budget; info "lost the log stream (worker 0: $TRAIN_RC); reconnecting" ;;
+        running | unknown)
+          budget; info "lost the log stream (worker 0: $TRAIN_RC); reconnecting in ${POLL}s"; pause "$POLL" ;;
         gone)
           budget
           info "zkd-train stopped on worker 0 without an exit status (killed, out of memory or a VM restart); restarting it, resuming from $WORKDIR"
@@ -415,7 +396,6 @@ run_all() {
       # A VM that only restarted comes back without the job: the next stream sees it gone.
       if [ "$CREATED" = 1 ]; then install_workers; start_training; fi
     fi
-    pause "$POLL"
   done
   [ "$DELETE_AT_END" = 0 ] || delete_vm
 }
