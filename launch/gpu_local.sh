@@ -101,7 +101,7 @@ if [ "$INSTALL" = 1 ]; then
   [ -x "$VENV/bin/python" ] || x "$PYTHON" -m venv "$VENV"
   x "$VENV/bin/python" -m pip install -q --upgrade pip
   # The CUDA wheels of jaxlib; TensorFlow (input pipeline only) stays the CPU build.
-  x "$VENV/bin/python" -m pip install -q "jax[cuda$CUDA]>=0.10,<0.12" -e "$SOURCE_DIR[data]"
+  x "$VENV/bin/python" -m pip install -q "jax[cuda$CUDA]>=0.10,<0.12" -e "${SOURCE_DIR}[data]"
 fi
 
 ENV_VARS=()

@@ -288,7 +288,7 @@ install_workers() {
   remote="$remote; command -v uv >/dev/null 2>&1 || curl -LsSf https://astral.sh/uv/install.sh | sh"
   remote="$remote; uv venv --allow-existing --python $PYTHON_VERSION $REMOTE_VENV"
   # google-cloud-storage: tensorboardX writes its event files to gs:// with it.
-  remote="$remote; uv pip install --python $REMOTE_VENV/bin/python 'jax[tpu]>=0.10,<0.12' \"$REMOTE_SRC[data]\" google-cloud-storage"
+  remote="$remote; uv pip install --python $REMOTE_VENV/bin/python 'jax[tpu]>=0.10,<0.12' \"${REMOTE_SRC}[data]\" google-cloud-storage"
   info "installing zkd_jax on every worker of $NAME"
   gc "${TPU[@]}" "${SSH[@]}" --worker=all "--command=$remote"
 }
@@ -305,7 +305,8 @@ stop_training() {
 # Start zkd-train on every worker (all at once) after stopping the previous job; every worker first
 # checks its devices; the exit status goes to REMOTE_RC.
 start_training() {
-  local train="$REMOTE_VENV/bin/zkd-train $(q "--config=$CONFIG") $(q "--workdir=$WORKDIR")" a
+  local train a
+  train="$REMOTE_VENV/bin/zkd-train $(q "--config=$CONFIG") $(q "--workdir=$WORKDIR")"
   local exports="JAX_PLATFORMS=tpu"
   if [ -n "$DATA_DIR" ]; then
     train="$train $(q "--config.data_dir=$DATA_DIR")"
