@@ -221,7 +221,7 @@ delete_vm() {
 # Make sure a READY VM exists: reuse it, wait for it, or (re)create it; sets CREATED=1 when it made
 # a new one. $1 = keep: a preempted/terminated/missing on-demand VM ends the script instead.
 ensure_vm() {
-  local mode="${1:-recreate}" attempts=0 start="$SECONDS"
+  local mode="${1:-recreate}" attempts=0 waits=0 start="$SECONDS"
   CREATED=0
   while :; do
     if [ "$SPOT" = 1 ]; then
@@ -250,8 +250,9 @@ ensure_vm() {
     case "$STATE" in
       READY) return 0 ;;
       CREATING | STARTING | RESTARTING | REPAIRING | REIMAGING | STOPPING)
-        [ $((SECONDS - start)) -lt 3600 ] || die "$NAME stays $STATE; inspect it with: gcloud ${TPU[*]} describe $NAME --zone=$ZONE"
-        info "$NAME is $STATE ($((SECONDS - start))s so far); waiting"; pause "$POLL" ;;
+        waits=$((waits + 1))  # at most 120 polls (an hour at the default 30 s)
+        [ "$waits" -le 120 ] || die "$NAME stays $STATE; inspect it with: gcloud ${TPU[*]} describe $NAME --zone=$ZONE"
+        info "$NAME is $STATE; waiting (check $waits)"; pause "$POLL" ;;
       STOPPED) info "starting the stopped VM $NAME"; gc "${TPU[@]}" start "$NAME" "${COMMON[@]}"; SIM_STATE=READY ;;
       MISSING | PREEMPTED | TERMINATED | DELETING)
         if [ "$SPOT" = 1 ]; then
