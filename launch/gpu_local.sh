@@ -15,7 +15,8 @@
 #   --cuda 12|13         CUDA build of JAX: jax[cuda12] (driver >= 525) or jax[cuda13] (driver >= 580);
 #                        default 12
 #   --venv DIR           virtual environment to create/use (default: .venv-cuda in this checkout)
-#   --python PYTHON      interpreter that creates the venv (default: python3, must be >= 3.11)
+#   --python PYTHON      interpreter that creates the venv, >= 3.11 (default: python3, or python3.13,
+#                        python3.12, python3.11 when python3 is older, as on Ubuntu 22.04)
 #   --no-install         use the venv as it is (skip pip)
 #   --dry-run            print the commands instead of running them
 #   -h, --help           this text
@@ -34,7 +35,7 @@ DATA_DIR=""
 GPUS="${CUDA_VISIBLE_DEVICES:-}"
 CUDA=12
 VENV="$SOURCE_DIR/.venv-cuda"
-PYTHON=python3
+PYTHON=""
 INSTALL=1
 DRY_RUN=0
 EXTRA=()
@@ -83,11 +84,24 @@ done
 case "$CUDA" in 12 | 13) ;; *) die "--cuda takes 12 or 13 (the CUDA major version of the JAX build)." ;; esac
 case "$GPUS" in *[!0-9,]*) die "--gpus takes a comma-separated list of GPU indices, e.g. 0,1." ;; esac
 
+py_version() {
+  local v
+  v="$("$1" --version 2>&1 | sed -n 's/^Python //p' | head -n 1 || true)"
+  echo "${v:-missing}"
+}
 if [ "$INSTALL" = 1 ]; then
+  if [ -x "$VENV/bin/python" ]; then
+    python_ok "$VENV/bin/python" || die "the venv $VENV has Python $(py_version "$VENV/bin/python") (zkd_jax needs >= 3.11); delete it or give another --venv."
+  elif [ -n "$PYTHON" ]; then
+    python_ok "$PYTHON" || die "--python=$PYTHON is Python $(py_version "$PYTHON") or missing; zkd_jax needs >= 3.11."
+  else
+    PYTHON="$(pick_python)"
+    [ -n "$PYTHON" ] || die "python3 is $(py_version python3) and no python3.13/3.12/3.11 was found; zkd_jax needs >= 3.11: install one (e.g. apt install python3.12-venv) or give --python=PATH."
+  fi
   [ -x "$VENV/bin/python" ] || x "$PYTHON" -m venv "$VENV"
   x "$VENV/bin/python" -m pip install -q --upgrade pip
   # The CUDA wheels of jaxlib; TensorFlow (input pipeline only) stays the CPU build.
-  x "$VENV/bin/python" -m pip install -q "jax[cuda$CUDA]>=0.10,<0.12" -e "$SOURCE_DIR[data]"
+  x "$VENV/bin/python" -m pip install -q "jax[cuda$CUDA]>=0.10,<0.12" -e "${SOURCE_DIR}[data]"
 fi
 
 ENV_VARS=()

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -49,6 +51,12 @@ def _remote(cmd: list[str]) -> str:
     return arg[len("--command="):]
 
 
+def _job(cmd: list[str]) -> str:
+    """The job that the start command runs in its own session (the argument of ``bash -c``)."""
+    remote = _remote(cmd)
+    return shlex.split(remote[remote.index("nohup bash -c ") + len("nohup bash -c "):])[0]
+
+
 def _workers(cmd: list[str]) -> str:
     (arg,) = [a for a in cmd if a.startswith("--worker=")]
     return arg[len("--worker="):]
@@ -76,13 +84,20 @@ def _tpu_dry_run(accelerator: str, *extra: str, env: dict[str, str] | None = Non
 def _check_run_command(cmd: list[str], *, pod: bool) -> None:
     assert cmd[5] == "zkd-test" and _workers(cmd) == "all"
     assert "--zone=us-central2-b" in cmd
-    job = _remote(cmd)
-    inner = shlex.split(job[job.index("nohup bash -c ") + len("nohup bash -c "):])[0]
+    inner = _job(cmd)
     train = shlex.split(inner[inner.index("zkd-train"):inner.index(";", inner.index("zkd-train"))])
     assert train[1:] == [f"--config={CONFIG}", "--workdir=gs://my-bucket/runs/kd_ls",
                          "--config.data_dir=gs://my-bucket/tfds", "--config.seed=3"]
-    assert "export TFDS_DATA_DIR=gs://my-bucket/tfds" in inner
-    assert ("ZKD_DISTRIBUTED=1" in inner) == pod
+    exports = shlex.split(inner[inner.index("export "):inner.index(" && ", inner.index("export "))])
+    assert exports[:3] == ["export", "JAX_PLATFORMS=tpu", "TFDS_DATA_DIR=gs://my-bucket/tfds"]
+    assert ("ZKD_DISTRIBUTED=1" in exports) == pod
+    # The device check runs first, with JAX_PLATFORMS=tpu, and zkd-train only if it passes.
+    assert inner.index("zkd_jax.cli.check_devices --platform=tpu") < inner.index("zkd-train")
+    assert "setsid nohup bash -c " in _remote(cmd)
+
+
+SSH_KEEPALIVE = ["--ssh-flag=-oServerAliveInterval=30", "--ssh-flag=-oServerAliveCountMax=4"]
+SHIPPED = ["zkd_jax", "configs", "launch", "pyproject.toml", "README.md"]
 
 
 @pytest.mark.parametrize("accelerator,pod", [("v4-8", False), ("v4-32", True)])
@@ -100,7 +115,8 @@ def test_tpu_dry_run_prints_create_install_run_stream_delete(accelerator, pod):
     (scp,) = _gcloud(cmds, "scp")
     assert _workers(scp) == "all" and scp[6] == "zkd-test:zkd_jax-src.tar.gz"
     (tar,) = [c for c in cmds if c[0] == "tar"]
-    assert tar[2] == scp[5] and tar[-3:] == ["-C", str(ROOT), "."]
+    # Only what the workers need is shipped (no runs/, teachers/, .git, virtual environments).
+    assert tar[2] == scp[5] and tar[-7:] == ["-C", str(ROOT), *SHIPPED]
 
     install, run, stream = _gcloud(cmds, "ssh")
     assert _workers(install) == "all"
@@ -108,21 +124,54 @@ def test_tpu_dry_run_prints_create_install_run_stream_delete(accelerator, pod):
     assert '"$HOME/zkd_jax[data]" google-cloud-storage' in _remote(install)
     _check_run_command(run, pod=pod)
     assert _workers(stream) == "0" and "tail" in _remote(stream)
+    for ssh in (install, run, stream):
+        assert all(flag in ssh for flag in SSH_KEEPALIVE)
 
     (delete,) = _gcloud(cmds, "delete")
     assert delete[5] == "zkd-test" and "--quiet" in delete
 
 
-def test_tpu_spot_pod_recreates_and_resumes_after_preemption():
-    cmds = _tpu_dry_run("v4-32", "--spot", "--project=my-proj", "--", "--config.seed=3",
+@pytest.mark.parametrize("accelerator,runtime,devices,per_host,kind", [
+    ("v6e-8", "v2-alpha-tpuv6e", 8, 8, "v6"), ("v6e-16", "v2-alpha-tpuv6e", 16, 4, "v6"),
+    ("v5p-8", "v2-alpha-tpuv5", 4, 4, "v5"), ("v5litepod-16", "v2-alpha-tpuv5-lite", 16, 4, "v5"),
+    ("v5litepod-8", "v2-alpha-tpuv5-lite", 8, 8, "v5"), ("v4-8", "tpu-ubuntu2204-base", 4, 4, "v4"),
+    ("v4-32", "tpu-ubuntu2204-base", 16, 4, "v4"), ("v3-8", "tpu-ubuntu2204-base", 8, 8, "v3"),
+])
+def test_tpu_runtime_and_device_check_follow_the_generation(accelerator, runtime, devices,
+                                                             per_host, kind):
+    cmds = _tpu_dry_run(accelerator)
+    (create,) = _gcloud(cmds, "create")
+    assert f"--version={runtime}" in create
+    check = _job(_gcloud(cmds, "ssh")[1])
+    assert (f"zkd_jax.cli.check_devices --platform=tpu --count={devices} --per-host={per_host} "
+            f"--kind={kind} && ") in check
+    if accelerator == "v6e-8":
+        overridden = _tpu_dry_run(accelerator, "--version=my-runtime")
+        assert "--version=my-runtime" in _gcloud(overridden, "create")[0]
+
+
+def _queued(cmds: list[list[str]], verb: str) -> list[list[str]]:
+    return [c for c in cmds if c[:4] == ["gcloud", "compute", "tpus", "queued-resources"]
+            and c[4] == verb]
+
+
+def test_tpu_spot_uses_queued_resources_and_resumes_after_preemption():
+    cmds = _tpu_dry_run("v6e-16", "--spot", "--project=my-proj", "--", "--config.seed=3",
                         env={"ZKD_DRY_RUN_PREEMPTIONS": "2"})
-    verbs = [c[4] for c in cmds if c[0] == "gcloud"]
-    cycle = ["delete", "create", "scp", "ssh", "ssh", "ssh"]
-    assert verbs == ["describe", "create", "scp", "ssh", "ssh", "ssh"] + 2 * (["describe"] + cycle)
-    for create in _gcloud(cmds, "create"):
-        assert "--spot" in create and "--accelerator-type=v4-32" in create
+    names = [f"{c[3]}:{c[4]}" for c in cmds if c[0] == "gcloud"]
+    queue = ["queued-resources:describe", "queued-resources:create", "queued-resources:describe",
+             "tpu-vm:describe"]
+    cycle = ["tpu-vm:scp", "tpu-vm:ssh", "tpu-vm:ssh", "tpu-vm:ssh"]
+    recover = ["tpu-vm:describe", "queued-resources:describe", "queued-resources:delete"]
+    assert names == queue + cycle + 2 * (recover + queue + cycle)
+    for create in _queued(cmds, "create"):
+        assert create[5] == "zkd-test-qr" and "--node-id=zkd-test" in create and "--spot" in create
+        assert "--accelerator-type=v6e-16" in create and "--runtime-version=v2-alpha-tpuv6e" in create
+    for delete in _queued(cmds, "delete"):
+        assert delete[5] == "zkd-test-qr" and "--force" in delete and "--quiet" in delete
     assert all("--project=my-proj" in c for c in cmds if c[0] == "gcloud")
-    runs = [c for c in _gcloud(cmds, "ssh") if "zkd-train" in _remote(c)]
+    assert not _gcloud(cmds, "create")  # no plain tpu-vm create for spot
+    runs = [c for c in _gcloud(cmds, "ssh") if "nohup bash -c" in _remote(c)]
     assert len(runs) == 3  # the first start and one resume per preemption, same workdir each time
     for run in runs:
         _check_run_command(run, pod=True)
@@ -145,7 +194,7 @@ def test_tpu_multi_host_runtime_only_on_pods(accelerator, pod):
     result = _run(TPU, "train", "--dry-run", "--zone=z", f"--accelerator-type={accelerator}",
                   "--config=c.py", "--workdir=gs://b/w")
     (run,) = _commands(result.stdout)
-    assert ("ZKD_DISTRIBUTED=1" in _remote(run)) == pod
+    assert ("ZKD_DISTRIBUTED=1" in _job(run)) == pod
 
 
 @pytest.mark.parametrize("args,message", [
@@ -154,6 +203,8 @@ def test_tpu_multi_host_runtime_only_on_pods(accelerator, pod):
     (["--zone=z", "--config=c.py", "--workdir=/tmp/w"], "gs://"),
     (["--zone=z", "--config=c.py", "--workdir=gs://b/w", "--data-dir=/data"], "gs://"),
     (["--zone=z", "--bogus"], "unknown argument"),
+    (["--zone=z", "--accelerator-type=v9-8"], "unknown accelerator type"),
+    (["--zone=z", "--create-retries=0"], "--create-retries"),
 ])
 def test_tpu_bad_arguments_end_in_one_message(args, message):
     result = _run(TPU, "--dry-run", *args)
@@ -161,30 +212,43 @@ def test_tpu_bad_arguments_end_in_one_message(args, message):
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
-def test_tpu_remote_snippets_run_in_a_real_shell(tmp_path):
-    """Runs the start and stream snippets against a fake zkd-train in a temporary $HOME."""
+def _fake_worker(tmp_path: Path, trainer: str, python: str = "exit 0") -> tuple[Path, dict]:
+    """A worker's $HOME with the source tree and a venv whose zkd-train and python are scripts."""
     home = tmp_path / "home"
     (home / "zkd_jax").mkdir(parents=True)
     (home / "zkd_venv" / "bin").mkdir(parents=True)
-    fake = home / "zkd_venv" / "bin" / "zkd-train"
-    fake.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$PWD" "$ZKD_DISTRIBUTED" "$TFDS_DATA_DIR"'
-                    ' "$@" > "$HOME/args.txt"\necho training-output\nexit 3\n')
-    fake.chmod(0o755)
+    for name, body in (("zkd-train", trainer), ("python", python)):
+        path = home / "zkd_venv" / "bin" / name
+        path.write_text(f"#!/usr/bin/env bash\n{body}\n")
+        path.chmod(0o755)
+    return home, {"HOME": str(home), "PATH": os.environ["PATH"]}
+
+
+def _wait_for(path: Path, lines: int = 1, timeout: float = 20.0) -> list[str]:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.exists() and len(path.read_text().splitlines()) >= lines:
+            return path.read_text().splitlines()
+        time.sleep(0.05)
+    raise AssertionError(f"{path} never got {lines} line(s)")
+
+
+def test_tpu_remote_snippets_run_in_a_real_shell(tmp_path):
+    """Runs the start and stream snippets against a fake zkd-train in a temporary $HOME."""
+    home, env = _fake_worker(tmp_path, 'printf "%s\\n" "$PWD" "$ZKD_DISTRIBUTED" "$TFDS_DATA_DIR"'
+                             ' "$JAX_PLATFORMS" "$@" > "$HOME/args.txt"\necho training-output\nexit 3')
     result = _run(TPU, "--dry-run", "--zone=z", "--accelerator-type=v4-16",
                   "--config=cfg.py:kd_ls,a,b", "--workdir=gs://b/it's here",
                   "--data-dir=gs://b/tfds", "--", "--config.method.temperature=2.0")
     assert result.returncode == 0, result.stderr
     _, run, stream = _gcloud(_commands(result.stdout), "ssh")
-    env = {"HOME": str(home), "PATH": os.environ["PATH"]}
     for cmd in (run, stream):
         syntax = subprocess.run(["bash", "-n", "-c", _remote(cmd)], capture_output=True, text=True)
         assert syntax.returncode == 0, syntax.stderr
     subprocess.run(["bash", "-c", _remote(run)], env=env, check=True, timeout=30)
-    deadline = time.time() + 20
-    while not (home / "zkd_train.rc").exists() and time.time() < deadline:
-        time.sleep(0.1)
+    _wait_for(home / "zkd_train.rc")
     assert (home / "args.txt").read_text().splitlines() == [
-        str(home / "zkd_jax"), "1", "gs://b/tfds", "--config=cfg.py:kd_ls,a,b",
+        str(home / "zkd_jax"), "1", "gs://b/tfds", "tpu", "--config=cfg.py:kd_ls,a,b",
         "--workdir=gs://b/it's here", "--config.data_dir=gs://b/tfds",
         "--config.method.temperature=2.0"]
     streamed = subprocess.run(["bash", "-c", _remote(stream)], env=env, capture_output=True,
@@ -226,71 +290,98 @@ def test_gpu_runs_zkd_train_from_an_existing_venv(tmp_path):
     assert result.stdout.strip() == f"{ROOT}|1|--config=c.py:x,y --workdir=out dir"
 
 
-FAKE_GCLOUD = r'''#!/usr/bin/env bash
-# A stand-in for gcloud: logs its arguments, models one TPU VM in $FAKE_DIR/state.
-echo "$*" >> "$FAKE_DIR/log"
-state="$(cat "$FAKE_DIR/state")"
-case "$4" in
-  describe)
-    if [ "$state" = MISSING ]; then echo "ERROR: (gcloud) NOT_FOUND: tpu $5" >&2; exit 1; fi
-    if [ "$state" = NOAUTH ]; then echo "ERROR: (gcloud) You do not currently have an active account" >&2; exit 1; fi
-    echo "$state" ;;
-  create) echo READY > "$FAKE_DIR/state" ;;
-  delete) echo MISSING > "$FAKE_DIR/state" ;;
-  ssh)
-    case "$*" in
-      *"--worker=0 --command=tail"*)
-        n="$(cat "$FAKE_DIR/preemptions")"
-        if [ "$n" -gt 0 ]; then
-          echo $((n - 1)) > "$FAKE_DIR/preemptions"; echo PREEMPTED > "$FAKE_DIR/state"; exit 255
-        fi
-        exit "$(cat "$FAKE_DIR/train_rc")" ;;
-      *"--worker=0 --command=cat"*) cat "$FAKE_DIR/train_rc" ;;
-    esac ;;
-esac
-exit 0
-'''
+def _alive(pid: int) -> bool:
+    """Whether a process exists and is not a zombie (nobody may reap it here)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
 
 
-def _fake_gcloud(tmp_path, *, state="MISSING", preemptions=0, train_rc=0) -> dict[str, str]:
-    bin_dir = tmp_path / "bin"
+def test_tpu_a_new_start_stops_the_old_trainer_first(tmp_path):
+    """Start the job twice on one "worker": the first trainer (not only its wrapper) is gone first."""
+    trainer = ('for p in $(cat "$HOME/pids" 2>/dev/null); do\n'
+               '  if [ "$(ps -o stat= -p "$p" 2>/dev/null | cut -c1)" = S ]; then echo "$p" >> "$HOME/overlap"; fi\n'
+               'done\n'
+               'echo $$ >> "$HOME/pids"\n'
+               # the second trainer ignores SIGTERM: the third start must SIGKILL its group
+               '[ "$(wc -l < "$HOME/pids")" != 2 ] || trap "" TERM\n'
+               'exec sleep 60')
+    home, env = _fake_worker(tmp_path, trainer)
+    result = _run(TPU, "train", "--dry-run", "--zone=z", "--config=c.py", "--workdir=gs://b/w",
+                  env={"ZKD_TPU_STOP_WAIT": "1"})
+    (cmd,) = _commands(result.stdout)
+    remote = _remote(cmd)
+    pids: list[int] = []
+    try:
+        for n in (1, 2, 3):
+            subprocess.run(["bash", "-c", remote], env=env, check=True, timeout=30)
+            pids = [int(p) for p in _wait_for(home / "pids", n)]
+            assert _alive(pids[-1])
+            assert not any(_alive(p) for p in pids[:-1])  # every earlier trainer is gone
+            pgid = int((home / "zkd_train.pid").read_text().split()[0])
+            assert os.getpgid(pids[-1]) == pgid  # the pid file names the trainer's own group
+        assert not (home / "overlap").exists()  # no trainer saw an earlier one still running
+        assert (home / "zkd_train.log.1").exists()  # the previous log is kept once
+        stop = _run(TPU, "stop", "--dry-run", "--zone=z")
+        (cmd,) = _commands(stop.stdout)
+        subprocess.run(["bash", "-c", _remote(cmd)], env=env, check=True, timeout=30)
+        assert not _alive(pids[-1]) and not (home / "zkd_train.pid").exists()
+    finally:
+        for pid in pids:
+            if _alive(pid):
+                os.kill(pid, 9)
+
+
+def test_tpu_job_refuses_to_train_without_a_tpu(tmp_path):
+    """The job's device check, with the real JAX of this machine: no TPU, one line, no training."""
+    python = f'exec {shlex.quote(sys.executable)} "$@"'
+    home, env = _fake_worker(tmp_path, 'touch "$HOME/trained"', python=python)
+    (home / "zkd_jax").rmdir()
+    (home / "zkd_jax").symlink_to(ROOT)  # the job runs the check from the source tree
+    result = _run(TPU, "train", "--dry-run", "--zone=z", "--accelerator-type=v6e-8",
+                  "--config=c.py", "--workdir=gs://b/w")
+    (cmd,) = _commands(result.stdout)
+    subprocess.run(["bash", "-c", _remote(cmd)], env=env, check=True, timeout=30)
+    assert _wait_for(home / "zkd_train.rc", timeout=60) == ["1"]
+    assert not (home / "trained").exists()
+    (line,) = (home / "zkd_train.log").read_text().strip().splitlines()
+    assert line.startswith("zkd-check-devices: ") and "TPU" in line
+
+
+def _python_path(tmp_path: Path, *pythons: tuple[str, str]) -> str:
+    """A PATH with only the tools gpu_local.sh needs and fake interpreters (name, version)."""
+    bin_dir = tmp_path / "pybin"
     bin_dir.mkdir()
-    (bin_dir / "gcloud").write_text(FAKE_GCLOUD)
-    (bin_dir / "gcloud").chmod(0o755)
-    for name, value in (("state", state), ("preemptions", preemptions), ("train_rc", train_rc)):
-        (tmp_path / name).write_text(f"{value}\n")
-    (tmp_path / "log").write_text("")
-    return {"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_DIR": str(tmp_path),
-            "ZKD_TPU_RETRY_SLEEP": "0", "TMPDIR": str(tmp_path)}
+    for tool in ("dirname", "sed", "head"):
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    for name, version in pythons:
+        ok = int(tuple(map(int, version.split(".")[:2])) >= (3, 11))
+        (bin_dir / name).write_text(f'#!/bin/sh\n[ "$1" = --version ] && echo "Python {version}" '
+                                    f'&& exit 0\nexit {1 - ok}\n')
+        (bin_dir / name).chmod(0o755)
+    return str(bin_dir)
 
 
-def _verbs(tmp_path) -> list[str]:
-    return [line.split()[3] for line in (tmp_path / "log").read_text().splitlines()]
-
-
-def test_tpu_spot_loop_against_a_fake_gcloud(tmp_path):
-    """The real (not dry-run) code path: a preempted spot VM is recreated and the run resumed."""
-    env = _fake_gcloud(tmp_path, preemptions=1)
-    result = _run(TPU, "--zone=z", "--spot", f"--config={CONFIG}", "--workdir=gs://b/w", "--delete",
-                  env=env)
-    assert result.returncode == 0, result.stderr
-    cycle = ["scp", "ssh", "ssh", "ssh"]
-    assert _verbs(tmp_path) == (["describe", "create", *cycle, "describe", "delete", "create", *cycle,
-                                 "delete"])
-    assert "preempted" in result.stderr and (tmp_path / "state").read_text().strip() == "MISSING"
-    assert not list(tmp_path.glob("zkd_jax-src-*.tar.gz"))  # the local tarball is cleaned up
-
-
-@pytest.mark.parametrize("case", ["on_demand_preempted", "training_failed", "no_credentials"])
-def test_tpu_failures_stop_with_one_message(tmp_path, case):
-    env = _fake_gcloud(tmp_path, preemptions=int(case == "on_demand_preempted"),
-                       train_rc=3 if case == "training_failed" else 0,
-                       state="NOAUTH" if case == "no_credentials" else "MISSING")
-    result = _run(TPU, "--zone=z", f"--config={CONFIG}", "--workdir=gs://b/w", env=env)
-    assert result.returncode == 2
-    message = result.stderr.strip().splitlines()[-1]
-    expected = {"on_demand_preempted": "rerun the same command",
-                "training_failed": "exit status 3",
-                "no_credentials": "gcloud auth list"}[case]
-    assert message.startswith("tpu_vm.sh: ") and expected in message
-    assert "delete" not in _verbs(tmp_path)  # a failed run keeps the VM for inspection
+@pytest.mark.parametrize("pythons,expected", [
+    ([("python3", "3.10.12"), ("python3.12", "3.12.3")], "python3.12"),
+    ([("python3", "3.10.12"), ("python3.11", "3.11.9")], "python3.11"),
+    ([("python3", "3.12.3")], "python3"),
+    ([("python3", "3.10.12")], None),
+])
+def test_gpu_picks_a_python_of_at_least_3_11_or_refuses(tmp_path, pythons, expected):
+    env = {"PATH": _python_path(tmp_path, *pythons)}
+    result = subprocess.run([shutil.which("bash"), str(GPU), "--dry-run", "--config=c.py",
+                             "--workdir=w", f"--venv={tmp_path / 'venv'}"], capture_output=True,
+                            text=True, env=env, timeout=30, check=False)
+    if expected is None:
+        assert result.returncode == 2 and result.stdout == ""
+        (line,) = result.stderr.strip().splitlines()
+        assert "python3 is 3.10.12" in line and ">= 3.11" in line
+    else:
+        assert result.returncode == 0, result.stderr
+        assert _commands(result.stdout)[0] == [expected, "-m", "venv", str(tmp_path / "venv")]
+    old = subprocess.run([shutil.which("bash"), str(GPU), "--dry-run", "--config=c.py", "--workdir=w",
+                          f"--venv={tmp_path / 'venv'}", "--python=python3"], capture_output=True,
+                         text=True, env=env, timeout=30, check=False)
+    assert (old.returncode == 2) == (pythons[0][1] < "3.11")
