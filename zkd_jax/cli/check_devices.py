@@ -78,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         import jax
 
-        from zkd_jax import distributed
+        from zkd_jax.parallel import distributed
 
         distributed.initialize()
         devices, local = jax.devices(), jax.local_devices()
