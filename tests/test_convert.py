@@ -472,3 +472,35 @@ def test_published_teacher_flow_reproduces_reference_logits(tmp_path):
     golden.assert_close(
         logits, golden.GOLDEN["cifar/resnet8/eval_logits"], 1e-4, "resnet8 via .pth"
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# The ViT reference (pycls: weights under "model_state"; issue 17)
+# --------------------------------------------------------------------------------------------------
+
+VIT_ARCHS = json.loads((FIXTURES / "architectures_vit.json").read_text())
+
+
+@pytest.mark.parametrize("arch,dataset", [("pit_ti", "cifar100_224"), ("resnet56", "cifar100")])
+def test_zkd_convert_reads_pycls_checkpoints(tmp_path, arch, dataset):
+    rng = np.random.default_rng(0)
+    sd = collections.OrderedDict(
+        (k, np.array(3, np.int64) if k.endswith("num_batches_tracked")
+         else rng.uniform(0.5, 2.0, s).astype(np.float32))
+        for k, s in VIT_ARCHS[arch]["state_dict"])
+    ckpt = {"epoch": 299, "model_state": as_torch(sd), "optimizer_state": {}}
+    write_zip_pth(tmp_path / "model.pyth", ckpt, prefix="model")
+    out = tmp_path / "out"
+    assert convert.run([str(tmp_path / "model.pyth"), str(out), "--arch", arch,
+                        "--dataset", dataset]) == 0
+    variables, meta = convert.load_variables(out)
+    assert (meta["arch"], meta["dataset"], meta["num_classes"]) == (arch, dataset, 100)
+    assert models.count_params(variables) == VIT_ARCHS[arch]["trainable_params"]
+    flat = models.flatten(variables)
+    if arch == "pit_ti":  # a depthwise conv and the 4-D position table, in their layouts
+        np.testing.assert_array_equal(flat["params/pools_0/conv/kernel"],
+                                      sd["pools.0.conv.weight"].transpose(2, 3, 1, 0))
+        np.testing.assert_array_equal(flat["params/pos_embed"], sd["pos_embed"])
+    else:  # pycls names renamed: s2.b1.bn -> layer2.0.downsample.1
+        np.testing.assert_array_equal(flat["batch_stats/layer2_0/downsample_1/var"],
+                                      sd["s2.b1.bn.running_var"])

@@ -21,6 +21,7 @@ Objectives (SPEC.md section 2):
 * ``DKD``: ``ce_weight * CE + min(epoch / warmup_epochs, 1) * dkd_loss(...)``.
 * ``MLKD``: ``mlkd_loss(...)["total"]`` over the weak and strong views.
 * ``CTKD``: KD with ``T = ctkd_temperature(g, ctkd_lambda(epoch))``, ``g`` learned (global variant).
+* ``ViTKD``: the ViT students' objective (SPEC_VIT.md section 1), :func:`vit_kd_objective`.
 """
 
 from __future__ import annotations
@@ -207,7 +208,85 @@ class CTKD:
         return _f32(loss), terms
 
 
-_BY_NAME: dict[str, type] = {"ce": CrossEntropy, "kd": KD, "dkd": DKD, "mlkd": MLKD, "ctkd": CTKD}
+#: The key of a student's distillation head in the ``student`` logits (DeiT's second head).
+DIST_VIEW = "weak_dist"
+
+
+def vit_kd_objective(
+    cls_logits: Array,
+    kd_logits: Array,
+    teacher_logits: Array,
+    labels: Array,
+    *,
+    temperature: float = 2.0,
+    ce_weight: float = 0.5,
+    logit_weight: float = 1.0,
+    extra_weight: float = 10.0,
+    standardize: bool = True,
+) -> tuple[Array, dict[str, Array]]:
+    """The ViT reference's loss: ``ce_weight CE(cls, y) + logit_weight w T^2 KL(Z(t)/T || Z(s)/T)``.
+
+    ``cls_logits``, ``kd_logits`` (DeiT: the class and the distillation head; one head for the other
+    students), ``teacher_logits`` ``[B, C]``, int ``labels [B]``. ``KL`` is the batch mean of
+    ``sum_c p_t (log p_t - log p_s)`` with ``p = softmax(Z(l) / T)`` (``Z``: standardization with
+    the unbiased std + 1e-7); without ``standardize`` no ``Z`` and ``w = 1`` (the reference's
+    LOGIT_STANDARD false). ``w = extra_weight`` (EXTRA_WEIGHT_IN: DeiT 10, default 9).
+
+    Returns ``(loss, terms)``: ``ce`` (unscaled CE), ``cls_loss = ce_weight CE`` and
+    ``logit_distill_loss = logit_weight w KD`` as the reference logs them. At a constant row the
+    std gets a zero gradient, as in PyTorch (finite gradients ``(g - mean g) / 1e-7``).
+    """
+    ce = losses.cross_entropy(cls_logits, labels)
+    w = extra_weight if standardize else 1.0
+    kd = losses.kd_loss(kd_logits, teacher_logits, temperature, standardize=standardize)
+    cls_loss = ce_weight * ce
+    distill = logit_weight * w * kd
+    return cls_loss + distill, {"ce": ce, "cls_loss": cls_loss, "logit_distill_loss": distill}
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTKD:
+    """The ViT students' objective (:func:`vit_kd_objective`) with the reference's settings.
+
+    ``student["weak"]`` is the class head (CE); KD is on ``student[DIST_VIEW]`` (DeiT's
+    distillation head) when ``kd_head == "dist"``, on the class head when ``kd_head == "cls"``
+    (T2T, PiT, PVT: which head the reference distilled is unknown, SPEC_VIT.md section 1).
+    """
+
+    temperature: float = 2.0
+    ce_weight: float = 0.5
+    logit_weight: float = 1.0
+    extra_weight: float = 10.0
+    standardize: bool = True
+    kd_head: str = "dist"
+    views: tuple[str, ...] = ("weak",)
+    needs_teacher: bool = True
+
+    def __post_init__(self):
+        if self.kd_head not in ("dist", "cls"):
+            raise ValueError(f"kd_head must be 'dist' or 'cls' (got {self.kd_head!r}).")
+
+    def init_params(self) -> dict[str, Array]:
+        return {}
+
+    def objective(self, method_params, student, teacher, labels, epoch):
+        del method_params, epoch
+        if self.kd_head == "dist" and DIST_VIEW not in student:
+            raise ValueError(
+                f"kd_head='dist' needs the student's distillation head ({DIST_VIEW!r}: DeiT's "
+                "return_heads=True); use kd_head='cls' for a single-head student."
+            )
+        s_kd = student[DIST_VIEW] if self.kd_head == "dist" else student["weak"]
+        loss, terms = vit_kd_objective(
+            student["weak"], s_kd, teacher["weak"], labels, temperature=self.temperature,
+            ce_weight=self.ce_weight, logit_weight=self.logit_weight,
+            extra_weight=self.extra_weight, standardize=self.standardize,
+        )
+        return _f32(loss), {k: _f32(v) for k, v in terms.items()}
+
+
+_BY_NAME: dict[str, type] = {"ce": CrossEntropy, "kd": KD, "dkd": DKD, "mlkd": MLKD, "ctkd": CTKD,
+                             "vit_kd": ViTKD}
 
 
 def from_config(method: Mapping[str, Any]) -> Method:

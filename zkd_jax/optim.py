@@ -8,12 +8,19 @@ trainable parameter, BatchNorm scales and biases and CTKD's temperature included
 The rate for epoch ``e`` (counted from 1) is ``lr * decay_rate ** #{m in milestones : e > m}``; it
 changes at epoch boundaries only. In steps: update number ``n`` (counted from 0, optax's count)
 belongs to epoch ``n // steps_per_epoch + 1``.
+
+The ViT students' recipe (SPEC_VIT.md section 5) is at the end: :func:`adamw` (decoupled decay
+masked by :func:`vit_decay_mask`), :func:`cosine_warmup_lr` per epoch and
+:func:`per_epoch_schedule`; :func:`sgd_masked` is their ResNet-56 teacher's SGD.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -57,5 +64,93 @@ def sgd(
     """PyTorch SGD: coupled weight decay on all parameters, then momentum, then ``-lr``."""
     return optax.chain(
         optax.add_decayed_weights(weight_decay),
+        optax.sgd(schedule, momentum=momentum, nesterov=nesterov),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# The ViT reference's recipe (pycls, SPEC_VIT.md sections 3 and 5)
+# --------------------------------------------------------------------------------------------------
+
+#: Parameter names (any path component containing one) never decayed by the ViT recipe.
+NO_DECAY_NAMES = ("cls_token", "pos_embed", "distill_token")
+
+
+def cosine_warmup_lr(
+    epoch: int,
+    *,
+    base_lr: float,
+    max_epoch: int,
+    min_lr: float = 0.0,
+    warmup_epochs: int = 0,
+    warmup_factor: float = 0.1,
+) -> float:
+    """pycls's rate of epoch ``epoch`` (counted from 0), stepped at epoch ends.
+
+    ``e < warmup_epochs``: ``w + e (base_lr - w) / warmup_epochs`` with ``w = base_lr *
+    warmup_factor``; otherwise ``min_lr + (base_lr - min_lr) (1 + cos(pi e / max_epoch)) / 2``
+    (``e`` not shifted by the warm-up). DeiT & co.: base 5e-4, min 5e-6, 20 epochs from 5e-7;
+    ResNet-56 teacher: base 0.1, min 0, no warm-up; 300 epochs both.
+    """
+    if epoch < warmup_epochs:
+        start = base_lr * warmup_factor
+        return float(start + epoch * (base_lr - start) / warmup_epochs)
+    return float(min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * epoch / max_epoch)))
+
+
+def per_epoch_schedule(rates: Sequence[float], *, steps_per_epoch: int) -> optax.Schedule:
+    """Update ``n`` (optax's count, from 0) gets ``rates[min(n // steps_per_epoch, len - 1)]``."""
+    if steps_per_epoch < 1:
+        raise ValueError(f"steps_per_epoch={steps_per_epoch} must be >= 1; use a smaller batch.")
+    table = jnp.asarray(np.asarray(rates, dtype=np.float32))
+
+    def schedule(count):
+        epoch = jnp.asarray(count, jnp.int32) // steps_per_epoch
+        return table[jnp.minimum(epoch, len(rates) - 1)]
+
+    return schedule
+
+
+def vit_decay_mask(params: Any) -> Any:
+    """True where the ViT recipe decays a parameter: tensors of rank >= 2 that are neither a
+    ``bias`` nor named like ``cls_token``/``pos_embed``/``distill_token`` (pycls's groups: no
+    decay on 1-D tensors, biases, tokens and position tables). Also the teacher's rule (its
+    1-D BN parameters and biases are not decayed)."""
+
+    def decays(path, leaf) -> bool:
+        names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+        if np.ndim(leaf) < 2 or names[-1] == "bias":
+            return False
+        return not any(token in name for name in names for token in NO_DECAY_NAMES)
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def adamw(
+    schedule: optax.ScalarOrSchedule,
+    *,
+    weight_decay: float = 0.05,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    mask: Any = vit_decay_mask,
+) -> optax.GradientTransformation:
+    """torch.optim.AdamW: ``p <- p - lr (m_hat / (sqrt(v_hat) + eps) + wd p)`` (decoupled decay,
+    on the parameters ``mask`` selects; ``mask`` is a tree of bools or a function of the params)."""
+    return optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask)
+
+
+def sgd_masked(
+    schedule: optax.ScalarOrSchedule,
+    *,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+    mask: Any = vit_decay_mask,
+) -> optax.GradientTransformation:
+    """PyTorch SGD with coupled weight decay only where ``mask`` is True (pycls's ResNet-56 recipe:
+    no decay on 1-D tensors and biases; nesterov)."""
+    return optax.chain(
+        optax.add_decayed_weights(weight_decay, mask=mask),
         optax.sgd(schedule, momentum=momentum, nesterov=nesterov),
     )

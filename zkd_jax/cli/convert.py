@@ -18,15 +18,16 @@ from zkd_jax.io import convert
 
 PROG = "zkd-convert"
 USAGE = (f"usage: {PROG} SRC DST --arch NAME [--dataset DATASET] [--num-classes N] [--force]\n\n"
-         "Convert a PyTorch checkpoint of a reference architecture (a state dict, or mdistiller's\n"
-         "{'model': ...}) into a zkd_jax (orbax) variables checkpoint DST (local or gs://; must not\n"
-         "exist unless --force), without torch.\n")
+         "Convert a PyTorch checkpoint of a reference architecture (a state dict, mdistiller's\n"
+         "{'model': ...} or pycls's {'model_state': ...}) into a zkd_jax (orbax) variables\n"
+         "checkpoint DST (local or gs://; must not exist unless --force), without torch.\n")
 
 
 def _flag_values() -> flags.FlagValues:
     """The command's own flags (not absl's global FLAGS: zkd-train's flags live there)."""
     fv = flags.FlagValues()
-    flags.DEFINE_string("arch", None, "architecture name, e.g. resnet32x4, ResNet34", flag_values=fv)
+    flags.DEFINE_string("arch", None, "architecture name, e.g. resnet32x4, ResNet34, deit_ti (with "
+                        "--dataset cifar100_224)", flag_values=fv)
     flags.DEFINE_enum("dataset", "cifar100", sorted(models.DATASETS), "dataset family of the model",
                       flag_values=fv)
     flags.DEFINE_integer("num-classes", None,

@@ -2,7 +2,8 @@
 
 - :func:`load_torch_checkpoint` reads a ``.pth``/``.pt`` file (zip or legacy format) into
   ``{key: np.ndarray}`` without importing torch, through a restricted unpickler
-  (:mod:`zkd_jax.io.torch_pickle`); it unwraps mdistiller's ``{"model": state_dict, ...}``.
+  (:mod:`zkd_jax.io.torch_pickle`); it unwraps mdistiller's ``{"model": state_dict, ...}`` and
+  pycls's ``{"model_state": state_dict, ...}`` (the ViT reference ``tiny-transformers``).
 - :func:`from_torch_state_dict` maps a state dict of the reference's architecture onto the variables
   of :func:`zkd_jax.models.create` (``{"params": ..., "batch_stats": ...}``).
 - :func:`save_variables` / :func:`load_variables` write and read an orbax checkpoint plus metadata
@@ -14,7 +15,12 @@ joined to the preceding name with ``_`` (``layer1.0.downsample.1`` -> ``layer1_0
 Leaves: conv ``weight (out, in/g, kh, kw)`` -> ``kernel (kh, kw, in/g, out)``; linear ``weight
 (out, in)`` -> ``kernel (in, out)``; BN ``weight`` -> ``scale``; ``bias`` -> ``bias``;
 ``running_mean`` / ``running_var`` -> ``batch_stats`` ``mean`` / ``var``; ``num_batches_tracked``
-is dropped.
+is dropped. LayerNorm ``weight`` -> ``scale`` as BN's. Other leaves keep their name and PyTorch
+shape (ViT tokens and position tables: ``cls_token``, ``pos_embed``, T2T's fixed Performer ``w``);
+a module's ``buffers`` collection (fixed tensors of the state_dict, not trained) maps like
+``params``. pycls's CIFAR ResNet keys (``stem.conv``, ``s1.b1.f.a_bn``, ``head.fc``: the ViT
+students' ResNet-56 teacher) are renamed to the reference's (``conv1``, ``layer1.0.bn1``, ``fc``)
+first (:func:`rename_pycls_resnet`).
 """
 
 from __future__ import annotations
@@ -43,7 +49,9 @@ __all__ = [
 
 FORMAT_VERSION = 1
 
-_BN_LEAVES = {"scale": "weight", "bias": "bias"}
+_LEAVES = {"kernel": "weight", "scale": "weight", "bias": "bias"}
+#: Collections mapped leaf by leaf besides BatchNorm's statistics (``buffers``: fixed tensors).
+_PARAM_COLLECTIONS = ("params", "buffers")
 _STATS_LEAVES = {"mean": "running_mean", "var": "running_var"}
 
 
@@ -63,15 +71,15 @@ def _is_state_dict(obj: Any) -> bool:
 def load_torch_checkpoint(path: str | epath.PathLike) -> dict[str, np.ndarray]:
     """Read a ``torch.save`` file's state dict as ``{key: np.ndarray}`` (never imports torch).
 
-    Accepts a plain state dict or a dict wrapping one under ``"model"`` (mdistiller, CRD) or
-    ``"state_dict"``; other entries (epoch, optimizer state ...) are ignored. ``path`` may be local
-    or any ``etils.epath`` path (``gs://...``). Raises ``UnsafeCheckpointError`` (a ``ValueError``)
+    Accepts a plain state dict or a dict wrapping one under ``"model"`` (mdistiller, CRD),
+    ``"state_dict"`` or ``"model_state"`` (pycls); other entries (epoch, optimizer state ...) are
+    ignored. ``path`` may be local or any ``etils.epath`` path (``gs://...``). Raises ``UnsafeCheckpointError`` (a ``ValueError``)
     if the pickle references anything but tensors and plain containers, ``ValueError`` otherwise.
     """
     raw = epath.Path(path).read_bytes()
     obj = load_torch_file(raw)
     if isinstance(obj, Mapping):
-        for wrapper in ("model", "state_dict"):
+        for wrapper in ("model", "state_dict", "model_state"):
             if wrapper in obj and _is_state_dict(obj[wrapper]):
                 obj = obj[wrapper]
                 break
@@ -79,7 +87,7 @@ def load_torch_checkpoint(path: str | epath.PathLike) -> dict[str, np.ndarray]:
         keys = list(obj)[:8] if isinstance(obj, Mapping) else type(obj).__name__
         raise ValueError(
             f"{path} holds no state dict (found {keys}); expected a dict of tensors, possibly "
-            "under 'model' or 'state_dict'."
+            "under 'model', 'state_dict' or 'model_state'."
         )
     return dict(obj)
 
@@ -103,6 +111,18 @@ def _torch_shape(flax_leaf: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(shape)
 
 
+def _torch_key(path: Sequence[str], torch_leaf: str) -> str:
+    return f"{_torch_module_path(path)}.{torch_leaf}" if path else torch_leaf
+
+
+def _subtree(tree: Mapping[str, Any], path: Sequence[str]) -> Mapping[str, Any] | None:
+    for comp in path:
+        if not isinstance(tree, Mapping) or comp not in tree:
+            return None
+        tree = tree[comp]
+    return tree if isinstance(tree, Mapping) else None
+
+
 def _layout_from_variables(
     variables: Mapping[str, Any],
 ) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
@@ -110,25 +130,23 @@ def _layout_from_variables(
     stats = variables.get("batch_stats", {})
     layout: dict[str, tuple[tuple[str, ...], tuple[int, ...]]] = {}
 
-    def walk(node: Mapping[str, Any], path: tuple[str, ...]) -> None:
+    def walk(collection: str, node: Mapping[str, Any], path: tuple[str, ...]) -> None:
         leaves = {k: v for k, v in node.items() if not isinstance(v, Mapping)}
-        is_bn = "scale" in leaves
         for leaf, value in leaves.items():
-            torch_leaf = _BN_LEAVES[leaf] if is_bn else {"kernel": "weight", "bias": "bias"}[leaf]
-            key = f"{_torch_module_path(path)}.{torch_leaf}"
-            layout[key] = (("params", *path, leaf), _torch_shape(leaf, tuple(value.shape)))
-        if is_bn:
-            node_stats = stats
-            for comp in path:
-                node_stats = node_stats[comp]
+            key = _torch_key(path, _LEAVES.get(leaf, leaf))
+            layout[key] = ((collection, *path, leaf), _torch_shape(leaf, tuple(value.shape)))
+        node_stats = _subtree(stats, path) if collection == "params" and "scale" in leaves else None
+        if node_stats is not None:  # a BatchNorm
             for leaf, torch_leaf in _STATS_LEAVES.items():
-                key = f"{_torch_module_path(path)}.{torch_leaf}"
+                key = _torch_key(path, torch_leaf)
                 layout[key] = (("batch_stats", *path, leaf), tuple(node_stats[leaf].shape))
         for name, child in node.items():
             if isinstance(child, Mapping):
-                walk(child, (*path, name))
+                walk(collection, child, (*path, name))
 
-    walk(variables["params"], ())
+    for collection in _PARAM_COLLECTIONS:
+        if collection in variables:
+            walk(collection, variables[collection], ())
     return layout
 
 
@@ -143,17 +161,60 @@ def torch_layout(
     if num_classes is None:
         num_classes = models.default_num_classes(dataset)
     model = models.create(name, num_classes=num_classes, dataset=dataset)
-    return _layout_from_variables(models.abstract_variables(model))
+    hw = models.image_shape(dataset)[:2]
+    return _layout_from_variables(models.abstract_variables(model, image_hw=hw))
+
+
+_PYCLS_BLOCK = re.compile(r"^s(\d+)\.b(\d+)\.(.*)$")
+_PYCLS_IN_BLOCK = (
+    ("f.a_bn.", "bn1."), ("f.b_bn.", "bn2."), ("f.a.", "conv1."), ("f.b.", "conv2."),
+    ("proj.", "downsample.0."), ("bn.", "downsample.1."),
+)
+
+
+def rename_pycls_resnet(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """pycls's CIFAR ResNet keys -> the reference's (mdistiller's) keys; other keys unchanged.
+
+    ``stem.conv -> conv1``, ``stem.bn -> bn1``, ``sK.bJ -> layerK.(J-1)`` with ``f.a -> conv1``,
+    ``f.a_bn -> bn1``, ``f.b -> conv2``, ``f.b_bn -> bn2``, ``proj -> downsample.0``,
+    ``bn -> downsample.1``; ``head.fc -> fc`` (SPEC_VIT.md section 3: the same network).
+    """
+    out: dict[str, Any] = {}
+    for key, value in state_dict.items():
+        new = key
+        if key.startswith("stem.conv."):
+            new = "conv1." + key[len("stem.conv."):]
+        elif key.startswith("stem.bn."):
+            new = "bn1." + key[len("stem.bn."):]
+        elif key.startswith("head.fc."):
+            new = "fc." + key[len("head.fc."):]
+        elif m := _PYCLS_BLOCK.match(key):
+            rest = m.group(3)
+            for old, repl in _PYCLS_IN_BLOCK:
+                if rest.startswith(old):
+                    rest = repl + rest[len(old):]
+                    break
+            new = f"layer{m.group(1)}.{int(m.group(2)) - 1}.{rest}"
+        out[new] = value
+    return out
 
 
 def _clean_state_dict(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
     sd = {k: np.asarray(v) for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
     if sd and all(k.startswith("module.") for k in sd):  # saved from nn.DataParallel
         sd = {k[len("module.") :]: v for k, v in sd.items()}
+    if "stem.conv.weight" in sd and "head.fc.weight" in sd:  # pycls's ResNet
+        sd = rename_pycls_resnet(sd)
     return sd
 
 
+_CLASSIFIER_KEYS = ("fc.weight", "head.weight", "classifier.weight")
+
+
 def _infer_num_classes(sd: Mapping[str, np.ndarray], name: str) -> int:
+    for key in _CLASSIFIER_KEYS:
+        if key in sd and sd[key].ndim == 2:
+            return int(sd[key].shape[0])
     linear = [k for k, v in sd.items() if v.ndim == 2]
     if len(linear) != 1:
         raise ValueError(
@@ -201,6 +262,7 @@ def from_torch_state_dict(
         f"{name}",
     )
     variables: dict[str, Any] = {"params": {}, "batch_stats": {}}
+    variables.update({path[0]: {} for path, _ in layout.values() if path[0] not in variables})
     for key, (path, _) in layout.items():
         value = sd[key].astype(np.float32)
         leaf = path[-1]

@@ -26,10 +26,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from zkd_jax.models.deit import DeiT
 from zkd_jax.models.mobilenet import MobileNetV1, MobileNetV2
+from zkd_jax.models.pit import PiT
+from zkd_jax.models.pvt import PVT
 from zkd_jax.models.resnet import ResNet
 from zkd_jax.models.resnet_cifar import ResNetCifar
 from zkd_jax.models.shufflenet import ShuffleNetV1, ShuffleNetV2
+from zkd_jax.models.t2t import T2TViT
 from zkd_jax.models.variables import check_variables, count_params, flatten
 from zkd_jax.models.vgg import VGG, VGG_CONFIGS
 from zkd_jax.models.wrn import WideResNet
@@ -79,12 +83,23 @@ _IMAGENET: dict[str, Callable[..., nn.Module]] = {
     "MobileNetV1": MobileNetV1,
 }
 
+#: The ViT students of the paper's third experiment (SPEC_VIT.md): CIFAR upsampled to 224 px. Their
+#: teacher is the 32-px ``cifar100`` ``resnet56``. DeiT returns its class head in train mode and
+#: the mean of both heads in eval mode; ``return_heads=True`` gives ``{"cls", "dist"}``.
+_VIT_224: dict[str, Callable[..., nn.Module]] = {
+    "deit_ti": DeiT,
+    "t2t_vit_7": T2TViT,
+    "pit_ti": PiT,
+    "pvt_ti": PVT,
+}
+
 #: dataset -> (registry, image shape HWC, default number of classes). ``cifar10`` shares the
 #: CIFAR architectures.
 DATASETS: dict[str, tuple[dict[str, Callable[..., nn.Module]], tuple[int, int, int], int]] = {
     "cifar100": (_CIFAR, (32, 32, 3), 100),
     "cifar10": (_CIFAR, (32, 32, 3), 10),
     "imagenet": (_IMAGENET, (224, 224, 3), 1000),
+    "cifar100_224": (_VIT_224, (224, 224, 3), 100),
 }
 
 
@@ -100,7 +115,8 @@ def names(dataset: str = "cifar100") -> list[str]:
 
 
 def image_shape(dataset: str = "cifar100") -> tuple[int, int, int]:
-    """The ``(H, W, C)`` the reference feeds its models: 32x32 for CIFAR, 224x224 for ImageNet."""
+    """The ``(H, W, C)`` the reference feeds its models: 32x32 for CIFAR, 224x224 for ImageNet and
+    for the ViT students (``cifar100_224``)."""
     return _dataset_entry(dataset)[1]
 
 
@@ -137,8 +153,10 @@ def create(
 def abstract_variables(model: nn.Module, image_hw: tuple[int, int] = (32, 32)) -> dict[str, Any]:
     """``{"params", "batch_stats"}`` of ``model`` as ``jax.ShapeDtypeStruct`` leaves (no compute).
 
-    Parameter shapes do not depend on the image size of these globally pooled models; ``image_hw``
-    only has to be large enough for the architecture (32x32 suits all of them).
+    Parameter shapes do not depend on the image size of the globally pooled CNNs; ``image_hw``
+    only has to be large enough for the architecture (32x32 suits all of them). The ViT students
+    (``cifar100_224``) need their own size (224x224: position tables) and have a ``buffers``
+    collection (T2T's fixed tensors).
     """
     x = jax.ShapeDtypeStruct((1, *image_hw, 3), jnp.float32)
     order: list[str] = []
