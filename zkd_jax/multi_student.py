@@ -78,6 +78,12 @@ def student_specs(config) -> list[StudentSpec]:
       ValueError: an entry without a seed, an override the method does not have, or ``name``.
     """
     entries = config.get("students") or ()
+    if config.get("sweep"):
+        from zkd_jax.configs import sweep  # pylint: disable=import-outside-toplevel
+
+        if entries:
+            raise ValueError("set config.students or config.sweep, not both.")
+        entries = sweep.expand(config.sweep, default_seed=int(config.get("seed", 0)))
     base = dict(config.method.to_dict() if hasattr(config.method, "to_dict") else config.method)
     specs = []
     for k, entry in enumerate(entries):

@@ -190,7 +190,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
       ValueError: a config a user can fix (batch size vs device count, teacher checkpoint, ...).
       NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
     """
-    if config.get("students"):  # several students in one program: zkd_jax.train_multi
+    if config.get("students") or config.get("sweep"):  # K students: zkd_jax.train_multi
         from zkd_jax import train_multi
 
         return train_multi.train_students(config, workdir)

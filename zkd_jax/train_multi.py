@@ -40,6 +40,8 @@ def student_config(config: ml_collections.ConfigDict, spec) -> ml_collections.Co
         c.seed = spec.seed
         c.method = ml_collections.ConfigDict(spec.method)
         c.students = ()
+        if "sweep" in c:
+            c.sweep = ""
     return c
 
 
