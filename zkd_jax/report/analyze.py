@@ -122,6 +122,9 @@ def plot_moments(logits: dict[str, np.ndarray], path: str) -> str:
             ax.scatter(m["mean"], m["std"], s=4, alpha=0.5, color=f"C{i}", label=name)
         ax.set_xlabel("per-sample logit mean")
         ax.set_ylabel("per-sample logit std")
+        if fn is standardize:  # every sample at (0, 1) up to rounding: show it on a unit scale
+            ax.set_xlim(-1.0, 1.0)
+            ax.set_ylim(0.0, 2.0)
         ax.set_title(title, fontsize=9)
         ax.legend(fontsize=7, markerscale=3)
         ax.grid(alpha=0.3)
