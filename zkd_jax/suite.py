@@ -64,7 +64,8 @@ def train_suite(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> d
 DIGITS_NOTE = (
     "5 epochs on 1,500 digit images (297 test images): this shows that training, distillation and "
     "logit standardization run end to end, not which method is better. With one seed per method a "
-    "gap between KD and KD+LS is within seed-to-seed noise; the paper's claim is about CIFAR-100 "
+    "gap between KD and KD+LS is not a result (this run does not measure the spread over seeds); "
+    "the paper's claim is about CIFAR-100 "
     "and ImageNet after 240 / 100 epochs, mean of 4 runs. Over seeds: --config.sweep='seed=0,1,2' "
     "(one K-student program per method), then zkd-report WORKDIR.")
 
