@@ -252,6 +252,9 @@ def base_config() -> ml_collections.ConfigDict:
     # tuple of dicts {"seed": int, optional method settings such as "temperature", "kd_weight"};
     # empty: one student. Outputs go to WORKDIR/student_<k>/.
     c.students = ()
+    # A grid of students instead of listing them (zkd_jax.configs.sweep), e.g.
+    # "temperature=2,3 kd_weight=3,6,9,12,15 seed=0,1"; "" for none.
+    c.sweep = ""
     c.students_form = "loop"  # how K students are mapped: loop, vmap, vmap_matmul (multi_student)
     c.paper = ml_collections.ConfigDict(
         dict(source=PAPER, settings=(), defaulted=(), top1=optional(float))

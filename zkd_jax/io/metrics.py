@@ -2,9 +2,13 @@
 
 * ``metrics.jsonl``: one JSON object per evaluation: ``epoch``, ``step``, ``lr``, the epoch's mean
   train loss terms (``train_loss``, ``train_ce``, ``train_kd``, ...), ``top1``, ``top5`` (test, %),
-  ``images_per_sec`` (training throughput of the epoch) and ``time``.
+  ``images_per_sec`` (training throughput of the epoch), ``epoch_seconds`` (training time of the
+  epoch), ``eval_seconds`` (its evaluation) and ``run`` (the run's identity, ``run_identity``).
 * TensorBoard event files (tensorboardX; no TensorFlow) with the same scalars.
-* ``summary.json``: ``best_top1``, ``best_epoch``, ``last_top1``, ``last_epoch`` and the config.
+* ``summary.json``: ``best_top1``, ``best_epoch``, ``last_top1``, ``last_epoch``, the run's
+  identity (``run``: dataset, method, teacher, student, seed; also ``seed``), ``wall_seconds``
+  (training and evaluation, summed over the epochs of ``metrics.jsonl``), ``images_per_sec``
+  (median epoch) and the config.
 
 Only process 0 writes. Paths go through ``etils.epath`` (``gs://`` works); files are rewritten whole
 rather than appended, which object stores support.
@@ -72,6 +76,31 @@ class MetricsWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def run_identity(config: Mapping[str, Any]) -> dict[str, Any]:
+    """What names a run (a ``config.to_dict()``): dataset, method (``kd``, ``kd_ls``, ...,
+    ``teacher``), teacher and student architectures and the seed."""
+    method = dict(config.get("method") or {})
+    name = str(method.get("name"))
+    label = "teacher" if name == "ce" else (f"{name}_ls" if method.get("standardize") else name)
+    return {"dataset": config.get("dataset"), "method": label,
+            "teacher": None if name == "ce" else (config.get("teacher") or {}).get("arch"),
+            "student": (config.get("student") or {}).get("arch"), "seed": config.get("seed")}
+
+
+def run_totals(records: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """``wall_seconds`` (sum of the records' ``epoch_seconds`` + ``eval_seconds``) and
+    ``images_per_sec`` (median over the records) of a run's metrics records."""
+    rates = sorted(float(r["images_per_sec"]) for r in records
+                   if isinstance(r.get("images_per_sec"), (int, float)))
+    wall = sum(float(r.get("epoch_seconds", 0.0)) + float(r.get("eval_seconds", 0.0))
+               for r in records)
+    median = None
+    if rates:
+        mid = len(rates) // 2
+        median = rates[mid] if len(rates) % 2 else 0.5 * (rates[mid - 1] + rates[mid])
+    return {"wall_seconds": wall if records else None, "images_per_sec": median}
 
 
 def write_summary(workdir: epath.PathLike, summary: Mapping[str, Any]) -> None:

@@ -218,13 +218,17 @@ def run_epochs(
     last = [{"top1": m.get("last_top1"), "epoch": m.get("last_epoch", 0)} for m in cohort.metas]
     writers = [metrics_io.MetricsWriter(d, enabled=is_main, resume_step=step) for d in dirs]
     names = [workdir.name] if num == 1 else [f"{workdir.name}/{d.name}" for d in dirs]
+    identities = [{"run": metrics_io.run_identity(f["config"])} for f in cohort.summary_fields]
+    for ident in identities:
+        ident["seed"] = ident["run"]["seed"]
 
     def summaries(finished: bool) -> list[dict]:
         out = [{
             "best_top1": best[k]["top1"] if best[k]["epoch"] else None,
             "best_epoch": best[k]["epoch"], "last_top1": last[k]["top1"],
             "last_epoch": last[k]["epoch"], "step": step, "finished": finished,
-            "paper_top1": settings.paper_top1, **cohort.summary_fields[k],
+            "paper_top1": settings.paper_top1, **identities[k],
+            **metrics_io.run_totals(writers[k].records), **cohort.summary_fields[k],
         } for k in range(num)]
         if is_main:
             for d, s in zip(dirs, out):
@@ -310,8 +314,10 @@ def run_epochs(
             if epoch % settings.eval_every_epochs == 0 or epoch == settings.epochs:
                 lr = settings.lr_for_epoch(epoch)
                 for k in range(num):
+                    eval_start = time.perf_counter()
                     variables = student_variables(cohort.student_state(cohort.state, k))
                     result = evaluate(eval_step, variables, feed)
+                    result["eval_seconds"] = time.perf_counter() - eval_start
                     last[k].update(top1=result["top1"], epoch=epoch)
                     is_best[k] = result["top1"] > best[k]["top1"]
                     if is_best[k]:
@@ -320,7 +326,7 @@ def run_epochs(
                               **{f"train_{n}": v for n, v in trackers[k].means().items()
                                  if n != "lr"},
                               **result, "images_per_sec": images_per_sec,
-                              "epoch_seconds": seconds}
+                              "epoch_seconds": seconds, "run": identities[k]["run"]}
                     writers[k].write(record)
                     log_main(f"{names[k]} epoch {epoch}/{settings.epochs}: loss "
                              f"{record['train_loss']:.4f} top1 {result['top1']:.2f} top5 "

@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 
 from zkd_jax import methods as methods_lib
+from zkd_jax.configs import sweep
 from zkd_jax.methods import Method
 
 STUDENT_DIR = "student_{}"
@@ -40,6 +41,10 @@ def student_specs(config) -> list[StudentSpec]:
       ValueError: an entry without a seed, an override the method does not have, or ``name``.
     """
     entries = config.get("students") or ()
+    if config.get("sweep"):
+        if entries:
+            raise ValueError("set config.students or config.sweep, not both.")
+        entries = sweep.expand(config.sweep, default_seed=int(config.get("seed", 0)))
     base = dict(config.method.to_dict() if hasattr(config.method, "to_dict") else config.method)
     specs = []
     for k, entry in enumerate(entries):
@@ -87,6 +92,8 @@ def student_config(config: ml_collections.ConfigDict, spec) -> ml_collections.Co
         c.seed = spec.seed
         c.method = ml_collections.ConfigDict(spec.method)
         c.students = ()
+        if "sweep" in c:
+            c.sweep = ""
     return c
 
 

@@ -1,0 +1,53 @@
+"""``zkd-report``: tables and curves of the runs under some directories (reads files only).
+
+    zkd-report workdir/demo                                 # -> workdir/demo/report/
+    zkd-report runs/ --out=report --layout=paper --reference-logs=ref/logs
+
+Finds every run below the RUN_DIRs (single runs, K-student programs, the demo suite), groups them
+by (dataset, method, teacher, student, settings except the seed) and writes ``table.md``,
+``table.csv``, ``table.json``, ``curves_*.png`` and, for a sweep, ``sweep_*.png`` into ``--out``
+(``zkd_jax.report.make_report``); prints the table. Needs neither TensorFlow nor the network.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags
+
+_OUT = flags.DEFINE_string("out", None, "Output directory (default: FIRST_RUN_DIR/report).")
+_REFERENCE = flags.DEFINE_string(
+    "reference-logs", None,
+    "Directory of the reference's training logs (mdistiller worklogs or CTKD JSON lines); their "
+    "curves are drawn beside the runs of the same method and pair.")
+_LAYOUT = flags.DEFINE_enum(
+    "layout", "runs", ["runs", "paper"],
+    "runs: one row per group; paper: rows methods (with and without LS), columns pairs.")
+_FIGURES = flags.DEFINE_boolean("figures", True, "Write the PNG figures.")
+
+
+def main(argv: list[str]) -> None:
+    paths = argv[1:]
+    if not paths:
+        raise app.UsageError("give at least one RUN_DIR: zkd-report RUN_DIR... [--out DIR]")
+    from zkd_jax.report import make_report  # after flag parsing: keeps --help fast
+
+    out = _OUT.value or os.path.join(paths[0], "report")
+    try:
+        result = make_report(paths, out, reference_logs=_REFERENCE.value, layout=_LAYOUT.value,
+                             figures=_FIGURES.value)
+    except ValueError as err:
+        print(f"zkd-report: error: {err}", file=sys.stderr)
+        sys.exit(1)
+    print(result["text"])
+    print(f"\nwrote {len(result['files'])} files to {out}")
+
+
+def run() -> None:
+    """The ``zkd-report`` entry point."""
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,102 @@
+"""``write_analysis(teacher_dir, student_dirs, out)``: what ``zkd-analyze`` writes, as a function.
+
+On the split of the runs' dataset it computes the logits and pooled features of the teacher and
+of every student (``zkd_jax.report.logits``) and writes into ``out``:
+
+* ``analysis.json``: per model its accuracy and logit moments (raw and Z-scored); per student the
+  top-1 agreement with the teacher, KL(teacher || student) at T = 1 on raw and on standardized
+  logits and the mean class-correlation difference (``zkd_jax.report.analyze``);
+* ``logit_moments.png``; per student ``hist2d_<name>.png`` and ``corr_diff_<name>.png``;
+  ``tsne.png`` (pooled features of every model);
+* ``logits.npz``: the logits, labels and features the numbers were computed from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any
+
+import numpy as np
+
+from zkd_jax.report import analyze
+from zkd_jax.report.logits import forward, load_model, load_split, model_dirs
+
+
+def _unique_names(paths: list[str]) -> list[str]:
+    names = [os.path.basename(os.path.normpath(p)) for p in paths]
+    if len(set(names)) < len(names):  # e.g. student_0 of two K-student runs
+        names = ["/".join(os.path.normpath(p).split(os.sep)[-2:]) for p in paths]
+    return names
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", text)
+
+
+def statistics(teacher: np.ndarray, students: dict[str, np.ndarray],
+               labels: np.ndarray | None = None) -> dict[str, Any]:
+    """The numbers of ``analysis.json`` from logits alone (``[N, C]`` each)."""
+    models = {"teacher": teacher, **students}
+    out: dict[str, Any] = {"models": {}, "students": {}}
+    for name, x in models.items():
+        entry = {"moments": analyze.moments_summary(x)}
+        if labels is not None:
+            entry["top1"] = analyze.accuracy(x, labels)
+        out["models"][name] = entry
+    for name, s in students.items():
+        out["students"][name] = analyze.compare(teacher, s)
+    return out
+
+
+def write_analysis(teacher_dir: str, student_dirs: list[str], out: str, *, split: str = "test",
+                   dataset: str | None = None, tsne_samples: int = 2000, limit: int = 0,
+                   figures: bool = True) -> dict[str, Any]:
+    """Writes the analysis files (module docstring) into ``out``; returns the statistics.
+
+    Raises:
+      ValueError: a directory without ``export/``, or no dataset known (pass ``dataset``).
+    """
+    teacher = load_model(model_dirs(teacher_dir)[0], "teacher")
+    paths = [p for d in student_dirs for p in model_dirs(d)]
+    if not paths:
+        raise ValueError("pass at least one --student DIR (a finished student run).")
+    names = _unique_names(paths)
+    students = [load_model(p, n) for p, n in zip(paths, names)]
+    dataset = dataset or teacher.dataset or next((s.dataset for s in students if s.dataset), None)
+    if dataset is None:
+        raise ValueError("the runs' summary.json is missing, so their dataset is unknown; pass "
+                         "--dataset (digits, cifar100, imagenet2012).")
+    images, labels = load_split(dataset, split, limit)
+    logits, features = {}, {}
+    for m in [teacher, *students]:
+        logits[m.name], features[m.name] = forward(m, images)
+    stats = statistics(logits["teacher"], {s.name: logits[s.name] for s in students}, labels)
+    stats.update(dataset=dataset, split=split, examples=int(labels.shape[0]),
+                 teacher_dir=teacher_dir, student_dirs=dict(zip(names, paths)))
+    os.makedirs(out, exist_ok=True)
+    files = [os.path.join(out, "analysis.json"), os.path.join(out, "logits.npz")]
+    np.savez_compressed(files[1], labels=labels,
+                        **{f"logits/{k}": v for k, v in logits.items()},
+                        **{f"features/{k}": v for k, v in features.items()})
+    if figures:
+        files.append(analyze.plot_moments(logits, os.path.join(out, "logit_moments.png")))
+        for s in students:
+            files.append(analyze.plot_histogram2d(
+                logits["teacher"], logits[s.name], s.name,
+                os.path.join(out, f"hist2d_{_slug(s.name)}.png")))
+            files.append(analyze.plot_correlation_difference(
+                logits["teacher"], logits[s.name], s.name,
+                os.path.join(out, f"corr_diff_{_slug(s.name)}.png")))
+        rng = np.random.default_rng(0)
+        n = labels.shape[0]
+        pick = np.sort(rng.choice(n, tsne_samples, replace=False)) if 0 < tsne_samples < n \
+            else np.arange(n)
+        embeddings = {k: analyze.tsne(v[pick]) for k, v in features.items()}
+        files.append(analyze.plot_tsne(embeddings, labels[pick], os.path.join(out, "tsne.png")))
+    stats["files"] = [os.path.basename(f) for f in files]
+    with open(files[0], "w", encoding="utf-8") as f:
+        json.dump(stats, f, indent=2)
+        f.write("\n")
+    return stats
