@@ -38,3 +38,13 @@ def test_base_and_teacher_configs():
 def test_bad_arguments(arg):
     with pytest.raises(ValueError):
         cifar100_vit.get_config(arg)
+
+
+def test_trainer_refuses_the_vit_recipe_with_one_clear_message(tmp_path):
+    from zkd_jax.configs import cifar100_vit
+    from zkd_jax.trainer import train_and_evaluate
+
+    config = cifar100_vit.get_config("kd_ls,resnet56,deit_ti")
+    with pytest.raises(ValueError, match="not wired into the trainer yet"):
+        train_and_evaluate(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
