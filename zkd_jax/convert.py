@@ -29,7 +29,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from zkd_jax import models, paths
+from zkd_jax import manifest, models, paths
 from zkd_jax.torch_pickle import UnsafeCheckpointError, load_torch_file
 
 __all__ = [
@@ -257,6 +257,8 @@ def save_variables(
         raise ValueError(
             f"{path} already exists; choose a new directory or pass overwrite=True (--force)."
         ) from None
+    if jax.process_index() == 0:
+        manifest.write(path)  # checksums of the committed files (zkd_jax.manifest)
 
 
 def load_variables(directory: str | epath.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -266,6 +268,10 @@ def load_variables(directory: str | epath.PathLike) -> tuple[dict[str, Any], dic
     shard them yourself); ``metadata`` has ``arch``, ``dataset``, ``num_classes``. To check them
     against a model:
     ``models.check_variables(models.abstract_variables(model), variables, what=...)``.
+
+    A directory with a manifest (``zkd_jax.manifest``; ``save_variables`` writes one) is verified
+    first: a missing, truncated or altered file raises one ``ValueError``, as any other failure to
+    read it does.
     """
     path = paths.absolute(directory)
     if not (path / "metadata").exists() or not (path / "variables").exists():
@@ -273,6 +279,17 @@ def load_variables(directory: str | epath.PathLike) -> tuple[dict[str, Any], dic
             f"{path} is not a zkd_jax variables checkpoint (no 'metadata' and 'variables' items); "
             "write one with zkd-convert or save_variables."
         )
+    damage = manifest.verify(path) if manifest.has_manifest(path) else None
+    if damage is not None:
+        raise ValueError(f"{path} is damaged ({damage}); convert or export it again.")
+    try:
+        return _restore_variables(path)
+    except Exception as err:  # pylint: disable=broad-except  (tensorstore / orbax on bad files)
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path} cannot be read ({first}); convert or export it again.") from err
+
+
+def _restore_variables(path: epath.Path) -> tuple[dict[str, Any], dict[str, Any]]:
     ocp, ckptr = _checkpointer()
     tree = ckptr.metadata(path).item_metadata["variables"].tree
     # Every leaf onto one local device, whatever sharding it was saved with (a teacher trained on 8
@@ -314,11 +331,14 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         help="number of classes (default: read from the classifier's weight)",
     )
     p.add_argument("--force", action="store_true", help="overwrite an existing DST")
+    p.add_argument("--verbose", action="store_true", help="show the traceback of an error too")
     return p.parse_args(argv)
 
 
 def run(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``zkd-convert``; returns the exit status (0 on success, 2 on a user error)."""
+    from zkd_jax.cli import errors  # noqa: PLC0415
+
     args = _parse(argv)
     try:
         sd = load_torch_checkpoint(args.src)
@@ -334,9 +354,13 @@ def run(argv: Sequence[str] | None = None) -> int:
             num_classes=num_classes,
             overwrite=args.force,
         )
-    except (ValueError, FileNotFoundError) as e:
-        print(f"zkd-convert: error: {e}", file=sys.stderr)
-        return 2
+    except errors.user_errors() as e:
+        if errors.show_traceback(args.verbose):
+            import traceback  # noqa: PLC0415
+
+            traceback.print_exc()
+        print(f"zkd-convert: error: {errors.one_line(e)}", file=sys.stderr)
+        return errors.EXIT_CODE
     n = models.count_params(variables)
     print(
         f"zkd-convert: wrote {args.arch} ({args.dataset}, {num_classes} classes, {n:,} parameters) "

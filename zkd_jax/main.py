@@ -8,18 +8,21 @@
 
 A config with a non-empty ``suite`` (the demo) trains its teacher and each listed student
 (``train_suite``); any other config is one run (``train_and_evaluate``). A run started in a workdir
-that holds checkpoints resumes. Errors a user can fix end with one line ``zkd-train: error: ...``.
+that holds checkpoints resumes. Errors a user can fix end with one line ``zkd-train: error: ...``
+and exit code 2 (``zkd_jax.cli.errors``); ``--verbose`` or ``ZKD_TRACEBACK=1`` adds the traceback.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 import zkd_jax.configs
+from zkd_jax.cli import errors
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(zkd_jax.configs.__file__), "demo.py")
 
@@ -47,6 +50,8 @@ def _define_flags() -> None:
         "workdir", None, "Directory (local or gs://) for checkpoints, metrics and the summary.",
         required=True,
     )
+    _FLAGS["verbose"] = flags.DEFINE_bool(
+        "verbose", False, f"Show the traceback of an error too (as {errors.TRACEBACK_ENV}=1 does).")
 
 
 def _exit_unknown_field(err: BaseException) -> None:
@@ -63,16 +68,17 @@ def main(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
     from zkd_jax import suite, train  # after flag parsing: keeps --help fast
 
-    config = _FLAGS["config"].value
-    workdir = _FLAGS["workdir"].value
-    try:
-        if len(config.get("suite", {})):
+    with errors.reported("zkd-train", verbose=_FLAGS["verbose"].value):
+        try:
+            config = _FLAGS["config"].value
+            is_suite = bool(len(config.get("suite", {})))
+        except OSError as err:  # config_flags defers a missing/broken --config file to here
+            raise ValueError(f"cannot load the --config file: {_root_cause(err)}") from err
+        workdir = _FLAGS["workdir"].value
+        if is_suite:
             suite.train_suite(config, workdir)
         else:
             train.train_and_evaluate(config, workdir)
-    except (ValueError, train.NonFiniteLossError) as err:
-        print(f"zkd-train: error: {err}", file=sys.stderr)
-        sys.exit(1)
 
 
 def _root_cause(err: BaseException) -> BaseException:
@@ -94,8 +100,11 @@ def _parse_flags(argv: list[str]) -> list[str]:
     except flags.Error as err:
         cause = _root_cause(err)
         message = str(cause) if isinstance(cause, (ValueError, TypeError)) else str(err)
-        print(f"zkd-train: error: {message}", file=sys.stderr)
-        sys.exit(2)
+        field = re.match(r"flag --(config\.[\w.]+)=(.*?): ", str(err))
+        if field:  # a --config.FIELD=VALUE of the wrong type: name the field
+            message = (f"--{field.group(1)}={field.group(2)} is not a valid value of "
+                       f"{field.group(1)} ({message}).")
+        errors.fail("zkd-train", message)
     except (AttributeError, KeyError) as err:  # --config.FIELD=... for a field the config lacks
         _exit_unknown_field(err)
 

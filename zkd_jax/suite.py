@@ -14,16 +14,18 @@ import ml_collections
 from etils import epath
 
 from zkd_jax import checkpoint as ckpt_lib
-from zkd_jax import metrics_io, paths
+from zkd_jax import metrics_io, paths, workdir_lock
 from zkd_jax.train import (
     TEACHER_SUBDIR,
     initialize_distributed,
+    prepare_run,
     log_main,
     teacher_recipe,
     train_and_evaluate,
 )
 
 
+@workdir_lock.holds_workdir(before=prepare_run)
 def train_suite(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict[str, dict]:
     """A teacher (``workdir/teacher``) and one student per ``config.suite`` entry (``workdir/NAME``).
 

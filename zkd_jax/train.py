@@ -28,7 +28,8 @@ from etils import epath
 
 from zkd_jax import checkpoint as ckpt_lib
 from zkd_jax import feed as feed_lib
-from zkd_jax import methods, optim, paths, scan_steps
+from zkd_jax import methods, optim, paths, scan_steps, workdir_lock
+from zkd_jax.configs import validate
 from zkd_jax.epoch_loop import (
     Cohort,
     NonFiniteLossError,
@@ -58,6 +59,14 @@ def initialize_distributed(config: ml_collections.ConfigDict) -> None:
         enabled=d.get("enabled", "auto"), coordinator_address=d.get("coordinator_address"),
         num_processes=d.get("num_processes"), process_id=d.get("process_id"),
     )
+
+
+def prepare_run(config: ml_collections.ConfigDict) -> None:
+    """Before a run takes its workdir: the config checked (``zkd_jax.configs.validate``), then
+    ``jax.distributed`` started where asked."""
+    validate.check_config(config, devices=0)  # device counts: checked after the backend starts
+    initialize_distributed(config)
+    validate.check_config(config)
 
 
 def _image_shape(info) -> tuple[int, int, int]:
@@ -176,6 +185,7 @@ def make_feed(config: ml_collections.ConfigDict, mesh, views) -> feed_lib.Feed:
     )
 
 
+@workdir_lock.holds_workdir(before=prepare_run)
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict:
     """Trains ``config.student`` with ``config.method`` in ``workdir``; returns the summary.
 
