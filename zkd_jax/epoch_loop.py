@@ -354,7 +354,6 @@ def run_epochs(
                 break
             images_per_sec = (step - start_step) * config.batch_size / max(seconds, 1e-9)
             is_best = [False] * num
-            records: list[dict | None] = [None] * num
             if epoch % config.eval_every_epochs == 0 or epoch == config.epochs:
                 lr = optim.lr_for_epoch(epoch, lr=opt.lr, milestones=opt.milestones,
                                         decay_rate=opt.decay_rate)

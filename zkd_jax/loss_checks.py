@@ -8,9 +8,9 @@ What is checked and when:
   ``labels`` of shape ``[...]`` (the logits' leading axes); ``where`` boolean of shape ``[...]``;
 * values are checked only when they are concrete (eager calls, Python numbers): a temperature
   must be finite and > 0, labels must lie in ``[0, C)``. Under ``jit`` a traced temperature or
-  traced labels are not inspected: a temperature <= 0 then gives NaN/inf or a meaningless loss,
-  and an out-of-range label is clipped to ``[0, C - 1]`` by ``take_along_axis`` (cross-entropy)
-  or matches no class (DKD's one-hot is all zero). Check such values before the jitted call
+  traced labels are not inspected: a temperature <= 0 then gives a meaningless loss (and NaN
+  gradients), cross-entropy reads a label -1 as class ``C - 1`` and gives NaN for a label >= C,
+  and DKD's one-hot of an out-of-range label is all zero. Check such values before the jitted call
   (the trainer validates its config, ``zkd_jax.configs.validate``, and the labels come from the
   data pipeline).
 
