@@ -1,8 +1,10 @@
 """Distillation losses on logits: KD, DKD, MLKD, CTKD, each with optional logit standardization.
 
 Every function here is pure, jit/vmap/grad-safe (no Python control flow on values) and imports
-nothing but JAX (and ``zkd_jax.tempered_kl``, KD's per-row primitive, which imports only JAX and
-NumPy). Logits may carry any number of leading axes (``[batch, classes]`` for vision,
+nothing but JAX (and ``zkd_jax.tempered_kl``, KD's per-row primitive, and ``zkd_jax.loss_checks``,
+which import only JAX and NumPy). Arguments are checked by ``zkd_jax.loss_checks``: shapes and
+dtypes always (also while ``jit`` traces), values (temperature > 0, labels in ``[0, C)``) only
+when concrete; under ``jit`` a traced bad value is not detected (see that module). Logits may carry any number of leading axes (``[batch, classes]`` for vision,
 ``[batch, seq, vocab]`` for language models) where stated; the class axis is the last one.
 Inputs in bfloat16 or float16 are computed in float32 and the result is float32; float64 inputs
 (with ``jax_enable_x64``) stay float64, which is how the tests compare against the reference.
@@ -23,6 +25,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from zkd_jax import loss_checks as _checks
 from zkd_jax.tempered_kl import kl_terms, tau2_kl_rows
 
 Array = jax.Array
@@ -109,6 +112,7 @@ def cross_entropy(logits: Array, labels: Array, *, where: Array | None = None) -
       labels: integer ``[...]``.
       where: optional boolean ``[...]``; masked rows do not count.
     """
+    _checks.check_ce_args(logits, labels, where)
     log_p = jax.nn.log_softmax(_as_float(logits), axis=-1)
     nll = -jnp.take_along_axis(log_p, jnp.asarray(labels)[..., None].astype(jnp.int32), axis=-1)
     return _masked_mean(nll[..., 0], where)
@@ -141,6 +145,7 @@ def kd_loss(
     Returns:
       Scalar loss (float32; float64 for float64 inputs).
     """
+    _checks.check_kd_args(student_logits, teacher_logits, temperature, where)
     s = _maybe_standardize(student_logits, standardize)
     t = _maybe_standardize(jax.lax.stop_gradient(teacher_logits), standardize)
     tau = jnp.asarray(temperature, dtype=s.dtype)
@@ -184,6 +189,7 @@ def dkd_loss(
       standardize: logit standardization of both models first.
       where: optional boolean mask over the leading axes, as in :func:`kd_loss`.
     """
+    _checks.check_dkd_args(student_logits, teacher_logits, labels, temperature, where)
     s = _maybe_standardize(student_logits, standardize)
     t = _maybe_standardize(jax.lax.stop_gradient(teacher_logits), standardize)
     tau = jnp.asarray(temperature, dtype=s.dtype)
@@ -202,6 +208,7 @@ def dkd_loss(
 
 
 def _softmax_pair(student_logits: Array, teacher_logits: Array, temperature) -> tuple[Array, Array]:
+    _checks.check_kd_args(student_logits, teacher_logits, temperature, None)
     s = _as_float(student_logits)
     t = _as_float(jax.lax.stop_gradient(teacher_logits))
     tau = jnp.asarray(temperature, dtype=s.dtype)
@@ -271,6 +278,8 @@ def mlkd_loss(
     Returns:
       dict with scalar ``ce``, ``kd``, ``cc``, ``bc`` and ``total`` (their sum).
     """
+    _checks.check_mlkd_args(student_weak, student_strong, teacher_weak, teacher_strong, labels,
+                            temperature)
     temps = (float(temperature),) + MLKD_EXTRA_TEMPERATURES
     p_teacher = jax.nn.softmax(_as_float(jax.lax.stop_gradient(teacher_weak)), axis=-1)
     conf = jnp.mean(_at_or_below_median(jnp.max(p_teacher, axis=-1)))

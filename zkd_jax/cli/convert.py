@@ -3,17 +3,19 @@
     zkd-convert SRC.pth DST_DIR --arch NAME [--dataset cifar100|imagenet] [--num-classes N] [--force]
 
 absl flags, like ``zkd-train``. Exit status 0 on success, 2 on an error a user can fix (one line
-``zkd-convert: error: ...`` on stderr).
+``zkd-convert: error: ...`` on stderr; ``--verbose`` or ``ZKD_TRACEBACK=1`` adds the traceback).
 """
 
 from __future__ import annotations
 
 import sys
+import traceback
 from collections.abc import Sequence
 
 from absl import flags
 
 from zkd_jax import models
+from zkd_jax.cli import errors
 from zkd_jax.io import convert
 
 PROG = "zkd-convert"
@@ -34,13 +36,14 @@ def _flag_values() -> flags.FlagValues:
                          "number of classes (default: read from the classifier's weight)",
                          flag_values=fv)
     flags.DEFINE_boolean("force", False, "overwrite an existing DST", flag_values=fv)
+    flags.DEFINE_boolean("verbose", False, "show the traceback of an error too", flag_values=fv)
     flags.DEFINE_boolean("help", False, "show this help", short_name="h", flag_values=fv)
     return fv
 
 
 def _error(message: str) -> int:
     print(f"{PROG}: error: {message}", file=sys.stderr)
-    return 2
+    return errors.EXIT_CODE
 
 
 def run(argv: Sequence[str] | None = None) -> int:
@@ -67,8 +70,10 @@ def run(argv: Sequence[str] | None = None) -> int:
                                                   num_classes=num_classes)
         convert.save_variables(dst, variables, arch=fv.arch, dataset=fv.dataset,
                                num_classes=num_classes, overwrite=fv.force)
-    except (ValueError, FileNotFoundError) as err:
-        return _error(str(err))
+    except errors.user_errors() as err:
+        if errors.show_traceback(fv.verbose):
+            traceback.print_exc()
+        return _error(errors.one_line(err))
     n = models.count_params(variables)
     print(f"{PROG}: wrote {fv.arch} ({fv.dataset}, {num_classes} classes, {n:,} parameters) "
           f"to {dst}")

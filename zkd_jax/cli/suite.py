@@ -18,12 +18,13 @@ from etils import epath
 from zkd_jax.cli.teacher import teacher_recipe
 from zkd_jax.io import checkpoint as ckpt_lib
 from zkd_jax.io import metrics as metrics_io
-from zkd_jax.io import paths
+from zkd_jax.io import lock, paths
 from zkd_jax.trainer import train_and_evaluate
 from zkd_jax.trainer.loop import log_main
-from zkd_jax.trainer.setup import TEACHER_SUBDIR, initialize_distributed
+from zkd_jax.trainer.setup import TEACHER_SUBDIR, prepare_run
 
 
+@lock.holds_workdir(before=prepare_run)
 def train_suite(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict[str, dict]:
     """A teacher (``workdir/teacher``) and one student per ``config.suite`` entry (``workdir/NAME``).
 
@@ -31,7 +32,6 @@ def train_suite(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> d
     distills from the same teacher. Prints a table of the accuracies; returns the summaries.
     """
     workdir = paths.absolute(workdir)
-    initialize_distributed(config)
     # A given teacher checkpoint (a run's workdir) is used as it is; else workdir/teacher.
     teacher_dir = (paths.absolute(config.teacher.checkpoint) if config.teacher.get("checkpoint")
                    else workdir / TEACHER_SUBDIR)

@@ -7,19 +7,22 @@
         --config.data_dir=gs://bucket/tfds --config.mixed_precision=True
 
 What a config runs is ``zkd_jax.cli.runs.run``: the demo suite, or one run of the trainer (after
-training a missing teacher when the config asks for it). A run started in a workdir
-that holds checkpoints resumes. Errors a user can fix end with one line ``zkd-train: error: ...``.
+training a missing teacher when the config asks for it). A run started in a workdir that holds
+checkpoints resumes. Errors a user can fix end with one line ``zkd-train: error: ...`` and exit
+code 2 (``zkd_jax.cli.errors``); ``--verbose`` or ``ZKD_TRACEBACK=1`` adds the traceback.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 import zkd_jax.configs
+from zkd_jax.cli import errors
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(zkd_jax.configs.__file__), "demo.py")
 
@@ -47,6 +50,8 @@ def _define_flags() -> None:
         "workdir", None, "Directory (local or gs://) for checkpoints, metrics and the summary.",
         required=True,
     )
+    _FLAGS["verbose"] = flags.DEFINE_bool(
+        "verbose", False, f"Show the traceback of an error too (as {errors.TRACEBACK_ENV}=1 does).")
 
 
 def _exit_unknown_field(err: BaseException) -> None:
@@ -62,15 +67,14 @@ def main(argv: list[str]) -> None:
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
     from zkd_jax.cli import runs  # after flag parsing: keeps --help fast
-    from zkd_jax.trainer import NonFiniteLossError
 
-    config = _FLAGS["config"].value
-    workdir = _FLAGS["workdir"].value
-    try:
-        runs.run(config, workdir)
-    except (ValueError, NonFiniteLossError) as err:
-        print(f"zkd-train: error: {err}", file=sys.stderr)
-        sys.exit(1)
+    with errors.reported("zkd-train", verbose=_FLAGS["verbose"].value):
+        try:
+            config = _FLAGS["config"].value
+            config.get("suite")  # config_flags loads the file lazily: fail here, not deep inside
+        except OSError as err:  # config_flags defers a missing/broken --config file to here
+            raise ValueError(f"cannot load the --config file: {_root_cause(err)}") from err
+        runs.run(config, _FLAGS["workdir"].value)
 
 
 def _root_cause(err: BaseException) -> BaseException:
@@ -92,8 +96,11 @@ def _parse_flags(argv: list[str]) -> list[str]:
     except flags.Error as err:
         cause = _root_cause(err)
         message = str(cause) if isinstance(cause, (ValueError, TypeError)) else str(err)
-        print(f"zkd-train: error: {message}", file=sys.stderr)
-        sys.exit(2)
+        field = re.match(r"flag --(config\.[\w.]+)=(.*?): ", str(err))
+        if field:  # a --config.FIELD=VALUE of the wrong type: name the field
+            message = (f"--{field.group(1)}={field.group(2)} is not a valid value of "
+                       f"{field.group(1)} ({message}).")
+        errors.fail("zkd-train", message)
     except (AttributeError, KeyError) as err:  # --config.FIELD=... for a field the config lacks
         _exit_unknown_field(err)
 

@@ -14,11 +14,15 @@ Layout of a workdir (local or ``gs://``; every path goes through ``etils.epath``
   ``config.teacher.checkpoint`` points at when this run's model is used as a teacher (zkd-convert
   writes the same format from a PyTorch ``.pth``).
 
-A run started in a workdir that holds a checkpoint resumes from the latest one.
+A run started in a workdir that holds a checkpoint resumes from the newest one whose manifest
+verifies (``zkd_jax.io.manifest``: written once a save has committed); a damaged one is moved to
+``checkpoints_damaged/`` with one printed line. A failed write raises
+``zkd_jax.io.manifest.CheckpointSaveError`` (one line) at the first ``save``/``wait`` that notices it.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,10 +32,11 @@ from etils import epath
 from flax import linen as nn
 
 from zkd_jax import models
-from zkd_jax.io import convert, paths
+from zkd_jax.io import convert, manifest, paths
 from zkd_jax.step.state import TrainState
 
 CHECKPOINTS = "checkpoints"
+DAMAGED = "checkpoints_damaged"
 BEST = "checkpoints_best"
 EXPORT = "export"
 
@@ -52,11 +57,39 @@ class Checkpointer:
 
         self.last = manager(workdir / CHECKPOINTS, keep)
         self.best = manager(workdir / BEST, 1)
+        self.workdir = workdir
+        self._unverified: list[tuple[ocp.CheckpointManager, int]] = []  # saved, no manifest yet
+        self._verified: set[tuple[int, int]] = set()  # (id(manager), step)
+        self.failed = False  # a save failed: close() then waits for nothing more
 
     def latest_step(self) -> int | None:
-        """Step of the newest complete checkpoint, None when the workdir holds none."""
+        """Step of the newest verified checkpoint, None when the workdir holds none; damaged ones
+        (and a damaged best checkpoint) are moved to ``checkpoints_damaged/``, one line each."""
         self.wait()
-        return self.last.latest_step()
+        self._newest_verified(self.best, "best checkpoint")
+        return self._newest_verified(self.last, "checkpoint")
+
+    def _step_dir(self, mngr: ocp.CheckpointManager, step: int) -> epath.Path:
+        return epath.Path(mngr.directory) / str(step)
+
+    def _newest_verified(self, mngr: ocp.CheckpointManager, what: str) -> int | None:
+        for step in sorted(mngr.all_steps(), reverse=True):
+            if (id(mngr), step) in self._verified:
+                return step
+            reason = manifest.verify(self._step_dir(mngr, step))
+            if reason is None:
+                self._verified.add((id(mngr), step))
+                return step
+            moved = self.workdir / DAMAGED / f"{epath.Path(mngr.directory).name}-{step}"
+            if jax.process_index() == 0:
+                moved.parent.mkdir(parents=True, exist_ok=True)
+                if moved.exists():
+                    moved = moved.parent / f"{moved.name}-{len(list(moved.parent.iterdir()))}"
+                self._step_dir(mngr, step).rename(moved)
+            print(f"{what} {step} in {mngr.directory} is damaged ({reason}); passed over "
+                  f"(moved to {moved})", flush=True)
+            mngr.reload()
+        return None
 
     def save(self, state: TrainState, meta: Mapping[str, Any], *, best: bool = False) -> int:
         """Writes ``state`` and ``meta`` at ``state.step`` (and as the best one when ``best``).
@@ -65,29 +98,61 @@ class Checkpointer:
         """
         step = int(jax.device_get(state.step))
         meta = dict(meta, step=step)
+        self.wait()  # the previous save has committed (its manifest written, its errors raised)
         managers = [self.last] + ([self.best] if best else [])
         for mngr in managers:
             if step in mngr.all_steps():
                 continue  # the same state was written already (e.g. before a restart)
-            mngr.save(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
-                ),
-                force=True,
-            )
+            with self._saving(f"checkpoint {step}", mngr):
+                mngr.save(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+                    ),
+                    force=True,
+                )
+            self._unverified.append((mngr, step))
         return step
 
+    @contextlib.contextmanager
+    def _saving(self, what: str, mngr: ocp.CheckpointManager):
+        """``manifest.saving`` that also marks this checkpointer as failed."""
+        try:
+            with manifest.saving(what, mngr.directory):
+                yield
+        except manifest.CheckpointSaveError:
+            self.failed = True
+            raise
+
     def wait(self) -> None:
-        """Blocks until every checkpoint written so far is complete on disk."""
-        self.last.wait_until_finished()
-        self.best.wait_until_finished()
+        """Blocks until every checkpoint written so far is complete on disk, then writes their
+        manifests (process 0).
+
+        Raises:
+          zkd_jax.io.manifest.CheckpointSaveError: a (background) write failed.
+        """
+        for mngr in (self.last, self.best):
+            with self._saving("a checkpoint", mngr):
+                mngr.wait_until_finished()
+        pending, self._unverified = self._unverified, []
+        for mngr, step in pending:
+            directory = self._step_dir(mngr, step)
+            if jax.process_index() == 0 and directory.exists():
+                with self._saving(f"the manifest of checkpoint {step}", mngr):
+                    manifest.write(directory)
+            self._verified.add((id(mngr), step))
 
     def restore(self, template: TrainState, step: int | None = None) -> tuple[TrainState, dict]:
         """The checkpoint at ``step`` (default the latest), with ``template``'s shardings."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise ValueError("there is no checkpoint to restore in this workdir.")
+        if (id(self.last), step) not in self._verified:
+            reason = manifest.verify(self._step_dir(self.last, step))
+            if reason is not None:
+                raise ValueError(f"checkpoint {step} in {self.last.directory} is damaged "
+                                 f"({reason}); delete it to resume from an older one.")
+            self._verified.add((id(self.last), step))
         restored = self.last.restore(
             step,
             args=ocp.args.Composite(
@@ -97,8 +162,17 @@ class Checkpointer:
         return restored["state"], dict(restored["meta"])
 
     def close(self) -> None:
-        self.last.close()
-        self.best.close()
+        """Waits for the pending saves (unless one failed already) and closes the managers."""
+        try:
+            if not self.failed:
+                self.wait()
+        finally:
+            for mngr in (self.last, self.best):
+                try:
+                    mngr.close()
+                except Exception:  # pylint: disable=broad-except
+                    if not self.failed:
+                        raise
 
 
 def teacher_directory(path: epath.PathLike) -> epath.Path:

@@ -34,7 +34,7 @@ import numpy as np
 from etils import epath
 
 from zkd_jax import models
-from zkd_jax.io import paths
+from zkd_jax.io import manifest, paths
 from zkd_jax.io.torch_pickle import UnsafeCheckpointError, load_torch_file
 
 __all__ = [
@@ -327,6 +327,8 @@ def save_variables(
         raise ValueError(
             f"{path} already exists; choose a new directory or pass overwrite=True (--force)."
         ) from None
+    if jax.process_index() == 0:
+        manifest.write(path)  # checksums of the committed files (zkd_jax.io.manifest)
 
 
 def load_variables(directory: str | epath.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -336,6 +338,10 @@ def load_variables(directory: str | epath.PathLike) -> tuple[dict[str, Any], dic
     shard them yourself); ``metadata`` has ``arch``, ``dataset``, ``num_classes``. To check them
     against a model:
     ``models.check_variables(models.abstract_variables(model), variables, what=...)``.
+
+    A directory with a manifest (``zkd_jax.io.manifest``; ``save_variables`` writes one) is verified
+    first: a missing, truncated or altered file raises one ``ValueError``, as any other failure to
+    read it does.
     """
     path = paths.absolute(directory)
     if not (path / "metadata").exists() or not (path / "variables").exists():
@@ -343,6 +349,17 @@ def load_variables(directory: str | epath.PathLike) -> tuple[dict[str, Any], dic
             f"{path} is not a zkd_jax variables checkpoint (no 'metadata' and 'variables' items); "
             "write one with zkd-convert or save_variables."
         )
+    damage = manifest.verify(path) if manifest.has_manifest(path) else None
+    if damage is not None:
+        raise ValueError(f"{path} is damaged ({damage}); convert or export it again.")
+    try:
+        return _restore_variables(path)
+    except Exception as err:  # pylint: disable=broad-except  (tensorstore / orbax on bad files)
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path} cannot be read ({first}); convert or export it again.") from err
+
+
+def _restore_variables(path: epath.Path) -> tuple[dict[str, Any], dict[str, Any]]:
     ocp, ckptr = _checkpointer()
     tree = ckptr.metadata(path).item_metadata["variables"].tree
     # Every leaf onto one local device, whatever sharding it was saved with (a teacher trained on 8

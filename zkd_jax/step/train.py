@@ -11,7 +11,9 @@ N devices.
    MLKD the weak view first, then the strong one, as the reference calls the student twice);
 3. the method's objective, its gradient w.r.t. ``params = {"student", "method"}``;
 4. the optax update (``state`` is donated);
-5. metrics: ``loss``, the method's terms and ``lr``, float32 scalars.
+5. metrics: ``loss``, the method's terms and ``lr``, float32 scalars, plus ``grad_norm`` (global
+   L2 norm of the gradient), ``teacher_finite`` and ``params_finite`` (1.0 when every teacher
+   logit / updated parameter is finite, else 0.0): the epoch loop stops a run on any of them.
 
 ``epoch`` is a traced int32 scalar (counted from 1): DKD's warm-up and CTKD's curriculum change
 every epoch without recompiling.
@@ -49,6 +51,21 @@ def teacher_forward(teacher, teacher_variables, images: Mapping[str, Any], metho
             teacher.apply(teacher_variables, x, train=False).astype(jnp.float32)
         )
         for view, x in images.items()
+    }
+
+
+def finite_checks(teacher_logits, grads, params) -> dict[str, jax.Array]:
+    """``grad_norm`` (``sqrt(sum g^2)`` over every gradient leaf), ``teacher_finite`` and
+    ``params_finite`` (1.0 if all finite, else 0.0; ``teacher_finite`` is 1.0 without teacher)."""
+
+    def all_finite(tree) -> jax.Array:
+        leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+        return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+    return {
+        "grad_norm": optax.tree.norm(grads),
+        "teacher_finite": all_finite(teacher_logits).astype(jnp.float32),
+        "params_finite": all_finite(params).astype(jnp.float32),
     }
 
 
@@ -94,7 +111,7 @@ def make_student_update(
         new_state = state.replace(
             step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
         )
-        metrics = {"loss": loss, **terms}
+        metrics = {"loss": loss, **terms, **finite_checks(teacher_logits, grads, params)}
         if learning_rate_fn is not None:
             metrics["lr"] = learning_rate_fn(state.step)
         return new_state, _float32(metrics)
@@ -157,5 +174,5 @@ def jit_train_step(train_step: Callable, mesh: Mesh) -> TrainStep:
     return jitted
 
 
-__all__ = ["TrainStep", "jit_train_step", "make_student_update", "make_train_step",
-           "teacher_forward"]
+__all__ = ["TrainStep", "finite_checks", "jit_train_step", "make_student_update",
+           "make_train_step", "teacher_forward"]

@@ -32,7 +32,12 @@ from zkd_jax.step.state import TrainState, student_variables
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or inf; the run stopped keeping its last good checkpoint."""
+    """The training loss, the gradient norm, a teacher logit or an updated parameter became NaN
+    or inf; the run stopped keeping its last good checkpoint."""
+
+
+#: Step metrics that are checks, not loss terms: never averaged into ``train_*`` means.
+_CHECK_METRICS = ("teacher_finite", "params_finite")
 
 
 #: A log-only metrics fetch leaves the newest ``LOG_LAG_STEPS`` calls (steps, or scans of
@@ -165,24 +170,51 @@ class _EpochMetrics:
         self.count = 0
         self.last: dict[str, float] = {}
 
+    def restore(self, meta: dict, step: int) -> None:
+        """Takes over the sums of a checkpoint written inside this epoch at ``step``."""
+        if meta.get("step") == step and meta.get("epoch_count"):
+            self.sums = {k: float(v) for k, v in meta["epoch_sums"].items()}
+            self.count = int(meta["epoch_count"])
+
+    def state(self) -> dict:
+        """The running sums, for a checkpoint's metadata (JSON keeps Python floats exactly)."""
+        return {"epoch_sums": dict(self.sums), "epoch_count": self.count}
+
     def add(self, fetched: list[dict], *, first_step: int, epoch: int, workdir, checkpointer):
         for i, m in enumerate(fetched):
-            loss = float(m["loss"])
-            if not math.isfinite(loss):
+            bad = _non_finite(m)
+            if bad:
                 kept = checkpointer.latest_step()
+                where = (f"The last good checkpoint (step {kept}) is kept in {workdir}/checkpoints:"
+                         " lower config.optimizer.lr or check the data and the teacher, then rerun "
+                         "to resume from it." if kept is not None else
+                         f"No checkpoint was written yet in {workdir}: lower config.optimizer.lr or "
+                         "check the data and the teacher, then rerun (it starts from scratch).")
                 raise NonFiniteLossError(
-                    f"training loss is {loss} at step {first_step + i} (epoch {epoch}); stopped. "
-                    f"The last good checkpoint (step {kept}) is kept in {workdir}/checkpoints: "
-                    "lower config.optimizer.lr or check the data, then rerun to resume from it."
-                )
+                    f"{bad} at step {first_step + i} (epoch {epoch}); stopped. {where}")
             for k, v in m.items():
-                self.sums[k] = self.sums.get(k, 0.0) + float(v)
+                if k not in _CHECK_METRICS:
+                    self.sums[k] = self.sums.get(k, 0.0) + float(v)
             self.count += 1
         if fetched:
             self.last = {k: float(v) for k, v in fetched[-1].items()}
 
     def means(self) -> dict[str, float]:
         return {k: v / max(self.count, 1) for k, v in self.sums.items()}
+
+
+def _non_finite(m: dict) -> str | None:
+    """What is not finite in one step's metrics (None: all is well)."""
+    if float(m.get("teacher_finite", 1.0)) != 1.0:
+        return "a teacher logit is NaN or inf (check the teacher checkpoint and the data)"
+    loss = float(m["loss"])
+    if not math.isfinite(loss):
+        return f"training loss is {loss}"
+    if "grad_norm" in m and not math.isfinite(float(m["grad_norm"])):
+        return f"the gradient norm is {float(m['grad_norm'])}"
+    if float(m.get("params_finite", 1.0)) != 1.0:
+        return "a parameter became NaN or inf after the update"
+    return None
 
 
 def run_epochs(
@@ -237,12 +269,28 @@ def run_epochs(
                 cohort.write_top_summary(out, finished, step)
         return out
 
-    def save(epoch: int, is_best: list[bool]) -> None:
+    def save(epoch: int, is_best: list[bool], trackers=None) -> None:
+        """Checkpoints every student; inside an epoch (``trackers``) with its running sums."""
         for k in range(num):
             cohort.checkpointers[k].save(cohort.student_state(cohort.state, k), {
                 "epoch": epoch, "best_top1": best[k]["top1"], "best_epoch": best[k]["epoch"],
                 "last_top1": last[k]["top1"], "last_epoch": last[k]["epoch"],
+                **(trackers[k].state() if trackers is not None else {}),
             }, best=is_best[k])
+
+    held: list[list[dict]] = [[] for _ in range(num)]  # evaluation records awaiting a checkpoint
+
+    def write_held() -> None:
+        for k in range(num):
+            for record in held[k]:
+                writers[k].write(record)
+            held[k].clear()
+
+    def commit() -> None:
+        """Waits until every checkpoint is on disk and verified (a failed write raises here), so
+        that summary.json and metrics.jsonl never name a step without a checkpoint."""
+        for c in cohort.checkpointers:
+            c.wait()
 
     try:
         while step < stop_at:
@@ -250,6 +298,8 @@ def run_epochs(
             epoch_end = min(epoch * steps_per_epoch, stop_at)
             epoch_arr = replicate(np.int32(epoch), mesh)
             trackers = [_EpochMetrics() for _ in range(num)]
+            for k in range(num):  # a resume inside this epoch: the sums of its first part
+                trackers[k].restore(cohort.metas[k], step)
             pending: list[tuple[int, dict]] = []  # (steps, metrics) per call
             progress = metrics_io.Progress(
                 epoch=epoch, epochs=settings.epochs, total=steps_per_epoch, initial=offset,
@@ -298,7 +348,7 @@ def run_epochs(
                             shown["lr"] = trackers[0].last["lr"]
                     progress.update(n_new, **shown, img_s=rate)
                 if ckpt_now and step < epoch_end:
-                    save(epoch, [False] * num)
+                    save(epoch, [False] * num, trackers)
             flush()
             progress.close()
             seconds = time.perf_counter() - start_time
@@ -307,7 +357,7 @@ def run_epochs(
                     f"the input pipeline ended after step {step} of epoch {epoch}, before the "
                     f"{steps_per_epoch} steps per epoch that data.steps_per_epoch promised.")
             if step < epoch * steps_per_epoch:  # stopped inside the epoch (max_steps)
-                save(epoch, [False] * num)
+                save(epoch, [False] * num, trackers)
                 break
             images_per_sec = (step - start_step) * settings.batch_size / max(seconds, 1e-9)
             is_best = [False] * num
@@ -327,17 +377,21 @@ def run_epochs(
                                  if n != "lr"},
                               **result, "images_per_sec": images_per_sec,
                               "epoch_seconds": seconds, "run": identities[k]["run"]}
-                    writers[k].write(record)
+                    held[k].append(record)  # written once this epoch's checkpoint is on disk
                     log_main(f"{names[k]} epoch {epoch}/{settings.epochs}: loss "
                              f"{record['train_loss']:.4f} top1 {result['top1']:.2f} top5 "
                              f"{result['top5']:.2f} (best {best[k]['top1']:.2f} @ "
                              f"{best[k]['epoch']}), {images_per_sec:.0f} img/s")
-                summaries(finished=False)
             step_due = settings.checkpoint_every_steps > 0 and (
                 step % settings.checkpoint_every_steps == 0)
             if (epoch % settings.checkpoint_every_epochs == 0 or epoch == settings.epochs
                     or any(is_best) or step_due or step >= stop_at):
                 save(epoch, is_best)
+                commit()
+                write_held()
+                summaries(finished=False)
+        commit()
+        write_held()
         finished = step >= total_steps
         results = summaries(finished)
         if finished and export is not None:

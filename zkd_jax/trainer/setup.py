@@ -29,12 +29,13 @@ import ml_collections
 from etils import epath
 
 import zkd_jax.data as data
-from zkd_jax import methods, models, optim
+from zkd_jax import models, optim
+from zkd_jax.trainer import validate
 from zkd_jax.data import feeds as feed_lib
 from zkd_jax.data import plan as plan_lib
 from zkd_jax.io import checkpoint as ckpt_lib
 from zkd_jax.io import metrics as metrics_io
-from zkd_jax.io import paths
+from zkd_jax.io import lock, paths
 from zkd_jax.parallel import create_mesh, distributed, replicate
 from zkd_jax.step import (
     StateStack,
@@ -56,6 +57,19 @@ def initialize_distributed(config: ml_collections.ConfigDict) -> None:
         enabled=d.get("enabled", "auto"), coordinator_address=d.get("coordinator_address"),
         num_processes=d.get("num_processes"), process_id=d.get("process_id"),
     )
+
+
+def prepare_run(config: ml_collections.ConfigDict) -> None:
+    """Before a run takes its workdir: the config checked (``zkd_jax.trainer.validate``), then
+    ``jax.distributed`` started where asked, then the checks that need the device count."""
+    if config.get("vit") is not None:
+        raise ValueError(
+            "the ViT recipe (configs/cifar100_vit.py) is not wired into the trainer yet: its "
+            "models, objective, optimizer and transforms are in zkd_jax (README 'ViT students'), "
+            "but zkd-train cannot run it; use those pieces from Python for now.")
+    validate.check_config(config, devices=0)  # device counts: checked after the backend starts
+    initialize_distributed(config)
+    validate.check_config(config)
 
 
 def _image_shape(info) -> tuple[int, int, int]:
@@ -182,10 +196,12 @@ def make_step(config, student, teacher, method_list, mesh, steps_per_epoch: int,
                                      form=config.get("students_form") or "loop")
 
 
+@lock.holds_workdir(before=prepare_run)
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict:
     """Trains the run's K >= 1 students in ``workdir``; returns the summary.
 
     One student: its summary (``summary.json``). K students: ``{"students": [summary, ...]}``.
+    The config is checked first and the workdir is locked for the run (``zkd_jax.io.lock``).
     Resumes from the checkpoints in the workdir when there are some. With ``config.max_steps > 0``
     it stops after that many global steps (checkpointing there). Outputs: see
     ``zkd_jax.io.metrics`` and ``zkd_jax.io.checkpoint``.
@@ -194,12 +210,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
       ValueError: a config a user can fix (batch size vs device count, teacher checkpoint, ...).
       NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
     """
-    if config.get("vit") is not None:
-        raise ValueError(
-            "the ViT recipe (configs/cifar100_vit.py) is not wired into the trainer yet: its "
-            "models, objective, optimizer and transforms are in zkd_jax (README 'ViT students'), "
-            "but zkd-train cannot run it; use those pieces from Python for now.")
-    initialize_distributed(config)
     workdir = paths.absolute(workdir)
     specs, single = students_lib.run_students(config)
     method_list = students_lib.build_methods(specs)

@@ -1,0 +1,119 @@
+"""Issue 16, acceptance 5 (the cases of point 6): one ``zkd-...: error:`` line, exit code 2.
+
+``zkd-train`` runs as a subprocess (``python -m zkd_jax.cli.train``, the entry point); ``zkd-convert``'s
+``run`` in process. ``ZKD_TRACEBACK=1`` shows the traceback as well.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import tiny_runs
+from zkd_jax import convert
+from zkd_jax.io import lock as workdir_lock
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CIFAR = f"--config={ROOT / 'configs' / 'cifar100.py'}:kd,resnet8,resnet8"
+
+
+def _train(*args, cwd, extra_env=None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "ZKD_TRACEBACK"}
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), **(extra_env or {}))
+    return subprocess.run([sys.executable, "-m", "zkd_jax.cli.train", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def _one_line(proc, pattern: str) -> str:
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("zkd-train: error: ")]
+    assert len(errors) == 1, lines
+    assert re.search(pattern, errors[0]), errors[0]
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    return tiny_runs.save_teacher(tmp_path_factory.mktemp("teacher") / "resnet8")
+
+
+def test_workdir_that_is_a_file(tmp_path):
+    (tmp_path / "file").write_text("")
+    proc = _train(CIFAR, "--workdir=file", cwd=tmp_path)
+    _one_line(proc, r"workdir .*file exists and is not a directory")
+    shown = _train(CIFAR, "--workdir=file", cwd=tmp_path, extra_env={"ZKD_TRACEBACK": "1"})
+    assert shown.returncode == 2 and "Traceback" in shown.stderr
+    assert shown.stderr.rstrip().splitlines()[-1].startswith("zkd-train: error: workdir")
+
+
+def test_workdir_that_cannot_be_created(tmp_path):
+    proc = _train(CIFAR, "--workdir=/proc/self/zkd_workdir", cwd=tmp_path)
+    _one_line(proc, r"/proc/self/zkd_workdir; check the paths given")
+
+
+def test_missing_config_file(tmp_path):
+    proc = _train("--config=nowhere.py", "--workdir=w", cwd=tmp_path)
+    _one_line(proc, r"cannot load the --config file: .*nowhere\.py")
+
+
+def test_field_of_the_wrong_type_is_named(tmp_path):
+    proc = _train(CIFAR, "--workdir=w", "--config.batch_size=abc", cwd=tmp_path)
+    _one_line(proc, r"--config\.batch_size=abc is not a valid value of config\.batch_size")
+
+
+def test_value_that_makes_no_sense(tmp_path):
+    proc = _train(CIFAR, "--workdir=w", "--config.epochs=0", cwd=tmp_path)
+    _one_line(proc, r"config\.epochs=0 is invalid: it must be an integer >= 1")
+    assert not (tmp_path / "w").exists()
+
+
+def test_damaged_teacher_export(tmp_path, teacher_dir):
+    damaged = tmp_path / "teacher"
+    shutil.copytree(teacher_dir, damaged)
+    data = tiny_runs.largest_file(damaged)
+    data.write_bytes(data.read_bytes()[:100])
+    proc = _train(CIFAR, "--workdir=w", "--config.dataset=digits",
+                  f"--config.teacher.checkpoint={damaged}", cwd=tmp_path)
+    _one_line(proc, r"teacher.* is damaged \(file .*\); convert or export it again")
+
+
+def test_locked_workdir(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        (tmp_path / "w").mkdir()
+        (tmp_path / "w" / workdir_lock.LOCK_FILE).write_text(
+            f'{{"host": "{__import__("socket").gethostname()}", "pid": {holder.pid}, '
+            '"started": "now"}')
+        proc = _train(CIFAR, "--workdir=w", cwd=tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+    _one_line(proc, rf"workdir .*w is in use by pid {holder.pid} on host ")
+
+
+def _fake_state_dict(_path):
+    layout = convert.torch_layout("resnet8", dataset="cifar100", num_classes=10)
+    return {k: np.zeros(shape, np.float32) for k, (_, shape) in layout.items()}
+
+
+def test_convert_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    assert convert.run([str(tmp_path), str(tmp_path / "out"), "--arch", "resnet8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("zkd-convert: error: Is a directory"), err
+    from zkd_jax.io import convert as convert_io
+
+    monkeypatch.setattr(convert_io, "load_torch_checkpoint", _fake_state_dict)
+    (tmp_path / "file").write_text("")
+    code = convert.run(["x.pth", str(tmp_path / "file" / "out"), "--arch", "resnet8"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("zkd-convert: error: "), err
+    assert convert.run(["x.pth", str(tmp_path / "ok"), "--arch", "resnet8"]) == 0
