@@ -6,7 +6,7 @@ A sweep spec is whitespace-separated ``KEY=V1,V2,...`` items; the students are e
 (``temperature``, ``kd_weight``, ``ce_weight``, DKD's ``alpha`` / ``beta``, ...); without a
 ``seed`` item every student gets ``default_seed``. Values are ints or floats (``true`` / ``false``
 are booleans). ``zkd-train --config.sweep='temperature=2,3 kd_weight=3,6,9,12,15 seed=0,1'``
-trains the 20 students of that grid in one program (``zkd_jax.train_multi``).
+trains the 20 students of that grid in one program (``zkd_jax.trainer``, ``zkd_jax.step.multi``).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Checksum manifests: a checkpoint is used only if every file it had when written is unchanged.
 
-After a checkpoint directory is complete (orbax has committed it: ``zkd_jax.checkpoint`` writes the
+After a checkpoint directory is complete (orbax has committed it: ``zkd_jax.io.checkpoint`` writes the
 manifest once the background save has finished), :func:`write` stores ``MANIFEST`` =
 ``zkd_manifest.json`` inside it: ``{"format": 1, "files": {relative path: {"size", "sha256"}}}`` of
 every other file below it, written atomically (a temporary file renamed). :func:`verify` recomputes

@@ -1,6 +1,6 @@
 """``check_config(config)``: every field a user can set, checked before any training starts.
 
-``zkd_jax.train.train_and_evaluate`` and ``zkd_jax.suite.train_suite`` call it first, so a value
+``zkd_jax.trainer.train_and_evaluate`` and ``zkd_jax.cli.suite.train_suite`` call it first, so a value
 that makes no sense (``epochs=0``, a learning rate <= 0, a batch size that is not a positive
 integer, larger than the training split or not divisible by the device count, a temperature <= 0)
 ends in one ``ValueError`` naming the field and what to pass instead, before a teacher trains or
