@@ -45,7 +45,7 @@ def sweep_dir(tmp_path_factory):
          f"--workdir={root / 'demo'}", "--config.teacher.arch=resnet8",
          f"--config.teacher.checkpoint={root / 'teacher'}", "--config.epochs=1",
          "--config.batch_size=256", "--config.progress_bar=False", "--config.log_every_steps=5",
-         f"--config.sweep={SWEEP}", "--config.export=False", "--config.students_form=vmap"],
+         f"--config.sweep={SWEEP}", "--config.export=False"],
         env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "| KD+LS | resnet8 -> resnet8 | kd_weight=3 temperature=2 | 2 |" in proc.stdout
