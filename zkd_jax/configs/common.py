@@ -242,6 +242,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.max_steps = -1  # > 0: stop after this many global steps (checkpointing there)
     c.log_every_steps = 50  # host sync: progress bar, NaN/inf check
     c.progress_bar = True
+    # > 0: a jax.profiler trace of that many steps, starting profile_start_step steps into the
+    # run (after compilation), written to {workdir}/profile (TensorBoard profile plugin, Perfetto).
+    c.profile_steps = 0
+    c.profile_start_step = 2
     c.export = True  # at the end, write {workdir}/export in the load_variables format
     c.distributed = ml_collections.ConfigDict(
         dict(enabled="auto", coordinator_address=optional(str), num_processes=optional(int),

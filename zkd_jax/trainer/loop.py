@@ -29,6 +29,7 @@ from zkd_jax.io import metrics as metrics_io
 from zkd_jax.parallel import replicate, to_host
 from zkd_jax.step.scan import make_scanned_step
 from zkd_jax.step.state import TrainState, student_variables
+from zkd_jax.trainer.profile import StepProfiler
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -113,7 +114,9 @@ class LoopSettings:
     Attributes:
       epochs, max_steps (0: no limit), batch_size (global), log_every_steps,
       checkpoint_every_steps (0: off), checkpoint_every_epochs, eval_every_epochs,
-      steps_per_call, progress_bar: the config fields of the same names.
+      steps_per_call, progress_bar, profile_steps, profile_start_step: the config fields of
+      the same names (``profile_steps > 0``: a ``jax.profiler`` trace of that many steps, starting
+      ``profile_start_step`` steps into the run, in ``<workdir>/profile``; :mod:`.profile`).
       lr_for_epoch: the learning rate of an epoch (logged in ``metrics.jsonl``).
       paper_top1: the paper's result for the run (``summary.json``), or None.
     """
@@ -129,6 +132,8 @@ class LoopSettings:
     progress_bar: bool
     lr_for_epoch: Callable[[int], float]
     paper_top1: float | None = None
+    profile_steps: int = 0
+    profile_start_step: int = 2
 
 
 @dataclasses.dataclass
@@ -248,6 +253,8 @@ def run_epochs(
     best = [{"top1": m.get("best_top1", -1.0), "epoch": m.get("best_epoch", 0)}
             for m in cohort.metas]
     last = [{"top1": m.get("last_top1"), "epoch": m.get("last_epoch", 0)} for m in cohort.metas]
+    profiler = StepProfiler(workdir / "profile", steps=settings.profile_steps,
+                            start=settings.profile_start_step)
     writers = [metrics_io.MetricsWriter(d, enabled=is_main, resume_step=step) for d in dirs]
     names = [workdir.name] if num == 1 else [f"{workdir.name}/{d.name}" for d in dirs]
     identities = [{"run": metrics_io.run_identity(f["config"])} for f in cohort.summary_fields]
@@ -329,7 +336,9 @@ def run_epochs(
                 steps_per_call=steps_per_call, checkpoint_every=settings.checkpoint_every_steps,
                 scanned=scanned)
             for count, run in calls:
+                profiler.before(step)
                 cohort.state, metrics = run(cohort.state)
+                profiler.after(count, cohort.state)
                 step += count
                 pending.append((count, metrics))
                 every = settings.log_every_steps
@@ -400,6 +409,7 @@ def run_epochs(
                     export(d, to_host(student_variables(cohort.student_state(cohort.state, k))))
         return results
     finally:
+        profiler.stop(cohort.state)
         for w in writers:
             w.close()
         for c in cohort.checkpointers:
