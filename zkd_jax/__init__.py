@@ -12,6 +12,7 @@ from zkd_jax.losses import (
     dkd_loss,
     gradient_reversal,
     kd_loss,
+    kd_loss_from_hidden,
     mlkd_loss,
     standardize,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "dkd_loss",
     "gradient_reversal",
     "kd_loss",
+    "kd_loss_from_hidden",
     "mlkd_loss",
     "standardize",
 ]

@@ -26,6 +26,13 @@ import jax
 import jax.numpy as jnp
 
 from zkd_jax import loss_checks as _checks
+from zkd_jax.chunked_kd import (
+    DEFAULT_CHUNK_BYTES,
+    chunked_kd_sum,
+    default_chunk_rows,
+    kd_loss_from_hidden,
+    row_weights,
+)
 from zkd_jax.tempered_kl import kl_terms, tau2_kl_rows
 
 Array = jax.Array
@@ -39,6 +46,7 @@ __all__ = [
     "dkd_loss",
     "gradient_reversal",
     "kd_loss",
+    "kd_loss_from_hidden",
     "mlkd_loss",
     "standardize",
 ]
@@ -125,6 +133,7 @@ def kd_loss(
     *,
     standardize: bool = False,
     where: Array | None = None,
+    chunk_size: int | None = None,
 ) -> Array:
     """Hinton's KD loss, optionally on standardized logits.
 
@@ -141,11 +150,28 @@ def kd_loss(
       standardize: apply logit standardization to both models' logits first.
       where: optional boolean mask over the leading axes ``[...]`` (padding tokens, padded batch
         rows): masked rows contribute nothing, the mean is over unmasked rows, all-False gives 0.
+      chunk_size: rows per chunk of the bounded-memory form (:mod:`zkd_jax.chunked_kd`: forward
+        and backward in chunks of rows, same values and gradients). None: automatic, one pass
+        when the float32 logits fit ``DEFAULT_CHUNK_BYTES``, else chunks of that size. That form
+        is a ``custom_vjp``: reverse-mode only (``jax.jvp`` of it is not defined).
 
     Returns:
       Scalar loss (float32; float64 for float64 inputs).
     """
     _checks.check_kd_args(student_logits, teacher_logits, temperature, where)
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None (automatic), got {chunk_size!r}")
+    shape = jnp.shape(student_logits)
+    if jnp.shape(teacher_logits) != shape:
+        raise ValueError(f"student and teacher logits differ in shape: {shape} vs {jnp.shape(teacher_logits)}")
+    num_rows = math.prod(shape[:-1])
+    if chunk_size is not None or num_rows * shape[-1] * 4 > DEFAULT_CHUNK_BYTES:
+        rows = min(chunk_size or default_chunk_rows(shape[-1], num_rows), max(num_rows, 1))
+        dtype = _compute_dtype(student_logits)
+        tau = jnp.asarray(temperature, dtype=dtype)
+        flat = lambda x: jnp.asarray(x).reshape(num_rows, shape[-1])  # noqa: E731
+        weights = row_weights(shape[:-1], where, dtype)
+        return chunked_kd_sum(flat(student_logits), flat(teacher_logits), tau, weights, standardize, rows)
     s = _maybe_standardize(student_logits, standardize)
     t = _maybe_standardize(jax.lax.stop_gradient(teacher_logits), standardize)
     tau = jnp.asarray(temperature, dtype=s.dtype)
