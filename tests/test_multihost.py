@@ -276,6 +276,13 @@ def test_checkpointer_keeps_gs_paths_and_round_trips_locally(tmp_path, monkeypat
     class RecordingManager:
         def __init__(self, directory, options=None):
             opened.append(directory)
+            self.directory = directory
+
+        def wait_until_finished(self):
+            pass
+
+        def all_steps(self):
+            return []
 
         def close(self):
             pass

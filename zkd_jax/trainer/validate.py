@@ -79,8 +79,10 @@ def _check_batch(config, name: str, prefix: str, num_train: int | None, devices:
         _fail(prefix + name, value, f"at most the {num_train} training examples of "
               f"{config['dataset']}")
     if devices and value % devices:
-        _fail(prefix + name, value, f"a multiple of the {devices} devices (e.g. "
-              f"{max(devices, round(value / devices) * devices)})")
+        nearest = max(devices, round(value / devices) * devices)
+        raise ValueError(  # the wording of zkd_jax.parallel.check_batch_size, said earlier
+            f"config.{prefix + name}={value!r} is not divisible by the {devices} devices of the "
+            f"mesh; set config.{prefix + name} to a multiple of {devices} (e.g. {nearest}).")
 
 
 def check_config(config, *, prefix: str = "", devices: int | None = None) -> None:
