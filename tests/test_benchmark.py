@@ -42,7 +42,8 @@ def test_single_student_json():
     assert (out["batch"], out["students"], out["students_form"]) == (8, 1, None)
     assert out["platform"] == "cpu" and out["mixed_precision"] is False
     assert len(out["ms_per_step_rounds"]) == 2 and out["ms_per_step"] > 0
-    assert out["images_per_sec"] == pytest.approx(8 / (out["ms_per_step"] / 1e3), rel=1e-3)
+    assert out["images_per_sec"] == pytest.approx(8 / (out["ms_per_step"] / 1e3), rel=1e-3,
+                                                  abs=0.05)  # rounded to 0.1 img/s
     assert out["projection"] is None and out["teacher_ms_per_step"] is None
     assert 0 < out["dispatch_ms_per_step"]
 
@@ -51,8 +52,9 @@ def test_two_students_mixed_precision_with_projection():
     out = _run("--students=2", "--mixed_precision", "--eval_batch=16")
     assert set(out) == KEYS and (out["students"], out["students_form"]) == (2, "loop")
     assert out["mixed_precision"] is True
+    # Both are rounded to 0.1 img/s in the JSON: equal up to that rounding (0.05 + 2 x 0.05).
     assert out["images_per_sec"] == pytest.approx(2 * out["images_per_sec_per_student"],
-                                                  rel=1e-3)
+                                                  abs=0.15)
     assert 0 < out["teacher_ms_per_step"] and 0 < out["dispatch_ms_per_step"]
     proj = out["projection"]
     assert set(proj) == PROJECTION_KEYS
