@@ -6,9 +6,11 @@ same step again and again. JAX's persistent compilation cache, shared by the two
 the subprocesses the tests start (they inherit the environment), loads them instead. The cache is
 keyed by the program, the JAX version and the devices: it changes no result.
 
-pytest-xdist hands tests to its two workers in collection order; a long test collected late leaves
-one worker idle at the end. Moving these modules to the front (stable sort: nothing else changes
-order, every worker collects the same order) lets the workers finish together.
+run_tests.sh gives each xdist worker whole files (``--dist loadfile``): a module's fixtures (the
+training runs most end-to-end modules share) run once, not once per worker that got some of its
+tests. Files go out in collection order (``--no-loadscope-reorder``), each to the first free
+worker, so the longest files are moved to the front here (a stable sort: nothing else changes
+order); a long file collected late would leave the other worker idle at the end.
 """
 
 import os
@@ -19,16 +21,22 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       str(pathlib.Path(tempfile.gettempdir()) / f"zkd_jax_test_cache_{os.getuid()}"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
-LONG_MODULES = (
-    "test_demo.py",
-    "test_multi_student.py",
+LONG_MODULES = (  # longest first, from --durations of a whole run
     "test_benchmark_epoch_time.py",
+    "test_demo.py",
+    "test_manifest.py",
+    "test_report_runs.py",
+    "test_multi_student.py",
     "test_train_resume.py",
     "test_multihost.py",
-    "test_feed.py",
-    "test_epoch_loop.py",
+    "test_cli_errors.py",
+    "test_run_guards.py",
     "test_scan_steps.py",
+    "test_feed.py",
     "test_benchmark.py",
+    "test_models_vit.py",
+    "test_workdir_lock.py",
+    "test_epoch_loop.py",
 )
 
 
