@@ -1,4 +1,9 @@
-"""benchmarks/train_step.py runs on CPU and prints one JSON object with the documented keys."""
+"""benchmarks/train_step.py runs on CPU and prints one JSON object with the documented keys.
+
+Issue 18: ``--yardstick`` times the plain Flax/optax step of ``benchmarks/yardstick.py`` in the same
+run; started from the same student variables on the same batch, its first loss equals the project
+step's to float rounding (what makes the ratio fair). ``--profile`` writes a trace of 2 steps.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +23,9 @@ KEYS = {"benchmark", "tag", "config", "method", "teacher", "student", "batch", "
         "mixed_precision", "students_form", "device_kind", "device_count", "platform",
         "jax_version", "date", "steps", "repeats", "compile_seconds", "ms_per_step",
         "ms_per_step_rounds", "dispatch_ms_per_step", "images_per_sec",
-        "images_per_sec_per_student", "teacher_ms_per_step", "projection"}
+        "images_per_sec_per_student", "teacher_ms_per_step", "yardstick_ms_per_step",
+        "yardstick_ms_per_step_rounds", "ratio_to_yardstick", "loss_first_step",
+        "yardstick_loss_first_step", "profile", "projection"}
 PROJECTION_KEYS = {"dataset", "steps_per_epoch", "train_seconds_per_epoch", "input_ms_per_step",
                    "input_seconds_per_epoch", "eval_images", "eval_batch", "eval_batches",
                    "eval_ms_per_batch", "eval_seconds_per_epoch", "epoch_seconds", "epochs",
@@ -63,3 +70,15 @@ def test_two_students_mixed_precision_with_projection():
         "eval_seconds_per_epoch"]
     assert proj["epoch_seconds"] == pytest.approx(expected, abs=2e-3)
     assert proj["total_minutes"] == pytest.approx(240 * proj["epoch_seconds"] / 60, abs=0.01)
+
+
+def test_yardstick_computes_the_same_loss_and_profile_writes_a_trace(tmp_path):
+    out = _run("--noepoch_projection", "--yardstick", f"--profile={tmp_path / 'prof'}",
+               "--profile_steps=2")
+    assert set(out) == KEYS and out["profile"] == str(tmp_path / "prof")
+    assert out["yardstick_loss_first_step"] == pytest.approx(out["loss_first_step"], rel=1e-5)
+    assert len(out["yardstick_ms_per_step_rounds"]) == 2 and out["yardstick_ms_per_step"] > 0
+    assert out["ratio_to_yardstick"] == pytest.approx(
+        out["yardstick_ms_per_step"] / out["ms_per_step"], rel=1e-3)
+    traces = list((tmp_path / "prof").rglob("*.xplane.pb"))
+    assert traces and traces[0].stat().st_size > 0
