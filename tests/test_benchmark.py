@@ -42,8 +42,9 @@ def _run(*args: str) -> dict:
     return json.loads(lines[0])
 
 
-def test_single_student_json():
-    out = _run("--noepoch_projection", "--tag=fp32_b8")
+def test_single_student_json(tmp_path):
+    out = _run("--noepoch_projection", "--tag=fp32_b8", "--yardstick",
+               f"--profile={tmp_path / 'prof'}", "--profile_steps=2")
     assert set(out) == KEYS and out["tag"] == "fp32_b8"
     assert out["config"] == "configs/cifar100.py:kd_ls,resnet8,resnet8"
     assert (out["batch"], out["students"], out["students_form"]) == (8, 1, None)
@@ -52,12 +53,23 @@ def test_single_student_json():
     assert out["images_per_sec"] == pytest.approx(8 / (out["ms_per_step"] / 1e3), rel=1e-3)
     assert out["projection"] is None and out["teacher_ms_per_step"] is None
     assert 0 < out["dispatch_ms_per_step"]
+    # the yardstick: same variables and batch, so the same first loss to float rounding
+    assert out["yardstick_loss_first_step"] == pytest.approx(out["loss_first_step"], rel=1e-5)
+    assert len(out["yardstick_ms_per_step_rounds"]) == 2 and out["yardstick_ms_per_step"] > 0
+    assert out["ratio_to_yardstick"] == pytest.approx(
+        out["yardstick_ms_per_step"] / out["ms_per_step"], rel=1e-3)
+    # --profile: a trace of 2 steps on disk
+    assert out["profile"] == str(tmp_path / "prof")
+    traces = list((tmp_path / "prof").rglob("*.xplane.pb"))
+    assert traces and traces[0].stat().st_size > 0
 
 
 def test_two_students_mixed_precision_with_projection():
     out = _run("--students=2", "--mixed_precision", "--eval_batch=16")
     assert set(out) == KEYS and (out["students"], out["students_form"]) == (2, "loop")
     assert out["mixed_precision"] is True
+    assert out["yardstick_ms_per_step"] is None and out["ratio_to_yardstick"] is None
+    assert out["profile"] is None and out["loss_first_step"] > 0
     assert out["images_per_sec"] == pytest.approx(2 * out["images_per_sec_per_student"],
                                                   rel=1e-3)
     assert 0 < out["teacher_ms_per_step"] and 0 < out["dispatch_ms_per_step"]
@@ -71,14 +83,3 @@ def test_two_students_mixed_precision_with_projection():
     assert proj["epoch_seconds"] == pytest.approx(expected, abs=2e-3)
     assert proj["total_minutes"] == pytest.approx(240 * proj["epoch_seconds"] / 60, abs=0.01)
 
-
-def test_yardstick_computes_the_same_loss_and_profile_writes_a_trace(tmp_path):
-    out = _run("--noepoch_projection", "--yardstick", f"--profile={tmp_path / 'prof'}",
-               "--profile_steps=2")
-    assert set(out) == KEYS and out["profile"] == str(tmp_path / "prof")
-    assert out["yardstick_loss_first_step"] == pytest.approx(out["loss_first_step"], rel=1e-5)
-    assert len(out["yardstick_ms_per_step_rounds"]) == 2 and out["yardstick_ms_per_step"] > 0
-    assert out["ratio_to_yardstick"] == pytest.approx(
-        out["yardstick_ms_per_step"] / out["ms_per_step"], rel=1e-3)
-    traces = list((tmp_path / "prof").rglob("*.xplane.pb"))
-    assert traces and traces[0].stat().st_size > 0
