@@ -1,7 +1,7 @@
 """Flags and output fields shared by the benchmark scripts (train_step.py, epoch_time.py).
 
 Importing this module defines ``--config`` (an ml_collections config file with its argument),
-``--mixed_precision``, ``--batch`` and ``--tag``.
+``--mixed_precision``, ``--batch``, ``--tag``, ``--profile`` and ``--profile_steps``.
 """
 
 from __future__ import annotations
@@ -19,6 +19,10 @@ CONFIG = config_flags.DEFINE_config_file(
 MIXED = flags.DEFINE_bool("mixed_precision", None, "bfloat16 compute (default: the config's).")
 BATCH = flags.DEFINE_integer("batch", None, "Global batch size (default: the config's).")
 TAG = flags.DEFINE_string("tag", None, "A label copied into the output (e.g. the issue's row).")
+PROFILE = flags.DEFINE_string(
+    "profile", None, "Directory for a jax.profiler trace of --profile_steps steps after warm-up "
+    "(TensorBoard's profile plugin or Perfetto reads DIR/plugins/profile/<run>/*.xplane.pb).")
+PROFILE_STEPS = flags.DEFINE_integer("profile_steps", 3, "Steps traced with --profile.")
 
 
 def load_config(argv) -> ml_collections.ConfigDict:

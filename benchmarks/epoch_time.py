@@ -21,6 +21,10 @@ format (a converted teacher costs the same), and the data is ``--dataset`` (defa
     python benchmarks/epoch_time.py --config=configs/cifar100.py:kd_ls,resnet32x4,resnet8x4 \
         [--mixed_precision] [--short=1] [--long=3] [--dataset=synthetic_cifar100] \
         [--config.steps_per_call=8]   # any config field can be overridden this way
+        [--profile=DIR [--profile_steps=3]]
+
+``--profile=DIR``: the warm-up run (not timed) traces ``--profile_steps`` steps from its third on
+(``zkd-train --config.profile_steps``); the trace is copied to ``DIR/plugins/profile/<run>/``.
 
     # CPU smoke test (digits: 23 steps per epoch at batch 64):
     python benchmarks/epoch_time.py --config=configs/demo.py:kd_ls --dataset=digits --batch=64
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -82,7 +87,8 @@ def timed_run(config, workdir: epath.Path, epochs: int, steps_per_epoch: int) ->
     return time.perf_counter() - start, summary
 
 
-def run(config, *, short: int, long: int) -> dict:
+def run(config, *, short: int, long: int, profile: str | None = None,
+        profile_steps: int = 3) -> dict:
     """The measurement of the module docstring; returns the result dict (``KEYS``)."""
     from zkd_jax import data
     from zkd_jax.io import metrics as metrics_io
@@ -102,7 +108,13 @@ def run(config, *, short: int, long: int) -> dict:
             if config.teacher.arch:
                 config.teacher.checkpoint = save_random_teacher(config, root / "teacher")
                 config.teacher.train_if_missing = False
+        with config.unlocked():
+            config.profile_steps = profile_steps if profile else 0
         compile_s, _ = timed_run(config, root / "warmup", short, steps)
+        if profile and (root / "warmup" / "profile").exists():
+            shutil.copytree(str(root / "warmup" / "profile"), profile, dirs_exist_ok=True)
+        with config.unlocked():
+            config.profile_steps = 0
         short_s, _ = timed_run(config, root / "short", short, steps)
         long_s, _ = timed_run(config, root / "long", long, steps)
         records = metrics_io.read_metrics(root / "long")
@@ -134,7 +146,8 @@ def main(argv) -> None:
         config.keep_checkpoints = 1
         config.suite = ml_collections.ConfigDict()
         config.students = ()
-    result = run(config, short=_SHORT.value, long=_LONG.value)
+    result = run(config, short=_SHORT.value, long=_LONG.value, profile=bench_flags.PROFILE.value,
+                 profile_steps=bench_flags.PROFILE_STEPS.value)
     print(json.dumps({k: result[k] for k in KEYS}), flush=True)
 
 

@@ -10,10 +10,21 @@ Paths (all run the project's real pipeline code):
 * ``imagenet_eval``  ImageNet eval path (decode centre window, resize 224) on the same JPEGs
 * ``device``         on-device path: jitted ``device_train_batch`` on JAX's default backend
 
+The trainer's tf.data feed (``zkd_jax.data.feeds``, ``input_pipeline="tfdata"``), batches ready
+on the devices (each one waited for, as a step would), before and after issue 18:
+
+* ``feed_cifar_before``    float32 normalized on the host, ``host_to_global`` per batch, no
+                           read-ahead (the feed before issue 18), on ``synthetic_cifar100``
+* ``feed_cifar_after``     the feed now: uint8 copied, 2 global batches in flight
+                           (``prefetch_to_mesh``), normalized on the devices
+* ``feed_imagenet_before`` / ``feed_imagenet_after``: the same on the mock ImageNet JPEGs
+
 Usage::
 
     python benchmarks/input_pipeline.py                       # every path, batch 256
     python benchmarks/input_pipeline.py --paths=cifar_weak,device --batch=64 --seconds=10
+    python benchmarks/input_pipeline.py --paths=feed_cifar_before,feed_cifar_after,\
+        feed_imagenet_before,feed_imagenet_after --batch=128     # issue 18: before and after
 
 Prints one markdown table row per path and a line naming the machine.
 """
@@ -28,7 +39,8 @@ import time
 
 import numpy as np
 
-PATHS = ("cifar_weak", "cifar_strong", "digits", "imagenet_train", "imagenet_eval", "device")
+PATHS = ("cifar_weak", "cifar_strong", "digits", "imagenet_train", "imagenet_eval", "device",
+         "feed_cifar_before", "feed_cifar_after", "feed_imagenet_before", "feed_imagenet_after")
 
 
 def _timed(batches, seconds: float, warmup: int = 3) -> tuple[float, int]:
@@ -146,6 +158,44 @@ def bench_device(batch: int, seconds: float) -> tuple[float, int]:
     return _timed(batches(), seconds)
 
 
+def _feed_batches(dataset: str, batch: int, after: bool):
+    """Epochs of global batches on the devices: the feed now (``after``) or before issue 18."""
+    import jax
+
+    from zkd_jax import data
+    from zkd_jax.data import feeds
+    from zkd_jax.parallel import create_mesh, host_to_global
+
+    mesh = create_mesh()
+    if after:
+        feed = feeds.make_feed("tfdata", dataset=dataset, mesh=mesh, seed=0, views=("weak",),
+                               batch_size=batch, eval_batch_size=batch)
+
+        def epoch_batches(epoch):
+            return feed.train(epoch, 0)
+    else:
+        def epoch_batches(epoch):
+            return (host_to_global(b, mesh) for b in data.train_batches(
+                dataset, per_process_batch_size=batch, seed=0, epoch=epoch))
+
+    def consumed(epoch):
+        for b in epoch_batches(epoch):
+            yield jax.block_until_ready(b)  # where a step would use it
+
+    return _repeat_epochs(consumed)
+
+
+def bench_feed_cifar(batch: int, seconds: float, after: bool) -> tuple[float, int]:
+    return _timed(_feed_batches("synthetic_cifar100", batch, after), seconds)
+
+
+def bench_feed_imagenet(batch: int, seconds: float, after: bool) -> tuple[float, int]:
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(as_dataset_fn=_imagenet_mock()):
+        return _timed(_feed_batches("imagenet2012", min(batch, 128), after), seconds)
+
+
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -181,6 +231,10 @@ def main() -> None:
         "imagenet_train": lambda: bench_imagenet(args.batch, args.seconds, train=True),
         "imagenet_eval": lambda: bench_imagenet(args.batch, args.seconds, train=False),
         "device": lambda: bench_device(args.batch, args.seconds),
+        "feed_cifar_before": lambda: bench_feed_cifar(args.batch, args.seconds, after=False),
+        "feed_cifar_after": lambda: bench_feed_cifar(args.batch, args.seconds, after=True),
+        "feed_imagenet_before": lambda: bench_feed_imagenet(args.batch, args.seconds, after=False),
+        "feed_imagenet_after": lambda: bench_feed_imagenet(args.batch, args.seconds, after=True),
     }
     chosen = [p for p in args.paths.split(",") if p]
     unknown = set(chosen) - set(PATHS)
@@ -191,7 +245,7 @@ def main() -> None:
     print("| --- | ---: | ---: | ---: |")
     for name in chosen:
         rate, count = runners[name]()
-        batch = min(args.batch, 256 if name == "digits" else 128 if name.startswith("imagenet") else args.batch)
+        batch = min(args.batch, 256 if name == "digits" else 128 if "imagenet" in name else args.batch)
         print(f"| {name} | {batch} | {rate:,.0f} | {count:,} |", flush=True)
 
 

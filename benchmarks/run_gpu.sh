@@ -5,7 +5,10 @@
 #
 # In order of need (what comes last is what a spent budget skips):
 # 1. zkd_jax's real train step (benchmarks/train_step.py), resnet32x4 -> resnet8x4, KD+LS, one JSON
-#    line per row of the issue: fp32 b64, mixed b64, mixed b512.
+#    line per row of the issue: fp32 b64, then fp32 b64 again with the yardstick (issue 18: the
+#    plain Flax/optax step of benchmarks/yardstick.py timed in the same run: ratio_to_yardstick)
+#    and a jax.profiler trace of 5 steps in $OUT/profile_fp32_b64, mixed b64, mixed b512, and the
+#    yardstick at mixed b64.
 # 2. The PyTorch baseline (torch_kd_step.py: eager fp32, bf16 + channels_last, torch.compile; b64
 #    and b512) when the script and a CUDA torch are there; otherwise one "skipped" line.
 # 3. K = 4 students (mixed b64; compare with the mixed b64 row) in the forms of
@@ -94,8 +97,11 @@ run_script() {  # run_script TIMEOUT SCRIPT TAG ARGS...: its last stdout line if
 }
 
 row fp32_b64 --batch=64
+row yardstick_fp32_b64 --batch=64 --noepoch_projection --yardstick \
+    --profile="$OUT_DIR/profile_fp32_b64" --profile_steps=5
 row mixed_b64 --batch=64 --mixed_precision
 row mixed_b512 --batch=512 --mixed_precision
+row yardstick_mixed_b64 --batch=64 --mixed_precision --noepoch_projection --yardstick
 
 TORCH_BENCH=${TORCH_BENCH:-}
 for candidate in "$TORCH_BENCH" benchmarks/torch_kd_step.py ../shared/bench/torch_kd_step.py; do

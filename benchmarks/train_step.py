@@ -21,9 +21,23 @@ measured per eval batch, once per student. ``total_minutes`` multiplies by ``con
 That is the cost of ``zkd-train --config.input_pipeline=device``, whose feed (``zkd_jax.data.feeds``) builds
 every batch with that same function.
 
+Yardstick (``--yardstick``, KD and KD+LS only, one student): the minimal step of ``yardstick.py``
+(the same models, loss and optimizer written plainly in Flax/optax, no project step code), started
+from the same student variables and timed on the same batch in the same run, its rounds
+alternating with the project's step's rounds. ``ratio_to_yardstick = yardstick_ms_per_step /
+ms_per_step`` (the project's images/s over the yardstick's: above 1, the project's step is faster).
+``loss_first_step`` and ``yardstick_loss_first_step`` are both steps' losses at their first call,
+from the same variables and batch (student 0's with K > 1): equal up to float rounding when the two
+compute the same thing.
+
+Profile (``--profile=DIR``): after the timing, ``--profile_steps`` more steps of the project's
+step run inside a ``jax.profiler`` trace (``zkd_jax.trainer.profile.StepProfiler``, the code of
+``zkd-train --config.profile_steps``), written to ``DIR/plugins/profile/<run>/*.xplane.pb``.
+
     python benchmarks/train_step.py --config=configs/cifar100.py:kd_ls,resnet32x4,resnet8x4 \
         [--mixed_precision] [--batch=64] [--students=1 [--students_form=loop|vmap|vmap_matmul]]
-        [--steps=50] [--repeats=5] [--noepoch_projection]
+        [--steps=50] [--repeats=5] [--noepoch_projection] [--yardstick]
+        [--profile=DIR [--profile_steps=3]]
     # CPU smoke test:
     python benchmarks/train_step.py --config=configs/cifar100.py:kd_ls,resnet8,resnet8 --batch=8 \
         --steps=3 --repeats=2 --eval_batch=16
@@ -53,13 +67,17 @@ _FORM = flags.DEFINE_enum("students_form", None, ["loop", "vmap", "vmap_matmul"]
                           "How K > 1 students are mapped (default: the config's).")
 _PROJECTION = flags.DEFINE_bool("epoch_projection", True, "Also time eval and input; project.")
 _EVAL_BATCH = flags.DEFINE_integer("eval_batch", None, "Eval batch (default: config's).")
+_YARDSTICK = flags.DEFINE_bool("yardstick", False,
+                               "Also time the plain Flax/optax step of yardstick.py (KD, KD+LS).")
 
 KEYS = ("benchmark", "tag", "config", "method", "teacher", "student", "batch", "students",
         "mixed_precision", "students_form", "device_kind", "device_count", "platform",
         "jax_version", "date",
         "steps", "repeats", "compile_seconds", "ms_per_step", "ms_per_step_rounds",
         "dispatch_ms_per_step", "images_per_sec", "images_per_sec_per_student",
-        "teacher_ms_per_step", "projection")
+        "teacher_ms_per_step", "yardstick_ms_per_step", "yardstick_ms_per_step_rounds",
+        "ratio_to_yardstick", "loss_first_step", "yardstick_loss_first_step", "profile",
+        "projection")
 
 
 def _time_rounds(run_round, repeats: int) -> list[float]:
@@ -188,33 +206,98 @@ def _input_ms_per_step(info, batch: int, repeats: int) -> float | None:
     return 1e3 * statistics.median(times) / calls
 
 
+def make_yardstick(built: Built, config) -> tuple[Any, Any]:
+    """``(init, step)`` of ``yardstick.py`` for the built run: its student and teacher modules,
+    its method's temperature and weights, ``config.optimizer``'s rate (at step 0), momentum and
+    weight decay. Raises ``ValueError`` for a method other than KD or KD+LS."""
+    import yardstick
+    from zkd_jax.methods import KD
+
+    method, opt = built.method, config.optimizer
+    if not isinstance(method, KD):
+        raise ValueError(f"--yardstick times KD and KD+LS only, not {config.get('variant')!r}; "
+                         "use a kd or kd_ls config.")
+    return yardstick.make_yardstick(
+        built.student, built.teacher, temperature=float(method.temperature),
+        ce_weight=float(method.ce_weight), kd_weight=float(method.kd_weight),
+        standardize_logits=bool(method.standardize), lr=float(opt.lr),
+        momentum=float(opt.momentum), weight_decay=float(opt.weight_decay))
+
+
+def _trace(step, state, args: tuple, directory: str, steps: int):
+    """Runs ``steps`` more steps inside a ``jax.profiler`` trace written to ``directory``
+    (``zkd_jax.trainer.profile.StepProfiler``, as ``zkd-train --config.profile_steps``)."""
+    from zkd_jax.trainer.profile import StepProfiler
+
+    profiler = StepProfiler(directory, steps=steps, start=0)
+    for i in range(steps):
+        profiler.before(i)
+        state, _ = step(state, *args)
+        profiler.after(1, state)
+    profiler.stop(state)
+    return state
+
+
+def _warm(step, state, args: tuple) -> tuple[Any, Any, float]:
+    """Two calls (the first compiles); returns the state, the first call's second output (its
+    metrics or loss, computed from the initial state) and the first call's seconds."""
+    start = time.perf_counter()
+    state, first = step(state, *args)
+    jax.block_until_ready(first)
+    seconds = time.perf_counter() - start
+    state, out = step(state, *args)  # one more warm step
+    jax.block_until_ready(out)
+    return state, first, seconds
+
+
 def run(config, *, num_students: int, steps: int, repeats: int, projection: bool,
-        eval_batch: int | None) -> dict:
-    """Builds and times the step; returns the result dict (``KEYS``)."""
-    if num_students < 1 or steps < 1 or repeats < 1:
-        raise ValueError("--students, --steps and --repeats must be >= 1.")
+        eval_batch: int | None, yardstick: bool = False, profile: str | None = None,
+        profile_steps: int = 3) -> dict:
+    """Builds and times the step (and the yardstick); returns the result dict (``KEYS``)."""
+    if num_students < 1 or steps < 1 or repeats < 1 or profile_steps < 1:
+        raise ValueError("--students, --steps, --repeats and --profile_steps must be >= 1.")
+    if yardstick and num_students > 1:
+        raise ValueError("--yardstick times one student; drop --students or --yardstick.")
+    built = build(config, num_students)
     (step, state, teacher, teacher_variables, method, student, mesh, steps_per_epoch, info,
-     image_shape) = build(config, num_students)
+     image_shape) = built
     batch = _synthetic_batch(method.views, config.batch_size, image_shape, info.num_classes, mesh)
     epoch = jax.device_put(np.int32(1))
-    start = time.perf_counter()
-    state, metrics = step(state, teacher_variables, batch, epoch)
-    jax.block_until_ready(metrics)
-    compile_seconds = time.perf_counter() - start
-    state, metrics = step(state, teacher_variables, batch, epoch)  # one more warm step
-    jax.block_until_ready(metrics)
+    args = (teacher_variables, batch, epoch)
+    yard_box, yard_loss = [], None
+    if yardstick:  # from a copy of the same student variables, before the step donates them
+        init, yard_step = make_yardstick(built, config)
+        yard_args = (teacher_variables, batch["image"], batch["label"])
+        yard_state = init(*jax.tree.map(jnp.copy, (state.params["student"], state.batch_stats)))
+        yard_state, yard_loss, _ = _warm(yard_step, yard_state, yard_args)
+        yard_box.append(yard_state)
+    state, first_metrics, compile_seconds = _warm(step, state, args)
     box, dispatch = [state], []
 
     def one_round():
         start, s = time.perf_counter(), box[0]
         for _ in range(steps):
-            s, m = step(s, teacher_variables, batch, epoch)
+            s, m = step(s, *args)
         dispatch.append(time.perf_counter() - start)  # the host's share: all steps enqueued
         box[0] = s
         return s, m
 
-    rounds = _time_rounds(one_round, repeats)
+    def yard_round():
+        s = yard_box[0]
+        for _ in range(steps):
+            s, loss = yard_step(s, *yard_args)
+        yard_box[0] = s
+        return s, loss
+
+    rounds, yard_rounds = [], []
+    for _ in range(repeats):  # alternating, so both see the same machine load
+        rounds += _time_rounds(one_round, 1)
+        if yardstick:
+            yard_rounds += _time_rounds(yard_round, 1)
+    if profile:
+        box[0] = _trace(step, box[0], args, profile, profile_steps)
     ms = 1e3 * statistics.median(rounds) / steps
+    yard_ms = 1e3 * statistics.median(yard_rounds) / steps if yardstick else None
     per_student = config.batch_size / (ms / 1e3)
     result = {
         "benchmark": "train_step", "method": config.variant,
@@ -230,6 +313,12 @@ def run(config, *, num_students: int, steps: int, repeats: int, projection: bool
         "images_per_sec": round(num_students * per_student, 1),
         "images_per_sec_per_student": round(per_student, 1),
         "teacher_ms_per_step": None,
+        "yardstick_ms_per_step": None if yard_ms is None else round(yard_ms, 4),
+        "yardstick_ms_per_step_rounds": [round(1e3 * t / steps, 4) for t in yard_rounds] or None,
+        "ratio_to_yardstick": None if yard_ms is None else round(yard_ms / ms, 4),
+        "loss_first_step": float(np.ravel(first_metrics["loss"])[0]),  # student 0 when K > 1
+        "yardstick_loss_first_step": None if yard_loss is None else float(yard_loss),
+        "profile": profile,
         "projection": None,
     }
     if projection:
@@ -265,7 +354,8 @@ def main(argv) -> None:
             config.students_form = _FORM.value
     result = run(config, num_students=_STUDENTS.value, steps=_STEPS.value,
                  repeats=_REPEATS.value, projection=_PROJECTION.value,
-                 eval_batch=_EVAL_BATCH.value)
+                 eval_batch=_EVAL_BATCH.value, yardstick=_YARDSTICK.value,
+                 profile=bench_flags.PROFILE.value, profile_steps=bench_flags.PROFILE_STEPS.value)
     result = {k: result[k] for k in KEYS}
     print(json.dumps(result), flush=True)
 

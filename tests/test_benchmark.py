@@ -1,4 +1,9 @@
-"""benchmarks/train_step.py runs on CPU and prints one JSON object with the documented keys."""
+"""benchmarks/train_step.py runs on CPU and prints one JSON object with the documented keys.
+
+Issue 18: ``--yardstick`` times the plain Flax/optax step of ``benchmarks/yardstick.py`` in the same
+run; started from the same student variables on the same batch, its first loss equals the project
+step's to float rounding (what makes the ratio fair). ``--profile`` writes a trace of 2 steps.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +23,9 @@ KEYS = {"benchmark", "tag", "config", "method", "teacher", "student", "batch", "
         "mixed_precision", "students_form", "device_kind", "device_count", "platform",
         "jax_version", "date", "steps", "repeats", "compile_seconds", "ms_per_step",
         "ms_per_step_rounds", "dispatch_ms_per_step", "images_per_sec",
-        "images_per_sec_per_student", "teacher_ms_per_step", "projection"}
+        "images_per_sec_per_student", "teacher_ms_per_step", "yardstick_ms_per_step",
+        "yardstick_ms_per_step_rounds", "ratio_to_yardstick", "loss_first_step",
+        "yardstick_loss_first_step", "profile", "projection"}
 PROJECTION_KEYS = {"dataset", "steps_per_epoch", "train_seconds_per_epoch", "input_ms_per_step",
                    "input_seconds_per_epoch", "eval_images", "eval_batch", "eval_batches",
                    "eval_ms_per_batch", "eval_seconds_per_epoch", "epoch_seconds", "epochs",
@@ -35,8 +42,9 @@ def _run(*args: str) -> dict:
     return json.loads(lines[0])
 
 
-def test_single_student_json():
-    out = _run("--noepoch_projection", "--tag=fp32_b8")
+def test_single_student_json(tmp_path):
+    out = _run("--noepoch_projection", "--tag=fp32_b8", "--yardstick",
+               f"--profile={tmp_path / 'prof'}", "--profile_steps=2")
     assert set(out) == KEYS and out["tag"] == "fp32_b8"
     assert out["config"] == "configs/cifar100.py:kd_ls,resnet8,resnet8"
     assert (out["batch"], out["students"], out["students_form"]) == (8, 1, None)
@@ -46,12 +54,23 @@ def test_single_student_json():
                                                   abs=0.05)  # rounded to 0.1 img/s
     assert out["projection"] is None and out["teacher_ms_per_step"] is None
     assert 0 < out["dispatch_ms_per_step"]
+    # the yardstick: same variables and batch, so the same first loss to float rounding
+    assert out["yardstick_loss_first_step"] == pytest.approx(out["loss_first_step"], rel=1e-5)
+    assert len(out["yardstick_ms_per_step_rounds"]) == 2 and out["yardstick_ms_per_step"] > 0
+    assert out["ratio_to_yardstick"] == pytest.approx(
+        out["yardstick_ms_per_step"] / out["ms_per_step"], rel=1e-3)
+    # --profile: a trace of 2 steps on disk
+    assert out["profile"] == str(tmp_path / "prof")
+    traces = list((tmp_path / "prof").rglob("*.xplane.pb"))
+    assert traces and traces[0].stat().st_size > 0
 
 
 def test_two_students_mixed_precision_with_projection():
     out = _run("--students=2", "--mixed_precision", "--eval_batch=16")
     assert set(out) == KEYS and (out["students"], out["students_form"]) == (2, "loop")
     assert out["mixed_precision"] is True
+    assert out["yardstick_ms_per_step"] is None and out["ratio_to_yardstick"] is None
+    assert out["profile"] is None and out["loss_first_step"] > 0
     # Both are rounded to 0.1 img/s in the JSON: equal up to that rounding (0.05 + 2 x 0.05).
     assert out["images_per_sec"] == pytest.approx(2 * out["images_per_sec_per_student"],
                                                   abs=0.15)
@@ -65,3 +84,4 @@ def test_two_students_mixed_precision_with_projection():
         "eval_seconds_per_epoch"]
     assert proj["epoch_seconds"] == pytest.approx(expected, abs=2e-3)
     assert proj["total_minutes"] == pytest.approx(240 * proj["epoch_seconds"] / 60, abs=0.01)
+

@@ -282,6 +282,23 @@ def test_imagenet_determinism_and_resume_from_step():
     assert not all(np.array_equal(a["label"], b["label"]) for a, b in zip(full, other))
 
 
+def test_imagenet_uint8_batches_normalize_on_device_to_the_float32_batches():
+    """Issue 18: ``normalized=False`` keeps ImageNet's host batches uint8; the feed's on-device
+    ``normalize_batch`` turns them into the float32 batches of ``normalized=True`` bit for bit."""
+    i = zdata.info("imagenet2012")
+    with tfds.testing.mock_data(as_dataset_fn=imagenet_like(12)):
+        pairs = [(_train("imagenet2012", 4, normalized=n), _eval("imagenet2012", 8, normalized=n))
+                 for n in (False, True)]
+    (raw_train, raw_eval), (float_train, float_eval) = pairs
+    assert [int(b["mask"].sum()) for b in raw_eval] == [8, 4]
+    for raw, want in zip(raw_train + raw_eval, float_train + float_eval):
+        chex.assert_type(raw["image"], np.uint8)
+        got = zdata.normalize_batch(raw, mean=i.mean, std=i.std)
+        assert set(got) == set(want)
+        for key in want:
+            np.testing.assert_array_equal(np.asarray(got[key]), want[key])
+
+
 # ----------------------------------------------------------------------------- processes
 def test_two_processes_read_disjoint_halves_cifar():
     n = 96

@@ -47,6 +47,54 @@ def test_train_batches_are_global_sharded_and_normalized(pipeline):
         assert 0 <= np.asarray(b["label"]).min() and np.asarray(b["label"]).max() < 10
 
 
+def test_tfdata_feed_sends_uint8_and_the_step_gets_the_old_float32_batches():
+    """Issue 18: the host batches stay uint8, are normalized on the devices, and the batches
+    reaching the step equal the old path's (float32 normalized on the host, then copied) exactly,
+    the padded eval batches included; MLKD's strong view is normalized by the same function."""
+    from zkd_jax import data
+    from zkd_jax.parallel import host_to_global
+
+    mesh, views = create_mesh(), ("weak",)
+    raw = next(data.train_batches("digits", per_process_batch_size=BATCH, seed=0, epoch=1,
+                                  views=views, normalized=False))
+    assert raw["image"].dtype == np.uint8
+    new = _host(itertools.islice(_feed("tfdata", views=views).train(1, 0), 3))
+    old = _host(host_to_global(b, mesh) for b in itertools.islice(data.train_batches(
+        "digits", per_process_batch_size=BATCH, seed=0, epoch=1, views=views), 3))
+    new_eval = _host(_feed("tfdata").eval())
+    old_eval = _host(host_to_global(b, mesh) for b in data.eval_batches(
+        "digits", per_process_batch_size=EVAL_BATCH))
+    assert len(new) == 3 and len(new_eval) == len(old_eval) == 3
+    assert not new_eval[-1]["mask"].all()  # the padded last batch is compared too
+    for a, b in zip(new + new_eval, old + old_eval):
+        assert set(a) == set(b)
+        for key in a:
+            assert a[key].dtype == b[key].dtype
+            np.testing.assert_array_equal(a[key], b[key])
+    info = data.info("digits")
+    both = data.normalize_batch({"image": raw["image"], "image_strong": raw["image"]},
+                                mean=info.mean, std=info.std)
+    for key in ("image", "image_strong"):
+        np.testing.assert_array_equal(np.asarray(both[key]), old[0]["image"])
+
+
+def test_prefetch_keeps_two_batches_in_flight_in_order():
+    from zkd_jax.parallel import prefetch_to_mesh
+
+    pulled = []
+
+    def source():
+        for i in range(5):
+            pulled.append(i)
+            yield {"x": np.full((2,), i, np.uint8)}
+
+    it = prefetch_to_mesh(source(), create_mesh(), size=2)
+    assert int(next(it)["x"][0]) == 0 and pulled == [0, 1]  # batch 1 already on its way
+    assert [int(b["x"][0]) for b in it] == [1, 2, 3, 4]
+    with pytest.raises(ValueError, match="size=0 must be >= 1"):
+        next(prefetch_to_mesh(source(), create_mesh(), size=0))
+
+
 def test_device_feed_is_deterministic_and_restartable():
     feed = _feed("device")
     epoch = _host(itertools.islice(feed.train(2, 0), 6))

@@ -11,6 +11,10 @@ Batches are NumPy dicts of this process's share (the trainer makes global arrays
 * train: {"image": float32 [b,H,W,3] normalized, "label": int32 [b]} (+ "image_strong" for
   ``views=("weak", "strong")``), exactly ``steps_per_epoch`` batches per epoch minus ``start_step``.
 * eval: the same plus "mask" bool [b]; the last batch is padded (mask False) so shapes stay static.
+* ``normalized=False``: the images stay uint8 [b,H,W,3] (eval padding rows 0), a quarter of the bytes
+  to copy to the devices; ``zkd_jax.data.device.normalize_batch`` gives the normalized float32
+  batch from them, equal bit for bit (one lookup table, ``zkd_jax.data.normalization``). The
+  trainer's tf.data feed (``zkd_jax.data.feeds``) works this way.
 
 Accepted deviation (SPEC.md section 5): every epoch drops the last partial batch
 (``N // global_batch`` steps: 781 for CIFAR-100 at batch 64, where the reference runs 782 with a
@@ -33,6 +37,7 @@ from zkd_jax.data.device import (
     device_train_batch,
     epoch_permutation,
     load_device_arrays,
+    normalize_batch,
     num_eval_batches,
 )
 
@@ -118,12 +123,14 @@ def train_batches(
     data_dir: str | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
+    normalized: bool = True,
 ) -> Iterator[dict[str, np.ndarray]]:
     """The training batches of ONE epoch (counted from 1) of this process, from ``start_step`` on.
 
     Deterministic given (seed, epoch): order and every augmentation; starting at step k yields
     exactly what an uninterrupted iterator yields from step k. Each process reads a disjoint part.
-    Needs TensorFlow (+ TFDS for cifar100/imagenet2012, scikit-learn for digits).
+    ``normalized=False`` keeps the images uint8 (module docstring). Needs TensorFlow (+ TFDS for
+    cifar100/imagenet2012, scikit-learn for digits).
     """
     ds_info = info(name)
     views = check_views(views)
@@ -142,6 +149,7 @@ def train_batches(
         std=ds_info.std,
         process_index=p,
         process_count=count,
+        normalize=normalized,
     )
     if name == "imagenet2012":
         from zkd_jax.data.imagenet import imagenet_train_dataset  # pylint: disable=import-outside-toplevel
@@ -162,11 +170,13 @@ def eval_batches(
     data_dir: str | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
+    normalized: bool = True,
 ) -> Iterator[dict[str, np.ndarray]]:
     """This process's part of the test split (ImageNet: validation), once, with a "mask" per batch.
 
-    Every process yields the same number of batches, ``ceil(ceil(N / P) / b)``. Needs TensorFlow
-    (+ TFDS for cifar100/imagenet2012, scikit-learn for digits).
+    Every process yields the same number of batches, ``ceil(ceil(N / P) / b)``.
+    ``normalized=False`` keeps the images uint8 (module docstring). Needs TensorFlow (+ TFDS for
+    cifar100/imagenet2012, scikit-learn for digits).
     """
     ds_info = info(name)
     if per_process_batch_size <= 0:
@@ -178,6 +188,7 @@ def eval_batches(
         std=ds_info.std,
         process_index=p,
         process_count=count,
+        normalize=normalized,
     )
     if name == "imagenet2012":
         from zkd_jax.data.imagenet import imagenet_eval_dataset  # pylint: disable=import-outside-toplevel
@@ -209,6 +220,7 @@ __all__ = [
     "eval_batches",
     "info",
     "load_device_arrays",
+    "normalize_batch",
     "num_eval_batches",
     "steps_per_epoch",
     "train_batches",

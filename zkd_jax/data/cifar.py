@@ -100,8 +100,12 @@ def clear_tensor_cache() -> None:
     _TENSORS.clear()
 
 
-def _train_batch_fn(b: int, process_index: int, global_batch: int, with_strong: bool, mean, std, pad: int):
+def _train_batch_fn(b: int, process_index: int, global_batch: int, with_strong: bool, mean, std, pad: int,
+                    normalize: bool = True):
     """The per-batch map function (a ``tf.function``, traced once per epoch's dataset)."""
+
+    def finish(x):
+        return augment.normalize(x, mean, std) if normalize else x
 
     @tf.function(autograph=False)
     def make_batch(rows, step, weak_key, strong_key, all_images, all_labels):
@@ -109,12 +113,12 @@ def _train_batch_fn(b: int, process_index: int, global_batch: int, with_strong: 
         x = tf.gather(all_images, rows)
         u = tf.random.stateless_uniform([global_batch, augment.CROP_FLIP_DRAWS], seed=tf.stack([weak_key, step]))
         out = {
-            "image": augment.normalize(augment.crop_flip_batch(x, u[lo:hi], pad), mean, std),
+            "image": finish(augment.crop_flip_batch(x, u[lo:hi], pad)),
             "label": tf.gather(all_labels, rows),
         }
         if with_strong:
             us = tf.random.stateless_uniform([global_batch, augment.STRONG_DRAWS], seed=tf.stack([strong_key, step]))
-            out[BATCH_KEYS[STRONG]] = augment.normalize(augment.strong_view_batch(x, us[lo:hi]), mean, std)
+            out[BATCH_KEYS[STRONG]] = finish(augment.strong_view_batch(x, us[lo:hi]))
         return out
 
     return make_batch
@@ -134,12 +138,14 @@ def array_train_dataset(
     process_index: int,
     process_count: int,
     pad: int = augment.CIFAR_PAD,
+    normalize: bool = True,
 ):
     """tf.data of one epoch's training batches for this process (see the module docstring).
 
     Elements: {"image": float32 [b, H, W, 3], "label": int32 [b]} and, when "strong" is in
     ``views``, "image_strong" (crop + flip + RandAugment(2) + Cutout of the same images, drawn
     independently of the weak view's crop and flip, as the reference's two transforms do).
+    ``normalize=False``: the images stay uint8 [b, H, W, 3] (normalized later, on the devices).
     """
     _check_arrays(images, labels)
     b = per_process_batch_size
@@ -154,7 +160,7 @@ def array_train_dataset(
     )
     keys = [np.full(len(steps), seeding.stream_key(seed, epoch, v), np.int64) for v in (WEAK, STRONG)]
     make_batch = _train_batch_fn(
-        b, process_index, b * process_count, STRONG in views, tuple(mean), tuple(std), pad
+        b, process_index, b * process_count, STRONG in views, tuple(mean), tuple(std), pad, normalize
     )
     plan = tf.data.Dataset.from_tensor_slices((rows, steps, keys[0], keys[1]))
     data = tf.data.Dataset.from_tensors(_as_tensors(images, labels)).repeat()
@@ -174,11 +180,13 @@ def array_eval_dataset(
     std: Sequence[float],
     process_index: int,
     process_count: int,
+    normalize: bool = True,
 ):
     """tf.data of this process's part of a test split, once, normalized, padded with a mask.
 
     Elements: {"image": float32 [b, H, W, 3] = (x / 255 - mean) / std, "label": int32 [b],
     "mask": bool [b]}; padding rows are all-zero images with label 0 and mask False.
+    ``normalize=False``: the images stay uint8 [b, H, W, 3] (padding rows 0).
     """
     _check_arrays(images, labels)
     idx, mask = eval_plan(
@@ -191,7 +199,9 @@ def array_eval_dataset(
     def make_batch(plan, data):
         idx_t, mask_t = plan
         all_images, all_labels = data
-        x = augment.normalize(tf.gather(all_images, idx_t), mean, std)
+        x = tf.gather(all_images, idx_t)
+        if normalize:
+            x = augment.normalize(x, mean, std)
         return {
             "image": tf.where(mask_t[:, None, None, None], x, tf.zeros_like(x)),
             "label": tf.where(mask_t, tf.gather(all_labels, idx_t), tf.zeros_like(idx_t, tf.int32)),

@@ -31,13 +31,14 @@ the batch is the global batch; shard it with ``jax.lax.with_sharding_constraint`
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from zkd_jax.data import normalization
+from zkd_jax.views import BATCH_KEYS
 
 CIFAR_PAD = 4
 
@@ -76,6 +77,26 @@ def normalize(images: jax.Array, mean: Sequence[float], std: Sequence[float]) ->
     """
     lut = jnp.asarray(normalization.table(mean, std).T.reshape(-1))  # [3 * 256], channel-major
     return jnp.take(lut, images.astype(jnp.int32) + jnp.array([0, 256, 512], jnp.int32), axis=0)
+
+
+def normalize_batch(batch: Mapping[str, jax.Array], *, mean: Sequence[float],
+                    std: Sequence[float]) -> dict[str, jax.Array]:
+    """A batch of uint8 images -> the same batch normalized, as the tf.data path normalizes it.
+
+    Every image entry (``views.BATCH_KEYS``: "image", "image_strong") that is uint8 [B,H,W,3]
+    becomes ``(float32(x) / 255 - mean) / std`` float32 [B,H,W,3] (:func:`normalize`, the shared
+    table: bit-identical to ``train_batches``/``eval_batches`` with ``normalized=True``); with a
+    "mask" [B], masked rows become zeros, as the tf.data path pads. Other entries pass unchanged.
+    Pure and jittable (``mean``/``std`` static).
+    """
+    out = dict(batch)
+    for key in BATCH_KEYS.values():
+        if key in out and out[key].dtype == jnp.uint8:
+            x = normalize(out[key], mean, std)
+            if "mask" in out:
+                x = jnp.where(out["mask"][:, None, None, None], x, jnp.zeros_like(x))
+            out[key] = x
+    return out
 
 
 def epoch_permutation(key: jax.Array, epoch, num_examples: int) -> jax.Array:

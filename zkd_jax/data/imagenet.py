@@ -118,8 +118,12 @@ def imagenet_train_dataset(
     data_dir: str | None,
     process_index: int,
     process_count: int,
+    normalize: bool = True,
 ):
-    """tf.data of one epoch of ImageNet training batches for this process (module docstring)."""
+    """tf.data of one epoch of ImageNet training batches for this process (module docstring).
+
+    ``normalize=False``: the images stay uint8 [b, 224, 224, 3] (normalized later, on the devices).
+    """
     tfds = import_tfds()
     builder = prepared_builder(NAME, data_dir)
     b, p = per_process_batch_size, process_index
@@ -161,7 +165,8 @@ def imagenet_train_dataset(
 
     ds = ds.map(per_example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(b, drop_remainder=True)
-    ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if normalize:
+        ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
 
 
@@ -173,8 +178,12 @@ def imagenet_eval_dataset(
     data_dir: str | None,
     process_index: int,
     process_count: int,
+    normalize: bool = True,
 ):
-    """tf.data of this process's part of the validation split, once, padded; every batch has "mask"."""
+    """tf.data of this process's part of the validation split, once, padded; every batch has "mask".
+
+    ``normalize=False``: the images stay uint8 [b, 224, 224, 3] (padding rows 0).
+    """
     tfds = import_tfds()
     builder = prepared_builder(NAME, data_dir)
     b = per_process_batch_size
@@ -193,7 +202,7 @@ def imagenet_eval_dataset(
     ds = ds.concatenate(pad).take(num_batches * b).batch(b, drop_remainder=True)
 
     def finish(images, labels, mask):
-        x = augment.normalize(images, mean, std)
+        x = augment.normalize(images, mean, std) if normalize else images
         return {"image": tf.where(mask[:, None, None, None], x, tf.zeros_like(x)), "label": labels, "mask": mask}
 
     ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

@@ -9,10 +9,11 @@ from zkd_jax.parallel.mesh import (
     check_batch_size,
     create_mesh,
     host_to_global,
+    prefetch_to_mesh,
     replicate,
     replicated,
     to_host,
 )
 
 __all__ = ["DATA_AXIS", "batch_sharding", "check_batch_size", "create_mesh", "host_to_global",
-           "replicate", "replicated", "to_host"]
+           "prefetch_to_mesh", "replicate", "replicated", "to_host"]

@@ -8,7 +8,8 @@ gradients are those of the *global* batch: a step computes the same numbers on 1
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import collections
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -73,6 +74,37 @@ def host_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax
             )
         out[key] = jax.make_array_from_process_local_data(sharding, value)
     return out
+
+
+def prefetch_to_mesh(
+    batches: Iterable[Mapping[str, np.ndarray]],
+    mesh: Mesh,
+    *,
+    size: int = 2,
+    then: Callable[[dict[str, jax.Array]], dict[str, jax.Array]] | None = None,
+) -> Iterator[dict[str, jax.Array]]:
+    """``host_to_global`` of each host batch, ``size`` batches ahead of the consumer.
+
+    Yields ``then(host_to_global(b, mesh))`` (or ``host_to_global(b, mesh)``) for each ``b`` of
+    ``batches``, in order. Before the consumer receives batch ``i``, the copies of batches
+    ``i + 1 .. i + size - 1`` have been started too (the copies and a jitted ``then`` are
+    dispatched asynchronously), so the transfers overlap the step that uses batch ``i``: flax's
+    ``jax_utils.prefetch_to_device`` for the mesh's sharded global batches. ``size=1``: no
+    read-ahead.
+
+    Raises:
+      ValueError: ``size < 1`` (or, from ``host_to_global``, a batch that does not split evenly).
+    """
+    if size < 1:
+        raise ValueError(f"prefetch size={size} must be >= 1.")
+    queue: collections.deque = collections.deque()
+    for batch in batches:
+        out = host_to_global(batch, mesh)
+        queue.append(out if then is None else then(out))
+        if len(queue) == size:
+            yield queue.popleft()
+    while queue:
+        yield queue.popleft()
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
