@@ -9,11 +9,9 @@ gradients (logits; hidden states, head, bias; a traced temperature) equal the un
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
+
+from cpu_devices import run_on_cpu_devices
 
 SCRIPT = textwrap.dedent(
     """
@@ -71,13 +69,7 @@ SCRIPT = textwrap.dedent(
 
 
 def test_sharded_data_by_model_equals_unsharded(tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
-                          env=env, cwd=tmp_path, timeout=300)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    out = json.loads(lines[-1][len("RESULT "):])
+    out = run_on_cpu_devices(SCRIPT, 8, tmp_path)
     assert out["devices"] == 8
     # teacher logits [4, 6, 64] in 2 x 4 shards; the student head [8, 64] in 4 along the vocabulary
     assert out["spread_over"] == {"logits": [2, 6, 16], "hidden": [8, 16]}
