@@ -12,8 +12,8 @@ Memory: for each ``--tokens`` N, ``jax.jit(jax.value_and_grad(...)).lower(...).c
 abstract bf16 inputs (``jax.ShapeDtypeStruct``: nothing is allocated or run) and XLA's
 ``memory_analysis().temp_size_in_bytes``, also as a multiple of one bf16 ``[N, V]`` array.
 The ``kd_loss`` and ``fused`` forms are also compiled for float32 inputs.
-Time: the same functions run at ``--time_shape`` (median of ``--repeats`` calls after one
-compiling call).
+Time: the same functions run at ``--time_shape`` (median of ``--repeats`` rounds after one
+compiling call; in each round every form runs once, in turn).
 
     python benchmarks/llm_loss.py                      # N in (4096, 8192), V=128256, H=4096
     python benchmarks/llm_loss.py --tokens=512 --vocab=4096 --hidden=64 --time_shape=256,2048,64
@@ -88,21 +88,25 @@ def temp_bytes(n: int, v: int, h: int, dtype=jnp.bfloat16, forms=tuple(FORMS)) -
 
 
 def cpu_seconds(n: int, v: int, h: int, repeats: int, dtype=jnp.bfloat16) -> dict[str, float]:
-    """Median seconds of one value-and-gradient call of each form (after a compiling call)."""
+    """Median seconds of one value-and-gradient call of each form (after a compiling call).
+
+    The forms take turns in every round, so that a change of the machine's load during the run
+    (it is shared) falls on all of them alike.
+    """
     rng = np.random.default_rng(0)
-    out = {}
+    calls, times = {}, {name: [] for name in FORMS}
     for name, (fn, hidden, argnums) in FORMS.items():
         args = _inputs(n, v, h, hidden, lambda shape, scale: jnp.asarray(
             scale * rng.standard_normal(shape, np.float32), dtype))
         step = jax.jit(jax.value_and_grad(fn, argnums=argnums))
         jax.block_until_ready(step(*args))
-        times = []
-        for _ in range(repeats):
+        calls[name] = (step, args)
+    for _ in range(repeats):
+        for name, (step, args) in calls.items():
             start = time.perf_counter()
             jax.block_until_ready(step(*args))
-            times.append(time.perf_counter() - start)
-        out[name] = statistics.median(times)
-    return out
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def machine() -> str:
@@ -121,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--vocab", type=int, default=128256)
     parser.add_argument("--hidden", type=int, default=4096)
     parser.add_argument("--time_shape", default="1024,32000,256", help="N,V,H of the timed runs")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args(argv)
     n_t, v_t, h_t = (int(x) for x in args.time_shape.split(","))
     result = {"machine": machine(), "jax": jax.__version__,
@@ -152,6 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
     ratios = (seconds["kd_loss"] / seconds["naive"], seconds["fused"] / seconds["matmul+naive"])
     print("| " + " | ".join(f"{s:.3f}" for s in seconds.values())
           + f" | {ratios[0]:.2f} | {ratios[1]:.2f} |")
+    result["load_average"] = os.getloadavg()
     print("RESULT " + json.dumps(result))
     return result
 

@@ -12,9 +12,10 @@ import subprocess
 import sys
 
 
-def run_on_cpu_devices(script: str, devices: int, cwd, timeout: int = 300) -> dict:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               JAX_PLATFORMS="cpu")
+def run_on_cpu_devices(script: str, devices: int, cwd, timeout: int = 300, xla_flags: str = "") -> dict:
+    """``xla_flags``: more ``XLA_FLAGS`` (e.g. ``--xla_backend_optimization_level=0``)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {xla_flags}".strip())
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           env=env, cwd=cwd, timeout=timeout)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
