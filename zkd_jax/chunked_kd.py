@@ -23,8 +23,11 @@ Two forms of ``L = sum_i w_i [tau^2 KL(softmax(Z(t_i) / tau) || softmax(Z(s_i) /
   ``db_s[block] = sum_rows g_s``, ``dh_s += g_s W_s[:, block]^T``.
 
 A count of rows (or columns) not divisible by the chunk is handled without padding copies: the
-last chunk starts at ``N - chunk`` and overlaps the previous one; only its new rows count.
-Only JAX is imported (and :mod:`zkd_jax.tempered_kl`).
+full chunks run in the scan and the remainder is one more, smaller chunk at a static offset.
+In the fused backward the two matrix products take ``g_s`` in the inputs' dtype (bf16 for a bf16
+model, as that model's own backward would) and sum in float32; everything else is computed in
+float32 (float64 for float64 inputs). 16-bit inputs are sliced through a uint16 view on XLA:CPU
+(:func:`_as_bits`). Only JAX is imported (and :mod:`zkd_jax.tempered_kl`).
 """
 
 from __future__ import annotations
@@ -329,7 +332,8 @@ def kd_loss_from_hidden(
     on the raw student logits, as a language model's next-token loss). The teacher's hidden
     states, head and bias receive zero gradients; the student's hidden states, head, bias and a
     traced temperature (CTKD, tempered_kl's exact derivative) receive theirs. Logits are formed
-    chunk by chunk (module doc); matrix products accumulate in float32 (float64 for float64).
+    chunk by chunk (module doc); matrix products accumulate in float32 (float64 for float64), the
+    backward's take the logits' gradient in the inputs' dtype.
 
     Args:
       student_hidden: ``[..., Hs]`` (e.g. ``[batch, seq, Hs]``).
