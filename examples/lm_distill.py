@@ -15,7 +15,7 @@ is the generated text's characters, so it runs on a CPU.
    ``tau^2 KL(Z(t) || Z(s)) + ce_weight * CE``; every ``--log_every`` steps the student's KD loss
    (and both models' cross-entropy) on a held-out batch is printed.
 
-    python examples/lm_distill.py                       # about a minute on a 2-core CPU
+    python examples/lm_distill.py                       # under two minutes on a 2-core CPU
     python examples/lm_distill.py --teacher_steps=30 --student_steps=20 --seq_len=24
 """
 
@@ -117,11 +117,12 @@ def run(*, teacher_steps: int = 200, student_steps: int = 200, batch_size: int =
 
     Returns ``teacher_ce`` (every ``log_every`` steps of the teacher's training: that step's batch,
     before its update), ``student_kd`` and ``student_ce`` (during distillation, on the held-out
-    batch; the first entry before any step, the last after the last).
+    batch; the first entry before any step, the last after the last). ``optimize=False`` compiles
+    at XLA's backend optimization level 0 (faster compiling, slower programs: for tests).
     """
     say = print if verbose else (lambda *a, **k: None)
-    # XLA's backend optimization level: 0 compiles these small programs several times faster
-    jit = functools.partial(jax.jit, compiler_options=None if optimize else {"xla_backend_optimization_level": 0})
+    level = None if optimize else {"xla_backend_optimization_level": 0}
+    jit = functools.partial(jax.jit, compiler_options=level)
     rng = np.random.default_rng(seed)
     held_out = {k: jnp.asarray(v) for k, v in batch(np.random.default_rng(seed + 1), 64, seq_len).items()}
     teacher = TinyLM(teacher_width, teacher_depth, heads=4, max_len=seq_len)
