@@ -51,11 +51,11 @@ SCRIPT = textwrap.dedent(
         "hidden": (put(hs, "data"), put(ws, None, "model"), put(bs, "model"), temp, put(ht, "data"),
                    put(wt, None, "model"), put(bt, "model"), put(labels, "data"), put(where, "data")),
     }
-    out = {"devices": jax.device_count(), "errors": {}, "spread_over": {}}
+    out = {"devices": jax.device_count(), "errors": {}, "shard_shape": {}}
     for name, args in sharded_in.items():
         fn = grad_logits if name == "logits" else grad_hidden
         got = fn(*args)
-        out["spread_over"][name] = list(args[1].sharding.shard_shape(args[1].shape))
+        out["shard_shape"][name] = list(args[1].sharding.shard_shape(args[1].shape))
         for i, (a, r) in enumerate(zip(jax.tree.leaves(got), jax.tree.leaves(plain[name]))):
             a, r = np.asarray(a, np.float64), np.asarray(r, np.float64)
             out["errors"][f"{name}/{i}"] = float(np.max(np.abs(a - r)) / np.max(np.abs(r)))
@@ -74,7 +74,7 @@ def test_sharded_data_by_model_equals_unsharded(tmp_path):
     out = run_on_cpu_devices(SCRIPT, 8, tmp_path, xla_flags="--xla_backend_optimization_level=0")
     assert out["devices"] == 8
     # teacher logits [4, 6, 64] in 2 x 4 shards; the student head [8, 64] in 4 along the vocabulary
-    assert out["spread_over"] == {"logits": [2, 6, 16], "hidden": [8, 16]}
+    assert out["shard_shape"] == {"logits": [2, 6, 16], "hidden": [8, 16]}
     assert out["shard_mean_gap"] > 1.0
     # logits: value, d/ds, d/dtau; hidden: value, d/dh, d/dW, d/db, d/dtau
     assert len(out["errors"]) == 8, out["errors"]
