@@ -173,10 +173,15 @@ def test_fused_bfloat16_without_bias_or_labels():
         up = lambda x: x.astype(jnp.float32)  # noqa: E731
         return fused, losses.kd_loss(up(h) @ up(w), up(ht) @ up(wt), 2.0, standardize=True)
 
-    (value, ref), grads = jax.jit(lambda h, w: (both(h, w), jax.grad(lambda a, b: both(a, b)[0], argnums=(0, 1))(h, w)))(hs, ws)
+    def grads(h, w):
+        return [jax.grad(lambda a, b, i=i: both(a, b)[i], argnums=(0, 1))(h, w) for i in (0, 1)]
+
+    (value, ref), (got, want) = jax.jit(lambda h, w: (both(h, w), grads(h, w)))(hs, ws)
     chex.assert_type(value, jnp.float32)
-    chex.assert_type(grads, jnp.bfloat16)
+    chex.assert_type(got, jnp.bfloat16)
     np.testing.assert_allclose(value, ref, rtol=1e-5)
+    for a, b in zip(got, want):  # bf16 products and gradients: bf16's 8 bits of precision
+        assert relative_error(np.asarray(a, np.float32), b) <= 2e-2
 
 
 def test_user_errors_are_one_clear_value_error():

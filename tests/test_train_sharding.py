@@ -9,11 +9,9 @@ that a global batch not divisible by the device count is refused with one clear 
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
+
+from cpu_devices import run_on_cpu_devices
 
 SCRIPT = textwrap.dedent(
     """
@@ -87,13 +85,7 @@ SCRIPT = textwrap.dedent(
 
 
 def test_eight_devices_match_one_device(tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
-                          env=env, cwd=tmp_path, timeout=300)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    out = json.loads(lines[-1][len("RESULT "):])
+    out = run_on_cpu_devices(SCRIPT, 8, tmp_path)
     assert out["devices"] == 8
     for a, b in zip(out["loss_1"], out["loss_8"], strict=True):
         assert abs(a - b) <= 1e-5 * abs(a), (out["loss_1"], out["loss_8"])

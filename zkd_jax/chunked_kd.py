@@ -23,8 +23,11 @@ Two forms of ``L = sum_i w_i [tau^2 KL(softmax(Z(t_i) / tau) || softmax(Z(s_i) /
   ``db_s[block] = sum_rows g_s``, ``dh_s += g_s W_s[:, block]^T``.
 
 A count of rows (or columns) not divisible by the chunk is handled without padding copies: the
-last chunk starts at ``N - chunk`` and overlaps the previous one; only its new rows count.
-Only JAX is imported (and :mod:`zkd_jax.tempered_kl`).
+full chunks run in the scan and the remainder is one more, smaller chunk at a static offset.
+In the fused backward the two matrix products take ``g_s`` in the inputs' dtype (bf16 for a bf16
+model, as that model's own backward would) and sum in float32; everything else is computed in
+float32 (float64 for float64 inputs). 16-bit inputs are sliced through a uint16 view on XLA:CPU
+(:func:`_as_bits`). Only JAX is imported (and :mod:`zkd_jax.tempered_kl`).
 """
 
 from __future__ import annotations
@@ -84,24 +87,45 @@ def _kd_rows(s: Array, t: Array, tau: Array, standardize: bool) -> Array:
 
 
 def _scan_chunks(n: int, size: int, body, init):
-    """``carry = body(carry, start, fresh)`` over ``ceil(n / size)`` chunks of ``size`` rows.
+    """``carry = body(carry, start, rows)`` over ``n // size`` chunks of ``size`` rows, then one of ``n % size``.
 
-    ``start`` is ``min(i * size, n - size)``; ``fresh [size]`` is True for the rows not seen in
-    an earlier chunk (only the last chunk overlaps).
+    The full chunks run in a ``lax.scan`` (``start`` traced); the remainder, if any, is one more
+    call with a static ``start`` and a smaller static ``rows``: no padding copy, no overlap.
     """
-    count = -(-n // size)
+    full, rest = divmod(n, size)
 
     def step(carry, i):
-        start = jnp.minimum(i * size, n - size)
-        fresh = start + jnp.arange(size) >= i * size
-        return body(carry, start, fresh), None
+        return body(carry, i * size, size), None
 
-    carry, _ = lax.scan(step, init, jnp.arange(count))
-    return carry
+    carry = lax.scan(step, init, jnp.arange(full))[0] if full else init
+    return body(carry, full * size, rest) if rest else carry
+
+
+def _as_bits(x: Array) -> Array:
+    """On XLA:CPU, a 16-bit float array viewed as uint16; otherwise (and for other dtypes) ``x``.
+
+    XLA:CPU's bf16 float normalization converts the whole operand of a bf16/f16 dynamic-slice or
+    dynamic-update-slice to float32, and loop-invariant code motion hoists that copy out of the
+    chunk loop (twice the input's bytes per array). Slicing the integer view instead costs one
+    same-size copy (the bitcast is materialized there). Other backends slice 16-bit floats natively.
+    """
+    half = x.dtype.itemsize == 2 and jnp.issubdtype(x.dtype, jnp.floating)
+    return lax.bitcast_convert_type(x, jnp.uint16) if half and jax.default_backend() == "cpu" else x
+
+
+def _from_bits(x: Array, dtype) -> Array:
+    return lax.bitcast_convert_type(x, dtype) if x.dtype != dtype else x
 
 
 def _rows(x: Array, start, size: int, axis: int = 0) -> Array:
-    return lax.dynamic_slice_in_dim(x, start, size, axis=axis)
+    """``size`` entries of ``x`` along ``axis`` from ``start`` (sliced through :func:`_as_bits`)."""
+    return _from_bits(lax.dynamic_slice_in_dim(_as_bits(x), start, size, axis=axis), x.dtype)
+
+
+def _put_rows(x: Array, update: Array, start, axis: int = 0) -> Array:
+    """``x`` with ``update`` written at ``start`` along ``axis`` (through :func:`_as_bits`)."""
+    out = lax.dynamic_update_slice_in_dim(_as_bits(x), _as_bits(update.astype(x.dtype)), start, axis=axis)
+    return _from_bits(out, x.dtype)
 
 
 # ----------------------------------------------------------------------------- chunked kd_loss
@@ -122,10 +146,10 @@ def chunked_kd_sum(s: Array, t: Array, tau: Array, w: Array, standardize: bool, 
 
 
 def _forward_sum(s, t, tau, w, standardize, chunk):
-    def body(total, start, fresh):
-        h = _kd_rows(_rows(s, start, chunk), _rows(t, start, chunk), tau, standardize)
-        wc = _rows(w, start, chunk)
-        return total + jnp.sum(jnp.where(fresh & (wc != 0), wc * h, 0.0))
+    def body(total, start, rows):
+        h = _kd_rows(_rows(s, start, rows), _rows(t, start, rows), tau, standardize)
+        wc = _rows(w, start, rows)
+        return total + jnp.sum(jnp.where(wc != 0, wc * h, 0.0))
 
     return _scan_chunks(s.shape[0], chunk, body, jnp.zeros((), tau.dtype))
 
@@ -140,21 +164,20 @@ def _sum_bwd(standardize, chunk, res, g):
     if isinstance(g, SymbolicZero):
         g = jnp.zeros((), tau.dtype)
 
-    def body(carry, start, fresh):
+    def body(carry, start, rows):
         grad_s, grad_tau = carry
-        t_c, wc = _rows(t, start, chunk), _rows(w, start, chunk)
-        keep = fresh & (wc != 0)
+        t_c, wc = _rows(t, start, rows), _rows(w, start, rows)
+        keep = wc != 0
         ct = jnp.where(keep, g * wc, 0.0)
         if tau_perturbed:
-            _, vjp = jax.vjp(lambda x, tt: _kd_rows(x, t_c, tt, standardize), _rows(s, start, chunk), tau)
+            _, vjp = jax.vjp(lambda x, tt: _kd_rows(x, t_c, tt, standardize), _rows(s, start, rows), tau)
             ds, dtau = vjp(ct)
             grad_tau = grad_tau + dtau
         else:
-            _, vjp = jax.vjp(lambda x: _kd_rows(x, t_c, tau, standardize), _rows(s, start, chunk))
+            _, vjp = jax.vjp(lambda x: _kd_rows(x, t_c, tau, standardize), _rows(s, start, rows))
             (ds,) = vjp(ct)
-        old = _rows(grad_s, start, chunk)
-        new = jnp.where(fresh[:, None], jnp.where(keep[:, None], ds, 0.0).astype(s.dtype), old)
-        return lax.dynamic_update_slice_in_dim(grad_s, new, start, axis=0), grad_tau
+        new = jnp.where(keep[:, None], ds, 0.0).astype(s.dtype)
+        return _put_rows(grad_s, new, start), grad_tau
 
     init = (jnp.zeros_like(s), jnp.zeros((), tau.dtype))
     grad_s, grad_tau = _scan_chunks(s.shape[0], chunk, body, init)
@@ -190,8 +213,7 @@ def _fused_stats(hs, ws, bs, ht, wt, bt, tau, labels, standardize, rows, want_dt
     names += ["ce", "lse_s"] if labels is not None else []
     names += ["dtau"] if want_dtau else []
 
-    def body(stats, start, fresh):
-        del fresh  # rows are written by position; an overlapping row gets the same values
+    def body(stats, start, rows):
         s = _logits(_rows(hs, start, rows), ws, bs, dtype)
         t = lax.stop_gradient(_logits(_rows(ht, start, rows), wt, bt, dtype))
         one = jnp.ones((rows,), dtype)
@@ -253,7 +275,7 @@ def _fused_bwd(standardize, rows, cols, res, g):
         safe_sig = jnp.where(sig > 0, sig, 1.0)
         k = jnp.where(sig > 0, c * tau * stats["r"] / (stats["den_s"] * max(v - 1, 1) * safe_sig), 0.0)
 
-    def body(carry, start, fresh):
+    def body(carry, start, cols):
         d_hs, d_ws, d_bs = carry
         ws_b = _rows(ws, start, cols, axis=1)
         s = _logits(hs, ws_b, None if bs is None else _rows(bs, start, cols), dtype)
@@ -268,12 +290,12 @@ def _fused_bwd(standardize, rows, cols, res, g):
             onehot = col(labels) == start + jnp.arange(cols)[None, :]
             gs = gs + col(c * ce_weight) * (jnp.exp(s - col(stats["lse_s"])) - onehot)
         gs = jnp.where(col(c != 0), gs, 0.0)
-        d_ws_b = jnp.dot(hs.T, gs, preferred_element_type=dtype)
-        d_ws = lax.dynamic_update_slice_in_dim(d_ws, d_ws_b.astype(ws.dtype), start, 1)
+        # products in the inputs' dtype (bf16 for a bf16 model, as its own backward), sums in float32
+        d_ws_b = jnp.dot(hs.T, gs.astype(hs.dtype), preferred_element_type=dtype)
+        d_ws = _put_rows(d_ws, d_ws_b, start, axis=1)
         if d_bs is not None:
-            d_bs = lax.dynamic_update_slice_in_dim(d_bs, jnp.sum(gs, axis=0).astype(bs.dtype), start, 0)
-        gs_new = jnp.where(fresh[None, :], gs, 0.0)
-        d_hs = d_hs + jnp.dot(gs_new, ws_b.T.astype(dtype), preferred_element_type=dtype)
+            d_bs = _put_rows(d_bs, jnp.sum(gs, axis=0), start)
+        d_hs = d_hs + jnp.dot(gs.astype(ws.dtype), ws_b.T, preferred_element_type=dtype)
         return d_hs, d_ws, d_bs
 
     init = (jnp.zeros((n, hs.shape[1]), dtype), jnp.zeros_like(ws), None if bs is None else jnp.zeros_like(bs))
@@ -310,7 +332,8 @@ def kd_loss_from_hidden(
     on the raw student logits, as a language model's next-token loss). The teacher's hidden
     states, head and bias receive zero gradients; the student's hidden states, head, bias and a
     traced temperature (CTKD, tempered_kl's exact derivative) receive theirs. Logits are formed
-    chunk by chunk (module doc); matrix products accumulate in float32 (float64 for float64).
+    chunk by chunk (module doc); matrix products accumulate in float32 (float64 for float64), the
+    backward's take the logits' gradient in the inputs' dtype.
 
     Args:
       student_hidden: ``[..., Hs]`` (e.g. ``[batch, seq, Hs]``).

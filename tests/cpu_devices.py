@@ -1,0 +1,23 @@
+"""Run a test's script in a fresh Python with N virtual CPU devices and read its ``RESULT`` line.
+
+``XLA_FLAGS=--xla_force_host_platform_device_count=N`` must be set before JAX starts, hence the
+subprocess. The script prints ``RESULT <json>``; the last such line is returned, decoded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+
+def run_on_cpu_devices(script: str, devices: int, cwd, timeout: int = 300, xla_flags: str = "") -> dict:
+    """``xla_flags``: more ``XLA_FLAGS`` (e.g. ``--xla_backend_optimization_level=0``)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {xla_flags}".strip())
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=timeout)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT "):])
