@@ -40,11 +40,13 @@ def test_bad_arguments(arg):
         cifar100_vit.get_config(arg)
 
 
-def test_trainer_refuses_the_vit_recipe_with_one_clear_message(tmp_path):
+def test_trainer_refuses_a_vit_transform_it_does_not_make_before_writing(tmp_path):
     from zkd_jax.configs import cifar100_vit
     from zkd_jax.trainer import train_and_evaluate
 
     config = cifar100_vit.get_config("kd_ls,resnet56,deit_ti")
-    with pytest.raises(ValueError, match="not wired into the trainer yet"):
+    config.vit.train_transform = "rrc_flip_autoaug"
+    with pytest.raises(ValueError, match="config.vit.train_transform='rrc_flip_autoaug' is not "
+                                         "implemented"):
         train_and_evaluate(config, tmp_path / "run")
     assert not (tmp_path / "run").exists()

@@ -28,7 +28,7 @@ from jax.sharding import Mesh
 
 from zkd_jax.data import device
 from zkd_jax.parallel import batch_sharding, check_batch_size, host_to_global, replicated
-from zkd_jax.views import WEAK
+from zkd_jax.views import CIFAR_AUGMENTATION, WEAK, check_augmentation
 
 PIPELINES = ("tfdata", "device")
 DATA_KEY_PURPOSE = 2  # PRNGKey(seed) folded with 0: init, 1: in-step randomness, 2: device data
@@ -71,8 +71,10 @@ class Feed:
 DEVICE_DATASETS = ("cifar100", "digits", "synthetic_cifar100")
 
 
-def check_pipeline(pipeline: str, views: Sequence[str], dataset: str) -> None:
+def check_pipeline(pipeline: str, views: Sequence[str], dataset: str,
+                   augmentation: str = CIFAR_AUGMENTATION) -> None:
     """Raises a ``ValueError`` that says what to set when the pipeline cannot serve the run."""
+    check_augmentation(augmentation, views)
     if pipeline not in PIPELINES:
         raise ValueError(
             f"config.input_pipeline={pipeline!r} is unknown; choose one of {', '.join(PIPELINES)}."
@@ -87,6 +89,11 @@ def check_pipeline(pipeline: str, views: Sequence[str], dataset: str) -> None:
             "config.input_pipeline='device' makes the weak view only, and this method (MLKD) also "
             "needs the strong view; set config.input_pipeline='tfdata'."
         )
+    if pipeline == "device" and augmentation != CIFAR_AUGMENTATION:
+        raise ValueError(
+            "config.input_pipeline='device' makes the CIFAR crop + flip only, not the ViT "
+            "students' transforms; set config.input_pipeline='tfdata'."
+        )
 
 
 def make_feed(
@@ -99,34 +106,45 @@ def make_feed(
     batch_size: int,
     eval_batch_size: int,
     data_dir: str | None = None,
+    augmentation: str = CIFAR_AUGMENTATION,
+    image_size: int | None = None,
 ) -> Feed:
     """The :class:`Feed` of ``pipeline`` ("tfdata" or "device"); batch sizes are global.
+
+    ``augmentation`` (``zkd_jax.views``): ``"vit"`` gives the ViT students' images at
+    ``image_size`` px (tf.data only).
 
     Raises:
       ValueError: an unknown pipeline, a view or dataset the pipeline does not serve, a batch
         size that does not divide over the devices, or the dataset missing (see ``zkd_jax.data``).
     """
-    check_pipeline(pipeline, views, dataset)
+    check_pipeline(pipeline, views, dataset, augmentation)
     per_process = check_batch_size(batch_size, mesh)
     per_process_eval = check_batch_size(eval_batch_size, mesh, what="config.eval_batch_size")
     if pipeline == "tfdata":
-        return _host_feed(dataset, mesh, seed, tuple(views), per_process, per_process_eval, data_dir)
+        transform = {"augmentation": augmentation, "image_size": image_size}
+        return _host_feed(dataset, mesh, seed, tuple(views), per_process, per_process_eval, data_dir,
+                          transform)
     return _device_feed(dataset, mesh, seed, batch_size, eval_batch_size, data_dir)
 
 
-def _host_feed(dataset, mesh, seed, views, per_process, per_process_eval, data_dir) -> Feed:
+def _host_feed(dataset, mesh, seed, views, per_process, per_process_eval, data_dir,
+               transform: dict) -> Feed:
     import zkd_jax.data as data  # the package (this module is one of its parts)
+
+    batch_fns: dict = {}  # the run's per-batch tf.functions, traced once (zkd_jax.data.cifar)
 
     def train(epoch: int, start_step: int) -> Iterator[Batch]:
         batches = data.train_batches(
             dataset, per_process_batch_size=per_process, seed=seed, epoch=epoch,
-            start_step=start_step, views=views, data_dir=data_dir,
+            start_step=start_step, views=views, data_dir=data_dir, batch_fns=batch_fns,
+            **transform,
         )
         return (host_to_global(b, mesh) for b in batches)
 
     def evaluate() -> Iterator[Batch]:
         batches = data.eval_batches(dataset, per_process_batch_size=per_process_eval,
-                                    data_dir=data_dir)
+                                    data_dir=data_dir, **transform)
         return (host_to_global(b, mesh) for b in batches)
 
     return Feed(train=train, eval=evaluate, pipeline="tfdata")
