@@ -2,10 +2,12 @@
 
 Real ``train_and_evaluate`` runs of ``configs/cifar100_vit.py`` on the offline digits, shrunk: the
 students at 32 px with one or two blocks of width 8-32 (``config.student.model_overrides``), the
-teacher a random resnet8 (``tiny_runs.save_teacher``) seeing the 16-px ``teacher_input`` of the
+teacher a random resnet8 (NumPy draws: no init program to compile) seeing the 16-px ``teacher_input`` of the
 students' batch in train mode; batch 500, so an epoch is 3 steps. Everything else is the recipe:
 the tf.data ViT transforms, AdamW with its decay mask and the per-epoch schedule, ``ViTKD`` (DeiT's
 KD on its distillation head, accuracy on the mean of its heads), T2T's ``buffers`` in the state.
+DeiT runs as K = 2 students in one program (the ``vmap`` form) and in bfloat16 (one run covers
+both: CI time).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import numpy as np
 import pytest
 
 import tiny_runs
+from zkd_jax import convert, models
 from zkd_jax.configs import cifar100_vit
 from zkd_jax.io import checkpoint
 from zkd_jax.train import train_and_evaluate
@@ -28,11 +31,13 @@ SMALL = {
     "deit_ti": dict(patch_size=8, dim=16, depth=1, num_heads=2),
     "t2t_vit_7": dict(dim=16, depth=2, num_heads=2, token_dim=32),
     "pit_ti": dict(patch_size=8, stride=4, dims=(8, 16), depths=(1, 1), heads=(1, 2)),
-    "pvt_ti": dict(dims=(8, 8, 8, 8), depths=(1, 1, 1, 1), heads=(1, 1, 1, 1),
-                   mlp_ratios=(2, 2, 2, 2)),
+    "pvt_ti": dict(patch_sizes=(4, 2), dims=(8, 8), depths=(1, 1), heads=(1, 1),
+                   mlp_ratios=(2, 2), sr_ratios=(2, 1)),  # two of the four stages
 }
 #: The recipe each family runs here: the KD+LS recipe, and PVT alone (``base``, no teacher).
 VARIANTS = {"deit_ti": "kd_ls", "t2t_vit_7": "kd_ls", "pit_ti": "kd_ls", "pvt_ti": "base"}
+#: DeiT: two students (the second at another temperature) in bfloat16.
+DEIT_STUDENTS = ({"seed": 1}, {"seed": 2, "temperature": 3.0})
 STEPS_PER_EPOCH = 3  # 1500 digits // 500
 
 
@@ -49,7 +54,6 @@ def vit_config(arch: str, teacher_dir: str, *, variant: str = "kd_ls",
     c.optimizer.update(lr=2e-3, min_lr=2e-3, warmup_epochs=0)  # constant: the loss must fall
     c.max_steps = max_steps
     c.log_every_steps = 1
-    c.checkpoint_every_steps = 2
     c.progress_bar = False
     c.export = False
     return c
@@ -61,7 +65,25 @@ def records(workdir) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
-    return tiny_runs.save_teacher(tmp_path_factory.mktemp("vit_teacher") / "resnet8")
+    """A resnet8 teacher (10 classes) in the zkd-convert format: He-normal weights, BN scales and
+    variances 1, biases and means 0."""
+    model = models.create("resnet8", num_classes=10, dataset="cifar100")
+    rng = np.random.default_rng(5)
+
+    def draw(path, leaf):
+        name = path[-1].key
+        if name in ("scale", "var"):
+            return np.ones(leaf.shape, np.float32)
+        if name in ("bias", "mean"):
+            return np.zeros(leaf.shape, np.float32)
+        fan_in = int(np.prod(leaf.shape[:-1]))
+        return (rng.standard_normal(leaf.shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+
+    variables = jax.tree_util.tree_map_with_path(draw, models.abstract_variables(model))
+    directory = tmp_path_factory.mktemp("vit_teacher") / "resnet8"
+    convert.save_variables(directory, variables, arch="resnet8", dataset="cifar100",
+                           num_classes=10)
+    return str(directory)
 
 
 @pytest.fixture(scope="module")
@@ -72,9 +94,13 @@ def straight(tmp_path_factory, teacher_dir):
     def run(arch: str):
         if arch not in done:
             workdir = tmp_path_factory.mktemp(arch) / "run"
-            summary = train_and_evaluate(vit_config(arch, teacher_dir, variant=VARIANTS[arch]),
-                                         workdir)
-            assert summary["finished"] and summary["step"] == 2 * STEPS_PER_EPOCH
+            config = vit_config(arch, teacher_dir, variant=VARIANTS[arch])
+            if arch == "deit_ti":  # "vmap": one batched student program (compiles as fast as one)
+                config.mixed_precision, config.students = True, DEIT_STUDENTS
+                config.students_form = "vmap"
+            summary = train_and_evaluate(config, workdir)
+            for s in summary.get("students", [summary]):
+                assert s["finished"] and s["step"] == 2 * STEPS_PER_EPOCH
             done[arch] = workdir
         return done[arch]
 
@@ -83,23 +109,44 @@ def straight(tmp_path_factory, teacher_dir):
 
 @pytest.mark.parametrize("arch", cifar100_vit.STUDENTS)
 def test_each_student_family_trains_and_its_loss_falls(arch, straight):
-    epochs = records(straight(arch))
-    assert [r["epoch"] for r in epochs] == [1, 2]
-    losses = [r["train_loss"] for r in epochs]
-    assert all(math.isfinite(v) for v in losses) and losses[1] < losses[0], losses
-    assert all(r["test_examples"] == 297 and 0 <= r["top1"] <= 100 for r in epochs)
-    terms = {"train_cls_loss", "train_logit_distill_loss"} if VARIANTS[arch] != "base" else {
-        "train_ce"}
-    assert terms <= set(epochs[0])
-    assert epochs[0]["lr"] == pytest.approx(2e-3)  # optimizer.name adamw, per-epoch rates
+    workdir = straight(arch)
+    dirs = [workdir / f"student_{k}" for k in range(2)] if arch == "deit_ti" else [workdir]
+    for d in dirs:
+        epochs = records(d)
+        assert [r["epoch"] for r in epochs] == [1, 2]
+        losses = [r["train_loss"] for r in epochs]
+        assert all(math.isfinite(v) for v in losses) and losses[1] < losses[0], losses
+        assert all(r["test_examples"] == 297 and 0 <= r["top1"] <= 100 for r in epochs)
+        terms = {"train_cls_loss", "train_logit_distill_loss"} if VARIANTS[arch] != "base" else {
+            "train_ce"}
+        assert terms <= set(epochs[0])
+        assert epochs[0]["lr"] == pytest.approx(2e-3)  # optimizer.name adamw, per-epoch rates
+
+
+def test_deit_students_ran_in_bfloat16_with_float32_parameters(straight):
+    """K = 2 DeiT students in one program (the teacher once per batch, both heads through the
+    vmapped K-student step), mixed precision: finite losses, float32 parameters, distinct
+    students."""
+    workdir = straight("deit_ti")
+    params = []
+    for k in range(2):
+        ckpt = checkpoint.Checkpointer(workdir / f"student_{k}")
+        restored = ckpt.last.restore(ckpt.latest_step())
+        ckpt.close()
+        leaves = jax.tree.leaves(restored["state"]["params"])
+        assert all(np.asarray(x).dtype == np.float32 for x in leaves)
+        params.append(leaves)
+    assert not all(np.array_equal(a, b) for a, b in zip(*params))
+    kd = [records(workdir / f"student_{k}")[0]["train_logit_distill_loss"] for k in range(2)]
+    assert kd[0] > 0 and kd[1] > 0 and kd[0] != kd[1]  # T 2 and 3
 
 
 def test_resume_is_bit_identical_with_t2t_buffers(tmp_path, teacher_dir, straight):
-    """T2T (fixed ``buffers``, drop path in its 2 blocks): stopped inside epoch 2 at step 4, then
-    resumed to the end, it ends bit-identical to the uninterrupted run."""
+    """T2T (fixed ``buffers``, drop path in its 2 blocks): stopped inside epoch 1 at step 2, then
+    resumed to the end, it ends bit-identical to the uninterrupted run (metrics too)."""
     workdir = tmp_path / "resumed"
-    first = train_and_evaluate(vit_config("t2t_vit_7", teacher_dir, max_steps=4), workdir)
-    assert first["step"] == 4 and first["last_epoch"] == 1
+    first = train_and_evaluate(vit_config("t2t_vit_7", teacher_dir, max_steps=2), workdir)
+    assert first["step"] == 2 and first["last_epoch"] == 0
     second = train_and_evaluate(vit_config("t2t_vit_7", teacher_dir), workdir)
     assert second["finished"] and second["step"] == 6
     tiny_runs.assert_same_state(straight("t2t_vit_7"), workdir)
@@ -110,21 +157,3 @@ def test_resume_is_bit_identical_with_t2t_buffers(tmp_path, teacher_dir, straigh
     assert {"attention_0", "attention_1"} <= set(buffers) and "pos_embed" in state["buffers"]
     assert [r["train_loss"] for r in records(workdir)] == [
         r["train_loss"] for r in records(straight("t2t_vit_7"))]
-
-
-def test_two_deit_students_in_bfloat16(tmp_path, teacher_dir):
-    """K = 2 DeiT students in one program (the teacher once per batch, both heads through the
-    K-student step), mixed precision: two steps run with finite losses, float32 parameters."""
-    c = vit_config("deit_ti", teacher_dir, max_steps=2)
-    c.mixed_precision = True
-    c.students = ({"seed": 1}, {"seed": 2, "temperature": 3.0})
-    out = train_and_evaluate(c, tmp_path / "k2")
-    assert [s["step"] for s in out["students"]] == [2, 2]
-    for k in range(2):
-        ckpt = checkpoint.Checkpointer(tmp_path / "k2" / f"student_{k}")
-        restored = ckpt.last.restore(2)
-        ckpt.close()
-        sums = restored["meta"]["epoch_sums"]
-        assert all(math.isfinite(v) for v in sums.values()) and sums["logit_distill_loss"] > 0
-        leaves = jax.tree.leaves(restored["state"]["params"])
-        assert all(np.asarray(x).dtype == np.float32 for x in leaves)

@@ -169,7 +169,17 @@ def train_batches(
     return ds.as_numpy_iterator()
 
 
-def eval_batches(
+def eval_batches(name: str, **kwargs) -> Iterator[dict[str, np.ndarray]]:
+    """This process's part of the test split (ImageNet: validation), once, with a "mask" per batch.
+
+    Every process yields the same number of batches, ``ceil(ceil(N / P) / b)``. Needs TensorFlow
+    (+ TFDS for cifar100/imagenet2012, scikit-learn for digits). ``kwargs``: those of
+    :func:`eval_dataset`.
+    """
+    return eval_dataset(name, **kwargs).as_numpy_iterator()
+
+
+def eval_dataset(
     name: str,
     *,
     per_process_batch_size: int,
@@ -178,12 +188,11 @@ def eval_batches(
     process_count: int | None = None,
     augmentation: str = CIFAR_AUGMENTATION,
     image_size: int | None = None,
-) -> Iterator[dict[str, np.ndarray]]:
-    """This process's part of the test split (ImageNet: validation), once, with a "mask" per batch.
-
-    Every process yields the same number of batches, ``ceil(ceil(N / P) / b)``. Needs TensorFlow
-    (+ TFDS for cifar100/imagenet2012, scikit-learn for digits). ``augmentation="vit"``: the test
-    images resized to ``image_size`` px (the ViT students' test transform).
+):
+    """The ``tf.data.Dataset`` that :func:`eval_batches` iterates: build it once and iterate it at
+    every evaluation (a run's feed does), so its map function is traced once.
+    ``augmentation="vit"``: the test images resized to ``image_size`` px (the ViT students' test
+    transform).
     """
     ds_info = info(name)
     _check_vit_dataset(name, check_augmentation(augmentation, (WEAK,)))
@@ -207,7 +216,7 @@ def eval_batches(
         images, labels = _arrays(name, "test", data_dir)
         ds = array_eval_dataset(images, labels, augmentation=augmentation,
                                 image_size=image_size, **kwargs)
-    return ds.as_numpy_iterator()
+    return ds
 
 
 def clear_cache() -> None:
@@ -226,6 +235,7 @@ __all__ = [
     "device_train_batch",
     "epoch_permutation",
     "eval_batches",
+    "eval_dataset",
     "info",
     "load_device_arrays",
     "num_eval_batches",

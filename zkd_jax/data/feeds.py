@@ -142,10 +142,13 @@ def _host_feed(dataset, mesh, seed, views, per_process, per_process_eval, data_d
         )
         return (host_to_global(b, mesh) for b in batches)
 
+    eval_ds: list = []  # the test split's dataset, built at the first evaluation of the run
+
     def evaluate() -> Iterator[Batch]:
-        batches = data.eval_batches(dataset, per_process_batch_size=per_process_eval,
-                                    data_dir=data_dir, **transform)
-        return (host_to_global(b, mesh) for b in batches)
+        if not eval_ds:
+            eval_ds.append(data.eval_dataset(dataset, per_process_batch_size=per_process_eval,
+                                             data_dir=data_dir, **transform))
+        return (host_to_global(b, mesh) for b in eval_ds[0].as_numpy_iterator())
 
     return Feed(train=train, eval=evaluate, pipeline="tfdata")
 
