@@ -6,7 +6,9 @@ integer, larger than the training split or not divisible by the device count, a 
 ends in one ``ValueError`` naming the field and what to pass instead, before a teacher trains or
 anything is written. A config with ``teacher.train_if_missing`` also has its ``teacher.recipe``
 checked, and every ``suite`` entry is checked as a method config: the demo's teacher, too, is
-refused before its epochs run.
+refused before its epochs run. ``optimizer.name`` must be one of ``optim.OPTIMIZERS``, and a ViT
+config's ``vit`` fields are checked by ``zkd_jax.trainer.recipe.images`` (the transforms the
+pipeline makes, image sizes, the eval head).
 """
 
 from __future__ import annotations
