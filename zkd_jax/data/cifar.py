@@ -120,8 +120,9 @@ def clear_tensor_cache() -> None:
 
 def _train_batch_fn(b: int, process_index: int, global_batch: int, with_strong: bool, mean, std, pad: int,
                     vit_size: int | None = None):
-    """The per-batch map function (a ``tf.function``, traced once per epoch's dataset);
-    ``vit_size``: the ViT students' transform at that size instead of crop + flip."""
+    """The per-batch map function (a ``tf.function``, traced by the first dataset that maps it:
+    once per run when the caller keeps ``batch_fns``); ``vit_size``: the ViT students' transform
+    at that size instead of crop + flip."""
 
     @tf.function(autograph=False)
     def make_batch(rows, step, weak_key, strong_key, noise_key, all_images, all_labels):
