@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zkd_jax.io import checkpoint
+from zkd_jax.io import checkpoint, manifest
 from zkd_jax.step.state import TrainState
 
 
@@ -37,3 +37,21 @@ def test_async_save_keeps_the_values_of_save_time_and_is_complete_when_asked(tmp
     restored, meta = again.restore(_state(0, 0.0))
     again.close()
     assert meta["step"] == 9 and float(restored.params["student"]["w"][1, 2]) == 10.0
+
+
+def test_a_checkpoint_written_before_train_states_had_buffers_restores(tmp_path):
+    """Resuming a run whose checkpoints predate ``TrainState.buffers`` (issue 17)."""
+    import orbax.checkpoint as ocp
+
+    old = _state(4, 3.0)
+    fields = {k: getattr(old, k) for k in ("step", "params", "batch_stats", "opt_state", "rng")}
+    ckpt = checkpoint.Checkpointer(tmp_path)
+    ckpt.last.save(4, args=ocp.args.Composite(state=ocp.args.StandardSave(fields),
+                                              meta=ocp.args.JsonSave({"step": 4})))
+    ckpt.close()
+    manifest.write(tmp_path / checkpoint.CHECKPOINTS / "4")  # as Checkpointer.save does
+    again = checkpoint.Checkpointer(tmp_path)
+    restored, meta = again.restore(_state(0, 0.0), 4)
+    again.close()
+    assert meta == {"step": 4} and restored.buffers == {} and int(restored.step) == 4
+    np.testing.assert_array_equal(restored.params["student"]["w"], 3.0 * np.arange(6.0).reshape(2, 3))

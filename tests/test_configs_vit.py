@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from zkd_jax import methods, models, optim
@@ -40,11 +42,20 @@ def test_bad_arguments(arg):
         cifar100_vit.get_config(arg)
 
 
-def test_trainer_refuses_the_vit_recipe_with_one_clear_message(tmp_path):
+@pytest.mark.parametrize("field, value, message", [
+    ("vit.train_transform", "rrc_flip_autoaug",
+     "config.vit.train_transform='rrc_flip_autoaug' is not implemented"),
+    ("vit.image_size", 100, "config.vit.image_size=100 is not a multiple of"),
+    ("vit.eval_head", "cls", "config.vit.eval_head='cls': the trainer evaluates deit_ti's"),
+    ("optimizer.name", "lamb", "config.optimizer.name='lamb' is invalid"),
+])
+def test_trainer_refuses_what_it_cannot_run_before_writing(tmp_path, field, value, message):
     from zkd_jax.configs import cifar100_vit
     from zkd_jax.trainer import train_and_evaluate
 
     config = cifar100_vit.get_config("kd_ls,resnet56,deit_ti")
-    with pytest.raises(ValueError, match="not wired into the trainer yet"):
+    section, name = field.split(".")
+    config[section][name] = value
+    with pytest.raises(ValueError, match=re.escape(message)):
         train_and_evaluate(config, tmp_path / "run")
     assert not (tmp_path / "run").exists()

@@ -14,6 +14,7 @@ import pytest
 from zkd_jax import models, optim
 from zkd_jax.io import convert
 from zkd_jax.models.vit_layers import teacher_input
+from zkd_jax.step import TeacherCall
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 ARCHS = json.loads((FIXTURES / "architectures_vit.json").read_text())
@@ -92,3 +93,30 @@ def test_teacher_input_is_the_documented_pixel_pick():
     np.testing.assert_array_equal(got, x[:, 3::7, 3::7])
     with pytest.raises(ValueError, match="multiple of 32"):
         teacher_input(jnp.zeros((1, 100, 100, 3)))
+
+
+@pytest.mark.parametrize("arg, name", [("kd_ls,resnet56,deit_ti", "deit_ti"),
+                                       ("teacher,resnet56", "resnet56")])
+def test_the_trainer_reads_the_recipe_of_the_configs(arg, name):
+    """``trainer.recipe``: the rate logged per epoch and the optimizer's schedule are the json's
+    (epoch e + 1 of the run is the reference's epoch e); the ViT images and the teacher's view."""
+    from zkd_jax.configs import cifar100_vit
+    from zkd_jax.trainer import recipe
+
+    config = cifar100_vit.get_config(arg)
+    rates = ARCHS[name]["lr_per_epoch"]
+    lr = recipe.lr_for_epoch(config.optimizer, config.epochs)
+    np.testing.assert_allclose([lr(e + 1) for e in range(300)], rates, rtol=1e-12)
+    schedule, tx = recipe.make_optimizer(config.optimizer, steps_per_epoch=390,
+                                         epochs=config.epochs)
+    for e in (0, 19, 20, 299):
+        assert float(schedule(390 * e)) == float(schedule(390 * e + 389)) == np.float32(rates[e])
+    params = {"w": jnp.ones((2, 2)), "bias": jnp.ones((2,))}  # the decay mask: no decay on bias
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    assert float(jnp.abs(updates["bias"]).max()) == 0.0 < float(jnp.abs(updates["w"]).min())
+    images = recipe.images(config, 32)
+    if name == "deit_ti":
+        assert (images.student_shape, images.teacher_shape) == ((224, 224, 3), (32, 32, 3))
+        assert (images.augmentation, images.teacher_call) == ("vit", TeacherCall(32, True))
+    else:  # the teacher recipe: 32 px, the same strong pipeline
+        assert (images.student_shape, images.augmentation) == ((32, 32, 3), "vit")

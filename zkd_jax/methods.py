@@ -4,6 +4,9 @@ A method is a frozen dataclass with
 
 * ``views``: the image views it trains on (``("weak",)``; MLKD ``("weak", "strong")``);
 * ``needs_teacher``: whether the step runs the teacher;
+* ``student_heads`` (optional, default False): whether the step calls the student with
+  ``return_heads=True`` and hands the objective every head (:func:`head_logits`: DeiT's
+  distillation head at ``DIST_VIEW``);
 * ``init_params()``: its own trainable parameters (CTKD's global temperature ``{"global_t": 1.0}``,
   ``{}`` for the others); the trainer stores them at ``params["method"]`` beside
   ``params["student"]`` so that the same optimizer (momentum, coupled weight decay) trains them;
@@ -209,7 +212,21 @@ class CTKD:
 
 
 #: The key of a student's distillation head in the ``student`` logits (DeiT's second head).
-DIST_VIEW = "weak_dist"
+DIST_VIEW = f"{WEAK}_dist"
+
+
+def head_logits(view: str, heads: Mapping[str, Array]) -> dict[str, Array]:
+    """A student's ``return_heads=True`` output as objective logits: the class head at ``view``,
+    a distillation head (DeiT) at ``view + "_dist"`` (:data:`DIST_VIEW` for the weak view)."""
+    out = {view: heads["cls"]}
+    if "dist" in heads:
+        out[f"{view}_dist"] = heads["dist"]
+    return out
+
+
+def wants_heads(method: Method) -> bool:
+    """Whether the step calls the student with ``return_heads=True`` for ``method``."""
+    return bool(getattr(method, "student_heads", False))
 
 
 def vit_kd_objective(
@@ -265,6 +282,11 @@ class ViTKD:
     def __post_init__(self):
         if self.kd_head not in ("dist", "cls"):
             raise ValueError(f"kd_head must be 'dist' or 'cls' (got {self.kd_head!r}).")
+
+    @property
+    def student_heads(self) -> bool:
+        """KD on the distillation head needs the student's heads (``return_heads=True``)."""
+        return self.kd_head == "dist"
 
     def init_params(self) -> dict[str, Array]:
         return {}

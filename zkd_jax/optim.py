@@ -72,6 +72,10 @@ def sgd(
 # The ViT reference's recipe (pycls, SPEC_VIT.md sections 3 and 5)
 # --------------------------------------------------------------------------------------------------
 
+#: ``config.optimizer.name`` values (``zkd_jax.trainer.recipe``): :func:`sgd` with the step decay,
+#: :func:`adamw` and :func:`sgd_masked` with the per-epoch :func:`cosine_warmup_lr`.
+OPTIMIZERS = ("sgd", "adamw", "sgd_masked")
+
 #: Parameter names (any path component containing one) never decayed by the ViT recipe.
 NO_DECAY_NAMES = ("cls_token", "pos_embed", "distill_token")
 

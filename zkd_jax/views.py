@@ -4,6 +4,11 @@ A *view* is one augmentation of the same training images. Every method uses the 
 (crop + flip); MLKD also uses ``"strong"`` (crop + flip + RandAugment + Cutout). Methods declare
 their views (``Method.views``), the data pipelines build the batch entries named here, the feeds
 check that they can serve them, and the train step reads each view from its entry.
+
+How the views' images are made is the run's *augmentation* (:data:`AUGMENTATIONS`): the CNN
+recipes' ``"cifar"`` (pad-crop + flip, Cutout/RandAugment for the strong view; the images keep the
+dataset's size) or the ViT students' ``"vit"`` (SPEC_VIT.md section 4: RandomResizedCrop to the
+students' size, flip, RandAugment, RandomErasing; test images resized; the weak view only).
 """
 
 from __future__ import annotations
@@ -19,6 +24,11 @@ BATCH_KEYS: dict[str, str] = {WEAK: "image", STRONG: "image_strong"}
 #: The view sets a method may ask for, in the order the student sees them.
 VIEW_SETS: tuple[tuple[str, ...], ...] = ((WEAK,), (WEAK, STRONG))
 
+CIFAR_AUGMENTATION = "cifar"
+VIT_AUGMENTATION = "vit"
+#: The augmentations a pipeline may apply (see the module docstring).
+AUGMENTATIONS: tuple[str, ...] = (CIFAR_AUGMENTATION, VIT_AUGMENTATION)
+
 
 def check_views(views: Sequence[str]) -> tuple[str, ...]:
     """``views`` as a tuple; raises ``ValueError`` unless it is one of :data:`VIEW_SETS`."""
@@ -26,6 +36,18 @@ def check_views(views: Sequence[str]) -> tuple[str, ...]:
     if views not in VIEW_SETS:
         raise ValueError(f"views must be one of {VIEW_SETS}, got {views}.")
     return views
+
+
+def check_augmentation(augmentation: str, views: Sequence[str]) -> str:
+    """``augmentation`` checked against :data:`AUGMENTATIONS` and ``views`` (``"vit"`` makes the
+    weak view only); raises one ``ValueError`` otherwise."""
+    if augmentation not in AUGMENTATIONS:
+        raise ValueError(f"augmentation {augmentation!r} is unknown; use one of "
+                         f"{', '.join(AUGMENTATIONS)}.")
+    if augmentation == VIT_AUGMENTATION and tuple(views) != (WEAK,):
+        raise ValueError("the ViT augmentation makes the weak view only; use a method that "
+                         "trains on the weak view (not MLKD) with the ViT recipe.")
+    return augmentation
 
 
 def images_of(batch, views: Sequence[str]) -> dict:

@@ -10,7 +10,7 @@ mode (BatchNorm batch statistics); ``teacher,resnet56`` is its pycls recipe (``r
 
 Command line: ``zkd-train --config=configs/cifar100_vit.py:kd_ls,resnet56,deit_ti --workdir=DIR
 --config.teacher.checkpoint=teachers/resnet56``. The fields beyond the CNN configs' (``vit.*``,
-``optimizer.name`` ...) describe the recipe for the trainer (see README "ViT students").
+``optimizer.name``, ``student.model_overrides`` ...) are read by ``zkd_jax.trainer.recipe``.
 """
 
 from __future__ import annotations
@@ -45,6 +45,9 @@ def _base(student: str, variant: str) -> ml_collections.ConfigDict:
     c.model_dataset = MODEL_DATASET if student in STUDENTS else DATASET
     c.variant = variant
     c.student.arch = student
+    # Module fields replaced in the student (flax clone), e.g. dict(dim=16, depth=1) for a small
+    # test model; its img_size follows vit.image_size.
+    c.student.model_overrides = ml_collections.ConfigDict()
     c.batch_size = 128  # drop_last: 390 steps per epoch
     c.eval_batch_size = 200
     c.epochs = 300
@@ -56,6 +59,7 @@ def _base(student: str, variant: str) -> ml_collections.ConfigDict:
         eval_transform="resize_bilinear",
         mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
         teacher_image_size=32,  # models.vit_layers.teacher_input: pixel (7i + 3, 7j + 3)
+        teacher_model_dataset=DATASET,  # the teacher is the 32-px CIFAR resnet56
         teacher_train_mode=True,  # BN batch statistics (the reference's model.train())
         eval_head="mean",  # DeiT: test accuracy on (cls + dist) / 2
     ))

@@ -29,7 +29,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from zkd_jax.views import VIEW_SETS, WEAK, check_views
+from zkd_jax.views import CIFAR_AUGMENTATION, VIEW_SETS, WEAK, check_augmentation, check_views
 from zkd_jax.data import digits as _digits
 from zkd_jax.data import synthetic as _synthetic
 from zkd_jax.data.device import (
@@ -102,6 +102,12 @@ def _processes(process_index: int | None, process_count: int | None) -> tuple[in
     return int(process_index), int(process_count)
 
 
+def _check_vit_dataset(name: str, augmentation: str) -> None:
+    if augmentation != CIFAR_AUGMENTATION and name == "imagenet2012":
+        raise ValueError("the ViT augmentation serves the datasets held in memory (CIFAR-100, "
+                         "digits, synthetic_cifar100), not imagenet2012; use one of those.")
+
+
 def _arrays(name: str, split: str, data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
     if name == "digits":
         return _digits.load_digits_arrays(split)
@@ -124,16 +130,24 @@ def train_batches(
     process_index: int | None = None,
     process_count: int | None = None,
     normalized: bool = True,
+    augmentation: str = CIFAR_AUGMENTATION,
+    image_size: int | None = None,
+    batch_fns: dict | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """The training batches of ONE epoch (counted from 1) of this process, from ``start_step`` on.
 
     Deterministic given (seed, epoch): order and every augmentation; starting at step k yields
     exactly what an uninterrupted iterator yields from step k. Each process reads a disjoint part.
-    ``normalized=False`` keeps the images uint8 (module docstring). Needs TensorFlow (+ TFDS for
-    cifar100/imagenet2012, scikit-learn for digits).
+    ``normalized=False`` keeps the images uint8 (module docstring; the ViT transform's images are
+    float32 and normalized either way). ``augmentation="vit"`` (``zkd_jax.views``): the ViT
+    students' images at ``image_size`` px (the datasets held in memory only, not imagenet2012).
+    ``batch_fns``: a dict kept from epoch to epoch, so the datasets held in memory trace their
+    batch function once (``data.cifar``).
+    Needs TensorFlow (+ TFDS for cifar100/imagenet2012, scikit-learn for digits).
     """
     ds_info = info(name)
     views = check_views(views)
+    _check_vit_dataset(name, check_augmentation(augmentation, views))
     if per_process_batch_size <= 0:
         raise ValueError(f"per_process_batch_size must be positive, got {per_process_batch_size}.")
     if epoch < 1:
@@ -159,11 +173,22 @@ def train_batches(
         from zkd_jax.data.cifar import array_train_dataset  # pylint: disable=import-outside-toplevel
 
         images, labels = _arrays(name, "train", data_dir)
-        ds = array_train_dataset(images, labels, **kwargs)
+        ds = array_train_dataset(images, labels, augmentation=augmentation,
+                                 image_size=image_size, batch_fns=batch_fns, **kwargs)
     return ds.as_numpy_iterator()
 
 
-def eval_batches(
+def eval_batches(name: str, **kwargs) -> Iterator[dict[str, np.ndarray]]:
+    """This process's part of the test split (ImageNet: validation), once, with a "mask" per batch.
+
+    Every process yields the same number of batches, ``ceil(ceil(N / P) / b)``. Needs TensorFlow
+    (+ TFDS for cifar100/imagenet2012, scikit-learn for digits). ``kwargs``: those of
+    :func:`eval_dataset`.
+    """
+    return eval_dataset(name, **kwargs).as_numpy_iterator()
+
+
+def eval_dataset(
     name: str,
     *,
     per_process_batch_size: int,
@@ -171,14 +196,17 @@ def eval_batches(
     process_index: int | None = None,
     process_count: int | None = None,
     normalized: bool = True,
-) -> Iterator[dict[str, np.ndarray]]:
-    """This process's part of the test split (ImageNet: validation), once, with a "mask" per batch.
-
-    Every process yields the same number of batches, ``ceil(ceil(N / P) / b)``.
-    ``normalized=False`` keeps the images uint8 (module docstring). Needs TensorFlow (+ TFDS for
-    cifar100/imagenet2012, scikit-learn for digits).
+    augmentation: str = CIFAR_AUGMENTATION,
+    image_size: int | None = None,
+):
+    """The ``tf.data.Dataset`` that :func:`eval_batches` iterates: build it once and iterate it at
+    every evaluation (a run's feed does), so its map function is traced once.
+    ``normalized=False`` keeps the images uint8 (module docstring).
+    ``augmentation="vit"``: the test images resized to ``image_size`` px (the ViT students' test
+    transform; float32 and normalized either way).
     """
     ds_info = info(name)
+    _check_vit_dataset(name, check_augmentation(augmentation, (WEAK,)))
     if per_process_batch_size <= 0:
         raise ValueError(f"per_process_batch_size must be positive, got {per_process_batch_size}.")
     p, count = _processes(process_index, process_count)
@@ -198,8 +226,9 @@ def eval_batches(
         from zkd_jax.data.cifar import array_eval_dataset  # pylint: disable=import-outside-toplevel
 
         images, labels = _arrays(name, "test", data_dir)
-        ds = array_eval_dataset(images, labels, **kwargs)
-    return ds.as_numpy_iterator()
+        ds = array_eval_dataset(images, labels, augmentation=augmentation,
+                                image_size=image_size, **kwargs)
+    return ds
 
 
 def clear_cache() -> None:
@@ -218,6 +247,7 @@ __all__ = [
     "device_train_batch",
     "epoch_permutation",
     "eval_batches",
+    "eval_dataset",
     "info",
     "load_device_arrays",
     "normalize_batch",

@@ -11,6 +11,11 @@ Data layout of one epoch (all processes compute the same plan, from (seed, epoch
   (``key`` from (seed, epoch, view)) and each process keeps its own rows, so images are augmented
   the same way for any P, and starting at step k needs no replay.
 
+With ``augmentation="vit"`` (the ViT students, ``zkd_jax.data.vit_augment``) the weak view is the
+timm train transform at ``image_size`` px, drawn the same way (uniforms of the global batch from
+``[key, step]``; the RandomErasing noise of the global batch from its own stream), and the test
+images are resized to ``image_size`` (bilinear) and normalized with ImageNet's mean and std.
+
 Every function here needs TensorFlow (imported lazily) except :func:`train_plan` and
 :func:`eval_plan` (NumPy).
 """
@@ -22,8 +27,8 @@ from typing import Sequence
 
 import numpy as np
 
-from zkd_jax.data import augment, seeding
-from zkd_jax.views import BATCH_KEYS, STRONG, WEAK
+from zkd_jax.data import augment, seeding, vit_augment
+from zkd_jax.views import BATCH_KEYS, CIFAR_AUGMENTATION, STRONG, VIT_AUGMENTATION, WEAK
 from zkd_jax.data.tfds_source import load_split_arrays, tf
 
 
@@ -75,6 +80,19 @@ def _check_arrays(images: np.ndarray, labels: np.ndarray) -> None:
         raise ValueError(f"labels must be [N] with N = {images.shape[0]}, got {labels.shape}.")
 
 
+def _vit_size(augmentation: str, image_size: int | None, images: np.ndarray) -> int | None:
+    """The ViT transform's output size (None: the CIFAR augmentation, images keep their size)."""
+    if augmentation == CIFAR_AUGMENTATION:
+        return None
+    if augmentation != VIT_AUGMENTATION:
+        raise ValueError(f"augmentation {augmentation!r} is unknown; use 'cifar' or 'vit'.")
+    size = int(image_size or images.shape[1])
+    if size < images.shape[1]:
+        raise ValueError(f"the ViT transform enlarges only: image_size={size} is smaller than the "
+                         f"{images.shape[1]}-px images; use an image_size >= {images.shape[1]}.")
+    return size
+
+
 def _options():
     opts = tf.data.Options()
     opts.deterministic = True
@@ -101,21 +119,26 @@ def clear_tensor_cache() -> None:
 
 
 def _train_batch_fn(b: int, process_index: int, global_batch: int, with_strong: bool, mean, std, pad: int,
-                    normalize: bool = True):
-    """The per-batch map function (a ``tf.function``, traced once per epoch's dataset)."""
+                    normalize: bool = True, vit_size: int | None = None):
+    """The per-batch map function (a ``tf.function``, traced by the first dataset that maps it:
+    once per run when the caller keeps ``batch_fns``); ``vit_size``: the ViT students' transform
+    at that size instead of crop + flip (normalized in tf.data whatever ``normalize`` says)."""
 
     def finish(x):
         return augment.normalize(x, mean, std) if normalize else x
 
     @tf.function(autograph=False)
-    def make_batch(rows, step, weak_key, strong_key, all_images, all_labels):
+    def make_batch(rows, step, weak_key, strong_key, noise_key, all_images, all_labels):
         lo, hi = process_index * b, (process_index + 1) * b
         x = tf.gather(all_images, rows)
+        out = {"label": tf.gather(all_labels, rows)}
+        if vit_size is not None:
+            u = tf.random.stateless_uniform([global_batch, vit_augment.TRAIN_DRAWS], seed=tf.stack([weak_key, step]))
+            noise = tf.random.stateless_normal([global_batch, vit_size, vit_size, 3], seed=tf.stack([noise_key, step]))
+            out["image"] = vit_augment.train_view_batch(x, u[lo:hi], noise[lo:hi], vit_size)
+            return out
         u = tf.random.stateless_uniform([global_batch, augment.CROP_FLIP_DRAWS], seed=tf.stack([weak_key, step]))
-        out = {
-            "image": finish(augment.crop_flip_batch(x, u[lo:hi], pad)),
-            "label": tf.gather(all_labels, rows),
-        }
+        out["image"] = finish(augment.crop_flip_batch(x, u[lo:hi], pad))
         if with_strong:
             us = tf.random.stateless_uniform([global_batch, augment.STRONG_DRAWS], seed=tf.stack([strong_key, step]))
             out[BATCH_KEYS[STRONG]] = finish(augment.strong_view_batch(x, us[lo:hi]))
@@ -139,6 +162,9 @@ def array_train_dataset(
     process_count: int,
     pad: int = augment.CIFAR_PAD,
     normalize: bool = True,
+    augmentation: str = CIFAR_AUGMENTATION,
+    image_size: int | None = None,
+    batch_fns: dict | None = None,
 ):
     """tf.data of one epoch's training batches for this process (see the module docstring).
 
@@ -146,6 +172,11 @@ def array_train_dataset(
     ``views``, "image_strong" (crop + flip + RandAugment(2) + Cutout of the same images, drawn
     independently of the weak view's crop and flip, as the reference's two transforms do).
     ``normalize=False``: the images stay uint8 [b, H, W, 3] (normalized later, on the devices).
+    ``augmentation="vit"``: "image" is the ViT train transform at ``image_size`` px, float32 with
+    ImageNet normalization whatever ``normalize`` says (``mean`` and ``std`` unused). ``batch_fns``:
+    a dict the caller keeps from epoch to epoch (a run's feed), holding the per-batch
+    ``tf.function`` so that it is traced once per run rather than once per epoch (the ViT transform
+    takes seconds to trace).
     """
     _check_arrays(images, labels)
     b = per_process_batch_size
@@ -158,11 +189,16 @@ def array_train_dataset(
         process_index=process_index,
         process_count=process_count,
     )
-    keys = [np.full(len(steps), seeding.stream_key(seed, epoch, v), np.int64) for v in (WEAK, STRONG)]
-    make_batch = _train_batch_fn(
-        b, process_index, b * process_count, STRONG in views, tuple(mean), tuple(std), pad, normalize
-    )
-    plan = tf.data.Dataset.from_tensor_slices((rows, steps, keys[0], keys[1]))
+    keys = [np.full(len(steps), seeding.stream_key(seed, epoch, v), np.int64)
+            for v in (WEAK, STRONG, "erase_noise")]
+    vit_size = _vit_size(augmentation, image_size, images)
+    fn_args = (b, process_index, b * process_count, STRONG in views, tuple(mean), tuple(std), pad,
+               normalize, vit_size)
+    batch_fns = {} if batch_fns is None else batch_fns
+    if fn_args not in batch_fns:
+        batch_fns[fn_args] = _train_batch_fn(*fn_args)
+    make_batch = batch_fns[fn_args]
+    plan = tf.data.Dataset.from_tensor_slices((rows, steps, *keys))
     data = tf.data.Dataset.from_tensors(_as_tensors(images, labels)).repeat()
     ds = tf.data.Dataset.zip((plan, data))
     ds = ds.map(
@@ -181,14 +217,20 @@ def array_eval_dataset(
     process_index: int,
     process_count: int,
     normalize: bool = True,
+    augmentation: str = CIFAR_AUGMENTATION,
+    image_size: int | None = None,
 ):
     """tf.data of this process's part of a test split, once, normalized, padded with a mask.
 
     Elements: {"image": float32 [b, H, W, 3] = (x / 255 - mean) / std, "label": int32 [b],
     "mask": bool [b]}; padding rows are all-zero images with label 0 and mask False.
     ``normalize=False``: the images stay uint8 [b, H, W, 3] (padding rows 0).
+    ``augmentation="vit"``: the images resized to ``image_size`` px (bilinear, Pillow's uint8
+    result) and normalized with ImageNet's mean and std (the ViT students' test transform), float32
+    whatever ``normalize`` says.
     """
     _check_arrays(images, labels)
+    vit_size = _vit_size(augmentation, image_size, images)
     idx, mask = eval_plan(
         images.shape[0],
         per_process_batch_size=per_process_batch_size,
@@ -199,9 +241,12 @@ def array_eval_dataset(
     def make_batch(plan, data):
         idx_t, mask_t = plan
         all_images, all_labels = data
-        x = tf.gather(all_images, idx_t)
-        if normalize:
-            x = augment.normalize(x, mean, std)
+        if vit_size is not None:
+            x = vit_augment.eval_view_batch(tf.gather(all_images, idx_t), vit_size)
+        else:
+            x = tf.gather(all_images, idx_t)
+            if normalize:
+                x = augment.normalize(x, mean, std)
         return {
             "image": tf.where(mask_t[:, None, None, None], x, tf.zeros_like(x)),
             "label": tf.where(mask_t, tf.gather(all_labels, idx_t), tf.zeros_like(idx_t, tf.int32)),

@@ -31,7 +31,7 @@ from jax.sharding import Mesh
 
 from zkd_jax.data import device
 from zkd_jax.parallel import batch_sharding, check_batch_size, prefetch_to_mesh, replicated
-from zkd_jax.views import WEAK
+from zkd_jax.views import CIFAR_AUGMENTATION, WEAK, check_augmentation
 
 PIPELINES = ("tfdata", "device")
 DATA_KEY_PURPOSE = 2  # PRNGKey(seed) folded with 0: init, 1: in-step randomness, 2: device data
@@ -74,8 +74,10 @@ class Feed:
 DEVICE_DATASETS = ("cifar100", "digits", "synthetic_cifar100")
 
 
-def check_pipeline(pipeline: str, views: Sequence[str], dataset: str) -> None:
+def check_pipeline(pipeline: str, views: Sequence[str], dataset: str,
+                   augmentation: str = CIFAR_AUGMENTATION) -> None:
     """Raises a ``ValueError`` that says what to set when the pipeline cannot serve the run."""
+    check_augmentation(augmentation, views)
     if pipeline not in PIPELINES:
         raise ValueError(
             f"config.input_pipeline={pipeline!r} is unknown; choose one of {', '.join(PIPELINES)}."
@@ -90,6 +92,11 @@ def check_pipeline(pipeline: str, views: Sequence[str], dataset: str) -> None:
             "config.input_pipeline='device' makes the weak view only, and this method (MLKD) also "
             "needs the strong view; set config.input_pipeline='tfdata'."
         )
+    if pipeline == "device" and augmentation != CIFAR_AUGMENTATION:
+        raise ValueError(
+            "config.input_pipeline='device' makes the CIFAR crop + flip only, not the ViT "
+            "students' transforms; set config.input_pipeline='tfdata'."
+        )
 
 
 def make_feed(
@@ -102,18 +109,25 @@ def make_feed(
     batch_size: int,
     eval_batch_size: int,
     data_dir: str | None = None,
+    augmentation: str = CIFAR_AUGMENTATION,
+    image_size: int | None = None,
 ) -> Feed:
     """The :class:`Feed` of ``pipeline`` ("tfdata" or "device"); batch sizes are global.
+
+    ``augmentation`` (``zkd_jax.views``): ``"vit"`` gives the ViT students' images at
+    ``image_size`` px (tf.data only).
 
     Raises:
       ValueError: an unknown pipeline, a view or dataset the pipeline does not serve, a batch
         size that does not divide over the devices, or the dataset missing (see ``zkd_jax.data``).
     """
-    check_pipeline(pipeline, views, dataset)
+    check_pipeline(pipeline, views, dataset, augmentation)
     per_process = check_batch_size(batch_size, mesh)
     per_process_eval = check_batch_size(eval_batch_size, mesh, what="config.eval_batch_size")
     if pipeline == "tfdata":
-        return _host_feed(dataset, mesh, seed, tuple(views), per_process, per_process_eval, data_dir)
+        transform = {"augmentation": augmentation, "image_size": image_size}
+        return _host_feed(dataset, mesh, seed, tuple(views), per_process, per_process_eval, data_dir,
+                          transform)
     return _device_feed(dataset, mesh, seed, batch_size, eval_batch_size, data_dir)
 
 
@@ -121,7 +135,8 @@ def make_feed(
 PREFETCH = 2
 
 
-def _host_feed(dataset, mesh, seed, views, per_process, per_process_eval, data_dir) -> Feed:
+def _host_feed(dataset, mesh, seed, views, per_process, per_process_eval, data_dir,
+               transform: dict) -> Feed:
     import zkd_jax.data as data  # the package (this module is one of its parts)
 
     info = data.info(dataset)
@@ -133,15 +148,22 @@ def _host_feed(dataset, mesh, seed, views, per_process, per_process_eval, data_d
     def to_devices(batches) -> Iterator[Batch]:  # uint8 over the wire, normalized on the devices
         return prefetch_to_mesh(batches, mesh, size=PREFETCH, then=normalize)
 
+    batch_fns: dict = {}  # the run's per-batch tf.functions, traced once (zkd_jax.data.cifar)
+
     def train(epoch: int, start_step: int) -> Iterator[Batch]:
         return to_devices(data.train_batches(
             dataset, per_process_batch_size=per_process, seed=seed, epoch=epoch,
             start_step=start_step, views=views, data_dir=data_dir, normalized=False,
+            batch_fns=batch_fns, **transform,
         ))
 
+    eval_ds: list = []  # the test split's dataset, built at the first evaluation of the run
+
     def evaluate() -> Iterator[Batch]:
-        return to_devices(data.eval_batches(dataset, per_process_batch_size=per_process_eval,
-                                            data_dir=data_dir, normalized=False))
+        if not eval_ds:
+            eval_ds.append(data.eval_dataset(dataset, per_process_batch_size=per_process_eval,
+                                             data_dir=data_dir, normalized=False, **transform))
+        return to_devices(eval_ds[0].as_numpy_iterator())
 
     return Feed(train=train, eval=evaluate, pipeline="tfdata")
 

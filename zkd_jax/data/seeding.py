@@ -17,7 +17,8 @@ import numpy as np
 
 # Purposes of random draws; the numbers keep streams independent. Never renumber them (that would
 # change every run's data).
-STREAMS = {"order": 0, "weak": 1, "strong": 2, "imagenet_files": 3, "imagenet_shuffle": 4}
+STREAMS = {"order": 0, "weak": 1, "strong": 2, "imagenet_files": 3, "imagenet_shuffle": 4,
+           "erase_noise": 5}
 
 
 def _check(seed: int, epoch: int) -> None:

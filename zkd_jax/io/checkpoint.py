@@ -23,6 +23,7 @@ verifies (``zkd_jax.io.manifest``: written once a save has committed); a damaged
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -153,13 +154,22 @@ class Checkpointer:
                 raise ValueError(f"checkpoint {step} in {self.last.directory} is damaged "
                                  f"({reason}); delete it to resume from an older one.")
             self._verified.add((id(self.last), step))
-        restored = self.last.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(template), meta=ocp.args.JsonRestore()
-            ),
-        )
-        return restored["state"], dict(restored["meta"])
+        def restore(item):
+            return self.last.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(item), meta=ocp.args.JsonRestore()))
+
+        try:
+            restored = restore(template)
+            state = restored["state"]
+        except ValueError:
+            if template.buffers:
+                raise
+            # Written before TrainState had `buffers` (empty for every model but T2T-ViT's).
+            fields = {f.name: getattr(template, f.name) for f in dataclasses.fields(template)
+                      if f.name != "buffers"}
+            restored = restore(fields)
+            state = template.replace(**restored["state"])
+        return state, dict(restored["meta"])
 
     def close(self) -> None:
         """Waits for the pending saves (unless one failed already) and closes the managers."""

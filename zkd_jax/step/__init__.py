@@ -12,10 +12,16 @@ from zkd_jax.step.state import (
     make_initializer,
     student_variables,
 )
-from zkd_jax.step.train import TrainStep, jit_train_step, make_student_update, make_train_step
+from zkd_jax.step.train import (
+    TeacherCall,
+    TrainStep,
+    jit_train_step,
+    make_student_update,
+    make_train_step,
+)
 
 __all__ = [
-    "EvalStep", "FORMS", "StateStack", "TrainState", "TrainStep", "create_states",
+    "EvalStep", "FORMS", "StateStack", "TeacherCall", "TrainState", "TrainStep", "create_states",
     "create_train_state", "init_variables", "jit_train_step", "make_eval_step",
     "make_initializer", "make_multi_train_step", "make_student_update", "make_train_step",
     "student_variables",

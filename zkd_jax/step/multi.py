@@ -37,11 +37,11 @@ import optax
 from flax import linen as nn
 from jax.sharding import Mesh
 
-from zkd_jax.methods import Method
+from zkd_jax.methods import Method, wants_heads
 from zkd_jax.models.layers import conv_implementation
 from zkd_jax.parallel import replicated
 from zkd_jax.step.state import TrainState, create_train_state, make_initializer
-from zkd_jax.step.train import jit_train_step, make_student_update, teacher_forward
+from zkd_jax.step.train import TeacherCall, jit_train_step, make_student_update, teacher_forward
 from zkd_jax.views import images_of
 
 StudentsUpdate = Callable[..., tuple[TrainState, dict]]
@@ -162,11 +162,13 @@ def make_multi_train_step(
     *,
     learning_rate_fn: optax.Schedule | None = None,
     form: str = "loop",
+    teacher_call: TeacherCall = TeacherCall(),
 ) -> Callable[[TrainState, Any, Mapping[str, Any], Any], tuple[TrainState, dict]]:
     """The jitted ``train_step(stacked_state, teacher_variables, batch, epoch)`` of K students.
 
     Same contract as ``zkd_jax.step.train.make_train_step`` (state donated, batch sharded on "data",
-    the rest replicated) except that the state and every metric carry a leading K axis.
+    the rest replicated, ``teacher_call`` how the teacher sees the batch) except that the state and
+    every metric carry a leading K axis.
     ``form`` picks the ``students_update`` implementation ("vmap" or "loop").
     """
     if form not in FORMS:
@@ -185,13 +187,14 @@ def make_multi_train_step(
         else:
             def objective(*args):
                 return jax.lax.switch(branch, objectives, *args)
-        update = make_student_update(student, objective, tx, learning_rate_fn=learning_rate_fn)
+        update = make_student_update(student, objective, tx, learning_rate_fn=learning_rate_fn,
+                                     heads=wants_heads(first))
         return update(state, teacher_logits, images, labels, epoch)
 
     def train_step(states: TrainState, teacher_variables, batch, epoch):
         labels = batch["label"]
         images = images_of(batch, first.views)
-        teacher_logits = teacher_forward(teacher, teacher_variables, images, first)
+        teacher_logits = teacher_forward(teacher, teacher_variables, images, first, teacher_call)
         return students_update(update_one, states, branch_index, teacher_logits, images,
                                labels, epoch, form=form)
 

@@ -3,7 +3,9 @@
 ``params`` is ``{"student": <the student's params>, "method": <the method's own params>}``;
 ``method`` is ``{}`` except for CTKD, whose learnable global temperature lives at
 ``params["method"]["global_t"]`` so that the student's optimizer (momentum and coupled weight decay)
-trains it too. ``batch_stats`` are the student's BatchNorm running statistics. ``rng`` is the base
+trains it too. ``batch_stats`` are the student's BatchNorm running statistics; ``buffers`` its fixed
+tensors (T2T-ViT's sinusoid table and Performer features: part of the model, never trained; ``{}``
+for every other model), carried so that checkpoints and evaluation have them. ``rng`` is the base
 key of in-step randomness (``jax.random.PRNGKey`` data, uint32[2]); the step folds it with ``step``
 so that a resumed run draws the same numbers.
 """
@@ -26,13 +28,15 @@ from zkd_jax.methods import Method
 
 @flax.struct.dataclass
 class TrainState:
-    """Student params (+ method params), BatchNorm statistics, optimizer state, step and key."""
+    """Student params (+ method params), BatchNorm statistics, optimizer state, step, key and the
+    student's fixed ``buffers``."""
 
     step: jax.Array  # int32 scalar: optimizer updates done so far
     params: Any
     batch_stats: Any
     opt_state: Any
     rng: jax.Array  # uint32[2]
+    buffers: Any = flax.struct.field(default_factory=dict)
 
 
 def make_initializer(
@@ -102,15 +106,24 @@ def create_train_state(
             batch_stats=variables.get("batch_stats", {}),
             opt_state=tx.init(params),
             rng=step_rng,
+            buffers=variables.get("buffers", {}),
         )
 
     sharding = None if mesh is None else NamedSharding(mesh, PartitionSpec())
     return jax.jit(assemble, out_shardings=sharding)(variables, step_rng)
 
 
-def student_variables(state: TrainState) -> dict:
-    """The student's variables (``params`` and, if any, ``batch_stats``) for ``module.apply``."""
-    variables = {"params": state.params["student"]}
-    if state.batch_stats:
-        variables["batch_stats"] = state.batch_stats
+def model_variables(params: Any, batch_stats: Any, buffers: Any) -> dict:
+    """``{"params", "batch_stats", "buffers"}`` for ``module.apply``, without the empty ones."""
+    variables = {"params": params}
+    if batch_stats:
+        variables["batch_stats"] = batch_stats
+    if buffers:
+        variables["buffers"] = buffers
     return variables
+
+
+def student_variables(state: TrainState) -> dict:
+    """The student's variables (``params`` and, if any, ``batch_stats`` and ``buffers``) for
+    ``module.apply``."""
+    return model_variables(state.params["student"], state.batch_stats, state.buffers)

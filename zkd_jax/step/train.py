@@ -6,9 +6,12 @@ N devices.
 
 ``train_step(state, teacher_variables, batch, epoch) -> (state, metrics)``:
 
-1. teacher forward in eval mode on every view the method uses, under ``stop_gradient``;
+1. teacher forward in eval mode on every view the method uses, under ``stop_gradient``
+   (:class:`TeacherCall`: the ViT recipe's teacher sees ``teacher_input`` of the students' images
+   and runs in train mode, BatchNorm with the batch's statistics, its updates discarded);
 2. student forward in train mode (BatchNorm with batch statistics, running averages updated; for
-   MLKD the weak view first, then the strong one, as the reference calls the student twice);
+   MLKD the weak view first, then the strong one, as the reference calls the student twice;
+   with ``return_heads=True`` when the method asks, ``methods.wants_heads``: DeiT's two heads);
 3. the method's objective, its gradient w.r.t. ``params = {"student", "method"}``;
 4. the optax update (``state`` is donated);
 5. metrics: ``loss``, the method's terms and ``lr``, float32 scalars, plus ``grad_norm`` (global
@@ -21,6 +24,7 @@ every epoch without recompiling.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -30,9 +34,10 @@ import optax
 from flax import linen as nn
 from jax.sharding import Mesh
 
-from zkd_jax.methods import Method
+from zkd_jax.methods import Method, head_logits, wants_heads
+from zkd_jax.models.vit_layers import teacher_input
 from zkd_jax.parallel import batch_sharding, replicated
-from zkd_jax.step.state import TrainState
+from zkd_jax.step.state import TrainState, model_variables
 from zkd_jax.views import images_of
 
 TrainStep = Callable[[TrainState, Any, Mapping[str, Any], Any], tuple[TrainState, dict]]
@@ -42,16 +47,39 @@ def _float32(tree: Any) -> Any:
     return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)
 
 
-def teacher_forward(teacher, teacher_variables, images: Mapping[str, Any], method: Method):
-    """Teacher logits per view (eval mode, float32, ``stop_gradient``); None without a teacher."""
+@dataclasses.dataclass(frozen=True)
+class TeacherCall:
+    """How the teacher sees a batch.
+
+    Attributes:
+      image_size: None: the students' images as they are; else ``teacher_input(x, image_size)``
+        (``zkd_jax.models.vit_layers``: what bilinear resizing to that size picks, the ViT recipe).
+      batch_stats: False: eval mode (running statistics); True: train mode, BatchNorm normalizing
+        with the batch's statistics and the updated running averages discarded (the ViT reference
+        runs its teacher under ``model.train()``).
+    """
+
+    image_size: int | None = None
+    batch_stats: bool = False
+
+
+def teacher_forward(teacher, teacher_variables, images: Mapping[str, Any], method: Method,
+                    call: TeacherCall = TeacherCall()):
+    """Teacher logits per view (float32, ``stop_gradient``; eval mode unless ``call`` says
+    otherwise); None without a teacher."""
     if not method.needs_teacher:
         return None
-    return {
-        view: jax.lax.stop_gradient(
-            teacher.apply(teacher_variables, x, train=False).astype(jnp.float32)
-        )
-        for view, x in images.items()
-    }
+
+    def run(x):
+        if call.image_size is not None:
+            x = teacher_input(x, call.image_size)
+        if call.batch_stats:
+            logits, _ = teacher.apply(teacher_variables, x, train=True, mutable=["batch_stats"])
+        else:
+            logits = teacher.apply(teacher_variables, x, train=False)
+        return jax.lax.stop_gradient(logits.astype(jnp.float32))
+
+    return {view: run(x) for view, x in images.items()}
 
 
 def finite_checks(teacher_logits, grads, params) -> dict[str, jax.Array]:
@@ -75,8 +103,12 @@ def make_student_update(
     tx: optax.GradientTransformation,
     *,
     learning_rate_fn: optax.Schedule | None = None,
+    heads: bool = False,
 ) -> Callable[..., tuple[TrainState, dict]]:
     """Steps 2-5 of the module docstring for ONE student, as a plain (un-jitted) function.
+
+    ``heads``: call the student with ``return_heads=True`` and hand the objective every head
+    (``methods.head_logits``).
 
     ``update(state, teacher_logits, images, labels, epoch) -> (state, metrics)`` where ``images``
     maps a view name to ``[B, H, W, C]``, ``teacher_logits`` a view name to ``[B, classes]`` (or
@@ -91,15 +123,17 @@ def make_student_update(
             batch_stats = state.batch_stats
             student_logits = {}
             for i, (view, x) in enumerate(images.items()):
-                variables = {"params": params["student"]}
-                if batch_stats:
-                    variables["batch_stats"] = batch_stats
+                variables = model_variables(params["student"], batch_stats, state.buffers)
                 logits, updates = student.apply(
                     variables, x, train=True, mutable=["batch_stats"],
                     rngs={"dropout": jax.random.fold_in(rng, i)},
+                    **({"return_heads": True} if heads else {}),
                 )
                 batch_stats = updates.get("batch_stats", batch_stats)
-                student_logits[view] = logits.astype(jnp.float32)
+                if heads:
+                    student_logits.update(head_logits(view, _float32(logits)))
+                else:
+                    student_logits[view] = logits.astype(jnp.float32)
             loss, terms = objective(params["method"], student_logits, teacher_logits, labels, epoch)
             return loss, (terms, batch_stats)
 
@@ -127,6 +161,7 @@ def make_train_step(
     mesh: Mesh,
     *,
     learning_rate_fn: optax.Schedule | None = None,
+    teacher_call: TeacherCall = TeacherCall(),
 ) -> TrainStep:
     """Builds the jitted, sharded ``train_step(state, teacher_variables, batch, epoch)``.
 
@@ -137,6 +172,8 @@ def make_train_step(
       tx: the optax transformation (``zkd_jax.optim.sgd``).
       mesh: 1-D mesh with axis "data" (``zkd_jax.parallel.create_mesh``).
       learning_rate_fn: the schedule, to report ``lr`` (of this update) in the metrics.
+      teacher_call: how the teacher sees the batch (:class:`TeacherCall`; default eval mode on the
+        students' images).
 
     Returns:
       One ``jax.jit`` function; ``state`` (arg 0) is donated. Inputs: ``teacher_variables``
@@ -147,12 +184,12 @@ def make_train_step(
         raise ValueError("this method distills from a teacher; pass the teacher module.")
 
     update = make_student_update(student, method.objective, tx,
-                                 learning_rate_fn=learning_rate_fn)
+                                 learning_rate_fn=learning_rate_fn, heads=wants_heads(method))
 
     def train_step(state: TrainState, teacher_variables, batch, epoch):
         labels = batch["label"]
         images = images_of(batch, method.views)
-        teacher_logits = teacher_forward(teacher, teacher_variables, images, method)
+        teacher_logits = teacher_forward(teacher, teacher_variables, images, method, teacher_call)
         return update(state, teacher_logits, images, labels, epoch)
 
     return jit_train_step(train_step, mesh)
@@ -174,5 +211,5 @@ def jit_train_step(train_step: Callable, mesh: Mesh) -> TrainStep:
     return jitted
 
 
-__all__ = ["TrainStep", "finite_checks", "jit_train_step", "make_student_update",
+__all__ = ["TeacherCall", "TrainStep", "finite_checks", "jit_train_step", "make_student_update",
            "make_train_step", "teacher_forward"]

@@ -29,8 +29,8 @@ import ml_collections
 from etils import epath
 
 import zkd_jax.data as data
-from zkd_jax import models, optim
-from zkd_jax.trainer import validate
+from zkd_jax import models
+from zkd_jax.trainer import recipe, validate
 from zkd_jax.data import feeds as feed_lib
 from zkd_jax.data import plan as plan_lib
 from zkd_jax.io import checkpoint as ckpt_lib
@@ -62,22 +62,15 @@ def initialize_distributed(config: ml_collections.ConfigDict) -> None:
 def prepare_run(config: ml_collections.ConfigDict) -> None:
     """Before a run takes its workdir: the config checked (``zkd_jax.trainer.validate``), then
     ``jax.distributed`` started where asked, then the checks that need the device count."""
-    if config.get("vit") is not None:
-        raise ValueError(
-            "the ViT recipe (configs/cifar100_vit.py) is not wired into the trainer yet: its "
-            "models, objective, optimizer and transforms are in zkd_jax (README 'ViT students'), "
-            "but zkd-train cannot run it; use those pieces from Python for now.")
     validate.check_config(config, devices=0)  # device counts: checked after the backend starts
     initialize_distributed(config)
     validate.check_config(config)
 
 
-def _image_shape(info) -> tuple[int, int, int]:
-    size = info.image_size
-    if isinstance(size, int):
-        return (size, size, 3)
-    size = tuple(int(s) for s in size)
-    return size if len(size) == 3 else (*size, 3)
+def _image_shape(info, config: ml_collections.ConfigDict | None = None) -> tuple[int, int, int]:
+    """The students' ``(H, W, C)``: the dataset's, or ``config.vit.image_size``'s."""
+    images = recipe.images(config or ml_collections.ConfigDict(), info.image_size)
+    return images.student_shape
 
 
 def _model_dataset(config) -> str:
@@ -86,26 +79,9 @@ def _model_dataset(config) -> str:
     return config.get("model_dataset") or default
 
 
-def make_optimizer(optimizer: ml_collections.ConfigDict, steps_per_epoch: int):
-    """(schedule, tx) of ``config.optimizer``: the step-decay schedule and PyTorch SGD."""
-    schedule = optim.step_decay_schedule(
-        float(optimizer.lr), steps_per_epoch=steps_per_epoch,
-        milestones=tuple(int(m) for m in optimizer.milestones),
-        decay_rate=float(optimizer.decay_rate),
-    )
-    tx = optim.sgd(schedule, momentum=float(optimizer.momentum),
-                   weight_decay=float(optimizer.weight_decay), nesterov=bool(optimizer.nesterov))
-    return schedule, tx
-
-
 def loop_settings(config: ml_collections.ConfigDict) -> LoopSettings:
     """The values of ``config`` that the epoch loop reads."""
-    opt = config.optimizer
-
-    def lr_for_epoch(epoch: int) -> float:
-        return optim.lr_for_epoch(epoch, lr=opt.lr, milestones=opt.milestones,
-                                  decay_rate=opt.decay_rate)
-
+    lr_for_epoch = recipe.lr_for_epoch(config.optimizer, config.epochs)
     return LoopSettings(
         epochs=config.epochs, max_steps=config.max_steps, batch_size=config.batch_size,
         log_every_steps=config.log_every_steps,
@@ -121,21 +97,27 @@ def loop_settings(config: ml_collections.ConfigDict) -> LoopSettings:
 
 def build_models(config: ml_collections.ConfigDict, method, mesh):
     """(info, image_shape, model_dataset, student, teacher, teacher_variables) of a run; the
-    teacher is None (variables ``{}``) for a method without teacher."""
+    teacher is None (variables ``{}``) for a method without teacher. ``image_shape`` is the
+    students' (``recipe.images``: the ViT students' size); the teacher is of its own family and
+    size where ``config.vit`` says so."""
     info = data.info(config.dataset)
-    image_shape = _image_shape(info)
+    images = recipe.images(config, info.image_size)
     model_dataset = _model_dataset(config)
     dtype = jnp.bfloat16 if config.mixed_precision else jnp.float32
     student = models.create(
         config.student.arch, num_classes=info.num_classes, dataset=model_dataset, dtype=dtype
     )
+    fields = recipe.student_fields(config, student, images.image_size)
+    if fields:
+        student = student.clone(**fields)
     teacher, teacher_variables = None, {}
     if method.needs_teacher:
         teacher = models.create(
-            config.teacher.arch, num_classes=info.num_classes, dataset=model_dataset, dtype=dtype
+            config.teacher.arch, num_classes=info.num_classes, dtype=dtype,
+            dataset=recipe.teacher_model_dataset(config, model_dataset),
         )
-        teacher_variables = replicate(load_teacher(config, teacher, image_shape), mesh)
-    return info, image_shape, model_dataset, student, teacher, teacher_variables
+        teacher_variables = replicate(load_teacher(config, teacher, images.teacher_shape), mesh)
+    return info, images.student_shape, model_dataset, student, teacher, teacher_variables
 
 
 def load_teacher(config, module, input_shape) -> dict:
@@ -164,10 +146,12 @@ def make_feed(config: ml_collections.ConfigDict, mesh, views) -> feed_lib.Feed:
     """
     pipeline = config.get("input_pipeline") or "tfdata"
     plan_lib.check_steps_per_call(config.get("steps_per_call") or 1, pipeline)
+    images = recipe.images(config, data.info(config.dataset).image_size)
     return feed_lib.make_feed(
         pipeline, dataset=config.dataset, mesh=mesh,
         seed=config.seed, views=views, batch_size=config.batch_size,
         eval_batch_size=config.eval_batch_size, data_dir=config.data_dir,
+        augmentation=images.augmentation, image_size=images.image_size,
     )
 
 
@@ -189,12 +173,13 @@ def make_step(config, student, teacher, method_list, mesh, steps_per_epoch: int,
     """``(tx, train_step)`` of a run: the optimizer and the jitted step of one student
     (``single``) or of the K students of ``method_list`` (``config.students_form``). The
     benchmarks time this very step."""
-    schedule, tx = make_optimizer(config.optimizer, steps_per_epoch)
+    schedule, tx = recipe.make_optimizer(config.optimizer, steps_per_epoch, config.epochs)
+    call = recipe.images(config, data.info(config.dataset).image_size).teacher_call
     if single:
         return tx, make_train_step(student, teacher, method_list[0], tx, mesh,
-                                   learning_rate_fn=schedule)
+                                   learning_rate_fn=schedule, teacher_call=call)
     return tx, make_multi_train_step(student, teacher, method_list, tx, mesh,
-                                     learning_rate_fn=schedule,
+                                     learning_rate_fn=schedule, teacher_call=call,
                                      form=config.get("students_form") or "loop")
 
 

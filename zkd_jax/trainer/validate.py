@@ -6,7 +6,9 @@ integer, larger than the training split or not divisible by the device count, a 
 ends in one ``ValueError`` naming the field and what to pass instead, before a teacher trains or
 anything is written. A config with ``teacher.train_if_missing`` also has its ``teacher.recipe``
 checked, and every ``suite`` entry is checked as a method config: the demo's teacher, too, is
-refused before its epochs run.
+refused before its epochs run. ``optimizer.name`` must be one of ``optim.OPTIMIZERS``, and a ViT
+config's ``vit`` fields are checked by ``zkd_jax.trainer.recipe.images`` (the transforms the
+pipeline makes, image sizes, the eval head).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from typing import Any
+
+from zkd_jax.optim import OPTIMIZERS
 
 __all__ = ["check_config"]
 
@@ -57,7 +61,12 @@ def check_method(method: Mapping[str, Any], prefix: str = "method.") -> None:
 
 
 def _check_optimizer(opt: Mapping[str, Any], prefix: str) -> None:
+    name = opt.get("name") or "sgd"
+    if name not in OPTIMIZERS:
+        _fail(prefix + "name", name, f"one of {', '.join(OPTIMIZERS)}")
     _positive(opt, "lr", prefix)
+    _positive(opt, "min_lr", prefix, zero_ok=True)
+    _int_at_least(opt, "warmup_epochs", 0, prefix)
     _positive(opt, "weight_decay", prefix, zero_ok=True)
     _positive(opt, "decay_rate", prefix)
     if "momentum" in opt and not (_is_number(opt["momentum"]) and 0 <= opt["momentum"] < 1):
@@ -124,6 +133,10 @@ def check_config(config, *, prefix: str = "", devices: int | None = None) -> Non
         check_method(config["method"], prefix + "method.")
     for name, method in (config.get("suite") or {}).items():
         check_method(method, f"{prefix}suite.{name}.")
+    if config.get("vit") is not None and num_train is not None:
+        from zkd_jax.trainer import recipe  # noqa: PLC0415
+
+        recipe.images(config, data.info(config["dataset"]).image_size)  # the ViT fields
     teacher = config.get("teacher") or {}
     if teacher.get("train_if_missing") and teacher.get("recipe") is not None:
         check_config(teacher["recipe"], prefix=prefix + "teacher.recipe.", devices=devices)
