@@ -117,16 +117,20 @@ def build(config, num_students: int) -> Built:
     from zkd_jax import data, models
     from zkd_jax.parallel import check_batch_size, create_mesh
     from zkd_jax.step import StateStack, create_states, init_variables
-    from zkd_jax.trainer import setup, students
+    from zkd_jax.trainer import recipe, setup, students
 
     mesh = create_mesh()
     check_batch_size(config.batch_size, mesh)
     info = data.info(config.dataset)
-    image_shape = setup._image_shape(info)  # pylint: disable=protected-access
+    images = recipe.images(config, info.image_size)  # the students' and the teacher's sizes
+    image_shape = images.student_shape
     model_dataset = setup._model_dataset(config)  # pylint: disable=protected-access
     dtype = jnp.bfloat16 if config.mixed_precision else jnp.float32
     student = models.create(config.student.arch, num_classes=info.num_classes,
                             dataset=model_dataset, dtype=dtype)
+    fields = recipe.student_fields(config, student, images.image_size)
+    if fields:
+        student = student.clone(**fields)
     if num_students > 1:
         config.students = tuple({"seed": config.seed + k} for k in range(num_students))
     specs, single = students.run_students(config)
@@ -135,9 +139,10 @@ def build(config, num_students: int) -> Built:
     teacher, teacher_variables = None, {}
     if method.needs_teacher:
         teacher = models.create(config.teacher.arch, num_classes=info.num_classes,
-                                dataset=model_dataset, dtype=dtype)
+                                dataset=recipe.teacher_model_dataset(config, model_dataset),
+                                dtype=dtype)
         teacher_variables = init_variables(teacher, jax.random.PRNGKey(123),
-                                           (1, *image_shape), mesh=mesh)
+                                           (1, *images.teacher_shape), mesh=mesh)
     steps_per_epoch = data.steps_per_epoch(config.dataset, config.batch_size)
     tx, step = setup.make_step(config, student, teacher, method_list, mesh, steps_per_epoch,
                                single=single)

@@ -67,12 +67,6 @@ def prepare_run(config: ml_collections.ConfigDict) -> None:
     validate.check_config(config)
 
 
-def _image_shape(info, config: ml_collections.ConfigDict | None = None) -> tuple[int, int, int]:
-    """The students' ``(H, W, C)``: the dataset's, or ``config.vit.image_size``'s."""
-    images = recipe.images(config or ml_collections.ConfigDict(), info.image_size)
-    return images.student_shape
-
-
 def _model_dataset(config) -> str:
     """The model-zoo family of a dataset (``zkd_jax.models.create``'s ``dataset``)."""
     default = "imagenet" if config.dataset.startswith("imagenet") else "cifar100"
