@@ -97,7 +97,7 @@ def run(config, *, short: int, long: int, profile: str | None = None,
         raise ValueError(f"need 0 < --short < --long, got {short} and {long}.")
     if long > config.epochs:
         raise ValueError(f"--long={long} exceeds config.epochs={config.epochs}.")
-    steps = data.steps_per_epoch(config.dataset, config.batch_size)
+    steps = data.steps_per_epoch(config.dataset, config.batch_size, config.train_examples)
     with tempfile.TemporaryDirectory(prefix="zkd_epoch_time_") as tmp:
         root = epath.Path(tmp)
         # Each run builds (compiles) its own programs; JAX's persistent compilation cache lets the

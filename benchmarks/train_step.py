@@ -143,7 +143,8 @@ def build(config, num_students: int) -> Built:
                                 dtype=dtype)
         teacher_variables = init_variables(teacher, jax.random.PRNGKey(123),
                                            (1, *images.teacher_shape), mesh=mesh)
-    steps_per_epoch = data.steps_per_epoch(config.dataset, config.batch_size)
+    steps_per_epoch = data.steps_per_epoch(config.dataset, config.batch_size,
+                                           config.get("train_examples", -1))
     tx, step = setup.make_step(config, student, teacher, method_list, mesh, steps_per_epoch,
                                single=single)
     states = create_states(student, method_list, [s.seed for s in specs], tx,

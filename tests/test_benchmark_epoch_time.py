@@ -23,7 +23,7 @@ KEYS = {"benchmark", "tag", "config", "dataset", "method", "teacher", "student",
 def test_epoch_time_on_digits():
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     args = ["--config=configs/cifar100.py:kd_ls,resnet8,resnet8", "--dataset=digits",
-            "--batch=128", "--short=1", "--long=2", "--tag=cpu",
+            "--batch=32", "--config.train_examples=352", "--short=1", "--long=2", "--tag=cpu",
             "--config.steps_per_call=4"]  # the scanned path: 11 steps = 4 + 4 + 1 + 1 + 1
     proc = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600, check=False)

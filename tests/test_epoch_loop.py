@@ -37,7 +37,8 @@ def records_by_cadence(tmp_path_factory):
         c = demo.teacher_config()  # cross-entropy only: the run is about the loop
         c.input_pipeline = "device"
         c.student.arch = "resnet8"
-        c.batch_size = 128  # 11 steps per epoch
+        c.batch_size = 32
+        c.train_examples = 11 * 32  # 11 steps per epoch
         c.epochs = 2
         c.optimizer.milestones = ()
         c.max_steps = 17  # the second epoch stops inside: a partial flush and a save

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from zkd_jax import models, step
+from zkd_jax import data, models, step
 from zkd_jax.data import feeds as feed_lib
 from zkd_jax.parallel import batch_sharding, create_mesh
 from zkd_jax.train import train_and_evaluate
@@ -95,6 +95,25 @@ def test_prefetch_keeps_two_batches_in_flight_in_order():
         next(prefetch_to_mesh(source(), create_mesh(), size=0))
 
 
+@pytest.mark.parametrize("pipeline", feed_lib.PIPELINES)
+def test_train_examples_caps_the_split_to_its_first_images(pipeline):
+    """config.train_examples = 5 * BATCH: an epoch is 5 batches that hold each of the split's first
+    5 * BATCH labels once (their multiset), and nothing else."""
+    def feed(cap):
+        return feed_lib.make_feed(pipeline, dataset="digits", mesh=create_mesh(), seed=0,
+                                  views=("weak",), batch_size=BATCH, eval_batch_size=EVAL_BATCH,
+                                  train_examples=cap)
+
+    epoch = _host(feed(5 * BATCH).train(1, 0))
+    assert len(epoch) == 5 and data.steps_per_epoch("digits", BATCH, 5 * BATCH) == 5
+    _, labels = data.load_device_arrays("digits", "train")
+    got = np.sort(np.concatenate([b["label"] for b in epoch]))
+    np.testing.assert_array_equal(got, np.sort(labels[:5 * BATCH]))
+    assert len(_host(itertools.islice(feed(-1).train(1, 0), 6))) == 6  # -1: the whole split
+    with pytest.raises(ValueError, match=r"config.train_examples=1501 exceeds the 1500 training "):
+        feed(1501)
+
+
 def test_device_feed_is_deterministic_and_restartable():
     feed = _feed("device")
     epoch = _host(itertools.islice(feed.train(2, 0), 6))
@@ -170,7 +189,8 @@ def test_a_run_on_the_device_feed_resumes_bit_identically(tmp_path):
         c = demo.teacher_config()  # cross-entropy only: the run is about the feed
         c.input_pipeline = "device"
         c.student.arch = "resnet8"
-        c.batch_size = 2 * BATCH  # 11 steps per epoch
+        c.batch_size = BATCH // 2
+        c.train_examples = 11 * BATCH // 2  # 11 steps per epoch
         c.epochs = 2
         c.optimizer.milestones = ()
         c.max_steps = max_steps

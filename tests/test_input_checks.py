@@ -30,6 +30,7 @@ Y = jnp.asarray([0, 3, 9, 2])
     ("optimizer.momentum", 1.5), ("optimizer.milestones", (4, 2)), ("keep_checkpoints", 0),
     ("log_every_steps", 0), ("method.temperature", 0.0), ("suite.kd_ls.temperature", -2.0),
     ("teacher.recipe.epochs", 0), ("teacher.recipe.optimizer.lr", -1.0),
+    ("train_examples", 0), ("train_examples", 1501), ("train_examples", -2),
 ])
 def test_config_values_that_make_no_sense(field, value):
     config = demo.get_config()
@@ -39,6 +40,14 @@ def test_config_values_that_make_no_sense(field, value):
         node = node[p]
     node[leaf] = value
     with pytest.raises(ValueError, match=rf"^config\.{field}=.* is invalid: it must be "):
+        validate.check_config(config, devices=1)
+
+
+def test_batch_larger_than_the_capped_train_split_is_refused():
+    config = demo.get_config()
+    config.train_examples, config.batch_size = 64, 128
+    with pytest.raises(ValueError, match=r"config.batch_size=128 is invalid: it must be at most "
+                                         r"the 64 training examples"):
         validate.check_config(config, devices=1)
 
 

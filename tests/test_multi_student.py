@@ -31,8 +31,8 @@ from zkd_jax.step import make_train_step
 from zkd_jax.train import train_and_evaluate
 from zkd_jax.step.state import init_variables
 
-BATCH = 128  # 1500 digits // 128 = 11 steps per epoch
-STEPS_PER_EPOCH = 11
+BATCH = 32
+STEPS_PER_EPOCH = 11  # config.train_examples = 11 * BATCH
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +54,7 @@ def _config(teacher_checkpoint, *, students=(), max_steps=-1):
     config.teacher.checkpoint = teacher_checkpoint
     config.teacher.train_if_missing = False
     config.batch_size = BATCH
+    config.train_examples = STEPS_PER_EPOCH * BATCH
     config.epochs = 1
     config.optimizer.milestones = ()
     config.max_steps = max_steps

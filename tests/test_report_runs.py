@@ -2,7 +2,7 @@
 
 One module fixture runs the documented sweep command (``zkd-train --config=configs/demo.py:kd_ls
 --config.sweep='temperature=2,3 kd_weight=3,6 seed=0,1'``, as ``python -m zkd_jax.cli.train``) on the
-offline digits with the smallest settings (1 epoch, batch 256: 5 steps) and a fixed random resnet8
+offline digits with the smallest settings (1 epoch of the first 160 digits at batch 32: 5 steps) and a fixed random resnet8
 teacher (``--config.teacher.checkpoint``): 2 x 2 settings x 2 seeds as ONE K = 8 program in the
 demo's suite layout (``WORKDIR/kd_ls/student_<k>``). XLA's backend optimization is turned off in
 that subprocess: compiling the K = 8 step dominates on a CPU, and 5 steps do not need a fast
@@ -44,7 +44,7 @@ def sweep_dir(tmp_path_factory):
         [sys.executable, "-m", "zkd_jax.cli.train", f"--config={ROOT / 'configs' / 'demo.py'}:kd_ls",
          f"--workdir={root / 'demo'}", "--config.teacher.arch=resnet8",
          f"--config.teacher.checkpoint={root / 'teacher'}", "--config.epochs=1",
-         "--config.batch_size=256", "--config.progress_bar=False", "--config.log_every_steps=5",
+         "--config.batch_size=32", "--config.train_examples=160", "--config.progress_bar=False", "--config.log_every_steps=5",
          f"--config.sweep={SWEEP}", "--config.export=False"],
         env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -115,7 +115,8 @@ def _config(n: int, max_steps: int):
     c = demo.teacher_config()  # cross-entropy only: the runs are about the calls
     c.input_pipeline = "device"
     c.student.arch = "resnet8"
-    c.batch_size = 128  # 11 steps per epoch
+    c.batch_size = 32
+    c.train_examples = 11 * 32  # 11 steps per epoch
     c.epochs = 2
     c.optimizer.lr = 0.01
     c.optimizer.milestones = ()

@@ -23,7 +23,7 @@ from zkd_jax.configs import common, demo
 from zkd_jax.train import NonFiniteLossError, train_and_evaluate
 from zkd_jax.step.state import init_variables
 
-STEPS_PER_EPOCH = 23  # 1500 digits // 64
+STEPS_PER_EPOCH = 23  # config.train_examples = 23 * 16
 
 
 def _save_teacher(directory, *, arch="resnet8", claimed_arch=None, seed=5):
@@ -48,7 +48,8 @@ def _config(teacher_checkpoint, *, max_steps, arch="resnet8"):
     config.teacher.arch = arch
     config.teacher.checkpoint = teacher_checkpoint
     config.teacher.train_if_missing = False
-    config.batch_size = 64
+    config.batch_size = 16
+    config.train_examples = STEPS_PER_EPOCH * 16
     config.epochs = 2
     config.optimizer.milestones = (1,)
     config.max_steps = max_steps

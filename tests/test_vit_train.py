@@ -38,7 +38,7 @@ SMALL = {
 VARIANTS = {"deit_ti": "kd_ls", "t2t_vit_7": "kd_ls", "pit_ti": "kd_ls", "pvt_ti": "base"}
 #: DeiT: two students (the second at another temperature) in bfloat16.
 DEIT_STUDENTS = ({"seed": 1}, {"seed": 2, "temperature": 3.0})
-STEPS_PER_EPOCH = 3  # 1500 digits // 500
+STEPS_PER_EPOCH = 3  # config.train_examples = 3 * 100
 
 
 def vit_config(arch: str, teacher_dir: str, *, variant: str = "kd_ls",
@@ -50,7 +50,8 @@ def vit_config(arch: str, teacher_dir: str, *, variant: str = "kd_ls",
     c.student.model_overrides = ml_collections.ConfigDict(SMALL[arch])
     if variant != "base":
         c.teacher.arch, c.teacher.checkpoint = "resnet8", teacher_dir
-    c.batch_size, c.eval_batch_size, c.epochs = 500, 300, 2
+    c.batch_size, c.eval_batch_size, c.epochs = 100, 300, 2
+    c.train_examples = STEPS_PER_EPOCH * 100
     c.optimizer.update(lr=2e-3, min_lr=2e-3, warmup_epochs=0)  # constant: the loss must fall
     c.max_steps = max_steps
     c.log_every_steps = 1

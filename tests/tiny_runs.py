@@ -1,8 +1,8 @@
 """Shared pieces of the reliability tests (issue 16): tiny real runs on the offline digits.
 
 A resnet8 student distilled with KD from a resnet8 teacher of random variables (written with
-``zkd_jax.convert.save_variables``); batch 256, so an epoch is 5 steps and a run of 2 epochs is 10,
-with a checkpoint every 2 steps.
+``zkd_jax.convert.save_variables``); batch 32 on the first 160 digits (``config.train_examples``),
+so an epoch is 5 steps and a run of 2 epochs is 10, with a checkpoint every 2 steps.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from zkd_jax.io import checkpoint
 from zkd_jax.configs import common, demo
 from zkd_jax.step.state import init_variables
 
-STEPS_PER_EPOCH = 5  # 1500 digits // 256
+STEPS_PER_EPOCH = 5  # 160 digits // 32
 TOTAL_STEPS = 10
 
 
@@ -41,7 +41,8 @@ def config(teacher_checkpoint: str, *, max_steps: int = -1) -> ml_collections.Co
     c.teacher.arch = "resnet8"
     c.teacher.checkpoint = teacher_checkpoint
     c.teacher.train_if_missing = False
-    c.batch_size = 256
+    c.batch_size = 32
+    c.train_examples = 32 * STEPS_PER_EPOCH
     c.eval_batch_size = 304
     c.epochs = 2
     c.optimizer.milestones = (1,)

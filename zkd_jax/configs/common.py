@@ -222,6 +222,9 @@ def base_config() -> ml_collections.ConfigDict:
         dict(arch=optional(str), checkpoint=optional(str), train_if_missing=False)
     )
     c.method = ml_collections.ConfigDict(METHOD_DEFAULTS[TEACHER])
+    # > 0: train on the first N examples of the train split only (short runs, data-budget
+    # studies; the datasets held in memory): an epoch is N // batch_size steps. -1: all of them.
+    c.train_examples = -1
     c.batch_size = CIFAR100_SOLVER["batch_size"]  # global: over all processes and devices
     c.eval_batch_size = 256  # global; must divide by the device count too
     c.epochs = CIFAR100_SOLVER["epochs"]

@@ -83,9 +83,30 @@ def info(name: str) -> DatasetInfo:
     return _INFOS[name]
 
 
-def steps_per_epoch(name: str, global_batch_size: int) -> int:
-    """``num_train // global_batch_size`` (drop-remainder: 781 for CIFAR-100 at 64, not 782)."""
+def num_train_examples(name: str, train_examples: int = -1) -> int:
+    """The training examples a run reads: the whole train split, or (``train_examples`` > 0) its
+    first ``train_examples`` (``config.train_examples``: short runs and data-budget studies; the
+    datasets held in memory only).
+
+    Raises:
+      ValueError: more examples than the split holds, or a cap on imagenet2012.
+    """
     n = info(name).num_train
+    if train_examples is None or train_examples <= 0:
+        return n
+    if name == "imagenet2012":
+        raise ValueError("config.train_examples serves the datasets held in memory (cifar100, digits, "
+                         "synthetic_cifar100), not imagenet2012; set it to -1 (the whole split).")
+    if train_examples > n:
+        raise ValueError(f"config.train_examples={train_examples} exceeds the {n} training examples "
+                         f"of {name}; set at most {n}, or -1 for all.")
+    return int(train_examples)
+
+
+def steps_per_epoch(name: str, global_batch_size: int, train_examples: int = -1) -> int:
+    """``num_train // global_batch_size`` (drop-remainder: 781 for CIFAR-100 at 64, not 782);
+    ``num_train`` is :func:`num_train_examples`."""
+    n = num_train_examples(name, train_examples)
     if not 0 < global_batch_size <= n:
         raise ValueError(f"global batch size must be in [1, {n}] for {name}, got {global_batch_size}.")
     return n // global_batch_size
@@ -133,6 +154,7 @@ def train_batches(
     augmentation: str = CIFAR_AUGMENTATION,
     image_size: int | None = None,
     batch_fns: dict | None = None,
+    train_examples: int = -1,
 ) -> Iterator[dict[str, np.ndarray]]:
     """The training batches of ONE epoch (counted from 1) of this process, from ``start_step`` on.
 
@@ -142,7 +164,8 @@ def train_batches(
     float32 and normalized either way). ``augmentation="vit"`` (``zkd_jax.views``): the ViT
     students' images at ``image_size`` px (the datasets held in memory only, not imagenet2012).
     ``batch_fns``: a dict kept from epoch to epoch, so the datasets held in memory trace their
-    batch function once (``data.cifar``).
+    batch function once (``data.cifar``). ``train_examples`` > 0: only the split's first
+    ``train_examples`` images (:func:`num_train_examples`).
     Needs TensorFlow (+ TFDS for cifar100/imagenet2012, scikit-learn for digits).
     """
     ds_info = info(name)
@@ -153,6 +176,7 @@ def train_batches(
     if epoch < 1:
         raise ValueError(f"epochs are counted from 1, got epoch={epoch}.")
     p, count = _processes(process_index, process_count)
+    num_train = num_train_examples(name, train_examples)
     kwargs = dict(
         per_process_batch_size=per_process_batch_size,
         seed=seed,
@@ -173,7 +197,7 @@ def train_batches(
         from zkd_jax.data.cifar import array_train_dataset  # pylint: disable=import-outside-toplevel
 
         images, labels = _arrays(name, "train", data_dir)
-        ds = array_train_dataset(images, labels, augmentation=augmentation,
+        ds = array_train_dataset(images[:num_train], labels[:num_train], augmentation=augmentation,
                                  image_size=image_size, batch_fns=batch_fns, **kwargs)
     return ds.as_numpy_iterator()
 
@@ -252,6 +276,7 @@ __all__ = [
     "load_device_arrays",
     "normalize_batch",
     "num_eval_batches",
+    "num_train_examples",
     "steps_per_epoch",
     "train_batches",
 ]

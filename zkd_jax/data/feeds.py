@@ -111,11 +111,13 @@ def make_feed(
     data_dir: str | None = None,
     augmentation: str = CIFAR_AUGMENTATION,
     image_size: int | None = None,
+    train_examples: int = -1,
 ) -> Feed:
     """The :class:`Feed` of ``pipeline`` ("tfdata" or "device"); batch sizes are global.
 
     ``augmentation`` (``zkd_jax.views``): ``"vit"`` gives the ViT students' images at
-    ``image_size`` px (tf.data only).
+    ``image_size`` px (tf.data only). ``train_examples`` > 0: the train split's first
+    ``train_examples`` images only (``zkd_jax.data.num_train_examples``).
 
     Raises:
       ValueError: an unknown pipeline, a view or dataset the pipeline does not serve, a batch
@@ -124,11 +126,14 @@ def make_feed(
     check_pipeline(pipeline, views, dataset, augmentation)
     per_process = check_batch_size(batch_size, mesh)
     per_process_eval = check_batch_size(eval_batch_size, mesh, what="config.eval_batch_size")
+    import zkd_jax.data as data  # the package (this module is one of its parts)
+
+    num_train = data.num_train_examples(dataset, train_examples)
     if pipeline == "tfdata":
         transform = {"augmentation": augmentation, "image_size": image_size}
         return _host_feed(dataset, mesh, seed, tuple(views), per_process, per_process_eval, data_dir,
-                          transform)
-    return _device_feed(dataset, mesh, seed, batch_size, eval_batch_size, data_dir)
+                          transform, num_train)
+    return _device_feed(dataset, mesh, seed, batch_size, eval_batch_size, data_dir, num_train)
 
 
 #: Global batches of the tf.data feed kept in flight to the devices (``prefetch_to_mesh``).
@@ -136,7 +141,7 @@ PREFETCH = 2
 
 
 def _host_feed(dataset, mesh, seed, views, per_process, per_process_eval, data_dir,
-               transform: dict) -> Feed:
+               transform: dict, num_train: int) -> Feed:
     import zkd_jax.data as data  # the package (this module is one of its parts)
 
     info = data.info(dataset)
@@ -154,7 +159,7 @@ def _host_feed(dataset, mesh, seed, views, per_process, per_process_eval, data_d
         return to_devices(data.train_batches(
             dataset, per_process_batch_size=per_process, seed=seed, epoch=epoch,
             start_step=start_step, views=views, data_dir=data_dir, normalized=False,
-            batch_fns=batch_fns, **transform,
+            batch_fns=batch_fns, train_examples=num_train, **transform,
         ))
 
     eval_ds: list = []  # the test split's dataset, built at the first evaluation of the run
@@ -186,7 +191,7 @@ def _device_functions(mesh: Mesh, num_train: int, batch_size: int, eval_batch_si
     return order, train_batch, eval_batch
 
 
-def _device_feed(dataset, mesh, seed, batch_size, eval_batch_size, data_dir) -> Feed:
+def _device_feed(dataset, mesh, seed, batch_size, eval_batch_size, data_dir, num_train) -> Feed:
     import zkd_jax.data as data  # the package (this module is one of its parts)
 
     info = data.info(dataset)
@@ -195,12 +200,11 @@ def _device_feed(dataset, mesh, seed, batch_size, eval_batch_size, data_dir) -> 
     def put(x) -> jax.Array:  # the same host value on every process -> replicated global array
         return jax.make_array_from_process_local_data(rep, np.asarray(x))
 
-    def on_devices(split: str) -> tuple[jax.Array, jax.Array]:
-        return tuple(put(x) for x in device.load_device_arrays(dataset, split, data_dir))
+    def on_devices(split: str, count: int | None = None) -> tuple[jax.Array, jax.Array]:
+        return tuple(put(x[:count]) for x in device.load_device_arrays(dataset, split, data_dir))
 
-    train_images, train_labels = on_devices("train")
+    train_images, train_labels = on_devices("train", num_train)
     test_images, test_labels = on_devices("test")
-    num_train = int(train_images.shape[0])
     steps = num_train // batch_size
     order_fn, train_fn, eval_fn = _device_functions(
         mesh, num_train, batch_size, eval_batch_size, tuple(info.mean), tuple(info.std))

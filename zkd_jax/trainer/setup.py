@@ -146,6 +146,7 @@ def make_feed(config: ml_collections.ConfigDict, mesh, views) -> feed_lib.Feed:
         seed=config.seed, views=views, batch_size=config.batch_size,
         eval_batch_size=config.eval_batch_size, data_dir=config.data_dir,
         augmentation=images.augmentation, image_size=images.image_size,
+        train_examples=config.get("train_examples", -1),
     )
 
 
@@ -204,7 +205,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     feed = make_feed(config, mesh, method_list[0].views)
     info, image_shape, model_dataset, student, teacher, teacher_variables = build_models(
         config, method_list[0], mesh)
-    steps_per_epoch = data.steps_per_epoch(config.dataset, config.batch_size)
+    steps_per_epoch = data.steps_per_epoch(config.dataset, config.batch_size,
+                                           config.get("train_examples", -1))
     tx, train_step = make_step(config, student, teacher, method_list, mesh, steps_per_epoch,
                                single=single)
     states = create_states(student, method_list, [s.seed for s in specs], tx,

@@ -116,6 +116,13 @@ def check_config(config, *, prefix: str = "", devices: int | None = None) -> Non
             num_train = data.info(config["dataset"]).num_train
         except (ValueError, KeyError):
             num_train = None  # an unknown dataset is refused where the data is built
+    if "train_examples" in config and num_train is not None:
+        cap = config["train_examples"]
+        if not _is_int(cap) or not (cap == -1 or 1 <= cap <= num_train):
+            _fail(prefix + "train_examples", cap, f"-1 (the whole split) or in [1, {num_train}]")
+        if cap > 0 and config["dataset"] == "imagenet2012":
+            _fail(prefix + "train_examples", cap, "-1: imagenet2012 is read whole")
+        num_train = num_train if cap == -1 else cap
     _int_at_least(config, "epochs", 1, prefix)
     for name in ("eval_every_epochs", "checkpoint_every_epochs", "keep_checkpoints",
                  "log_every_steps", "steps_per_call"):
