@@ -6,6 +6,14 @@ same step again and again. JAX's persistent compilation cache, shared by the two
 the subprocesses the tests start (they inherit the environment), loads them instead. The cache is
 keyed by the program, the JAX version and the devices: it changes no result.
 
+Most of the suite's time is XLA compiling small programs (losses, models, runs of a few steps), so
+the tests compile with ``jax_disable_most_optimizations`` (XLA's backend optimization level 0; the
+setting is part of the compile options, so cached programs never mix): compiling is about a fifth
+faster and running a few steps costs little more. Comparisons within a test (resume, sharding, K
+students) see the same programs on both sides; the golden tests keep their tolerances. Tests that
+measure a compiled program's memory (``memory_analysis``) and the demo's subprocess (hundreds of
+steps: compute-bound) compile with every optimization.
+
 run_tests.sh gives each xdist worker whole files (``--dist loadfile``): a module's fixtures (the
 training runs most end-to-end modules share) run once, not once per worker that got some of its
 tests. Files go out in collection order (``--no-loadscope-reorder``), each to the first free
@@ -15,11 +23,18 @@ order); a long file collected late would leave the other worker idle at the end.
 
 import os
 import pathlib
+import sys
 import tempfile
+
+import pytest
 
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       str(pathlib.Path(tempfile.gettempdir()) / f"zkd_jax_test_cache_{os.getuid()}"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")  # read when JAX is imported
+if "jax" in sys.modules:  # a plugin imported JAX before this file: set it there too
+    sys.modules["jax"].config.update(
+        "jax_disable_most_optimizations", os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] == "1")
 
 LONG_MODULES = (  # longest first, from --durations of a whole run
     "test_demo.py",
@@ -48,3 +63,15 @@ LONG_MODULES = (  # longest first, from --durations of a whole run
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(LONG_MODULES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(LONG_MODULES)))
+
+
+@pytest.fixture
+def xla_optimized():
+    """Compiles with every XLA optimization inside the test (conftest's docstring), e.g. to read
+    a compiled program's memory as users get it."""
+    import jax  # noqa: PLC0415
+
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", False)
+    yield
+    jax.config.update("jax_disable_most_optimizations", before)

@@ -196,7 +196,7 @@ def test_user_errors_are_one_clear_value_error():
         zkd_jax.kd_loss_from_hidden(hs, ws.T, ht, wt, 2.0)
 
 
-def test_memory_bound_from_xla_memory_analysis():
+def test_memory_bound_from_xla_memory_analysis(xla_optimized):
     """Compile only: value-and-gradient temporaries stay far below one float32 [N, V] buffer."""
     n, v, h = 4096, 65536, 64
     full_f32 = n * v * 4  # 1 GiB: the bound below is a quarter of it

@@ -22,7 +22,8 @@ RUNS = ("teacher", "kd", "kd_ls")
 
 def test_demo_command(tmp_path):
     workdir = tmp_path / "demo"
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    # Hundreds of steps: every XLA optimization, as users run it (tests/conftest.py).
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="0")
     start = time.perf_counter()
     # A relative --workdir, as the README's command passes it (orbax itself needs absolute paths).
     proc = subprocess.run(

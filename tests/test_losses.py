@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import pathlib
 import subprocess
 import sys
@@ -27,32 +28,36 @@ def relative_error(ours, ref) -> float:
     return float(np.max(np.abs(ours - ref)) / max(np.max(np.abs(ref)), 1e-30))
 
 
-def _inputs(family: str, dtype):
-    g = lambda name: jnp.asarray(GOLDEN[f"{family}/{name}"], dtype)  # noqa: E731
-    return g("student"), g("teacher"), jnp.asarray(GOLDEN[f"{family}/target"], jnp.int32), g
+INPUTS = ("student", "teacher", "target", "student_strong", "teacher_strong", "ctkd/global_t_init")
+
+
+def _inputs(inputs: dict):
+    g = inputs.__getitem__
+    return g("student"), g("teacher"), g("target"), g
 
 
 def _golden_cases():
-    """(id, fn(family, dtype) -> list of (ours, reference key))."""
+    """(id, fn(inputs, family) -> list of (ours, reference key without the family)); ``inputs``
+    maps the names of ``INPUTS`` to the family's arrays."""
 
     def kd(mode, temp):
-        def run(family, dtype):
-            s, t, _, _ = _inputs(family, dtype)
+        def run(inputs, family):
+            s, t, _, _ = _inputs(inputs)
             fn = lambda x: losses.kd_loss(x, t, float(temp), standardize=mode == "ls")  # noqa: E731
             value, grad = jax.value_and_grad(fn)(s)
-            key = f"{family}/kd/{mode}/T{temp}"
+            key = f"kd/{mode}/T{temp}"
             return [(value, f"{key}/value"), (grad, f"{key}/grad")]
 
         return run
 
     def dkd(mode, alpha, beta, temp):
-        def run(family, dtype):
-            s, t, y, _ = _inputs(family, dtype)
+        def run(inputs, family):
+            s, t, y, _ = _inputs(inputs)
             fn = lambda x: losses.dkd_loss(  # noqa: E731
                 x, t, y, alpha=alpha, beta=beta, temperature=float(temp), standardize=mode == "ls"
             )
             value, grad = jax.value_and_grad(fn)(s)
-            key = f"{family}/dkd/{mode}/a{alpha}_b{beta}_T{temp}"
+            key = f"dkd/{mode}/a{alpha}_b{beta}_T{temp}"
             return [(value, f"{key}/value"), (grad, f"{key}/grad")]
 
         return run
@@ -60,19 +65,19 @@ def _golden_cases():
     def correlation(name, temp):
         fn_loss = {"cc": losses.cc_loss, "bc": losses.bc_loss}[name]
 
-        def run(family, dtype):
-            s, t, _, _ = _inputs(family, dtype)
+        def run(inputs, family):
+            s, t, _, _ = _inputs(inputs)
             value, grad = jax.value_and_grad(lambda x: fn_loss(x, t, float(temp)))(s)
-            key = f"{family}/mlkd_{name}/T{temp}"
+            key = f"mlkd_{name}/T{temp}"
             return [(value, f"{key}/value"), (grad, f"{key}/grad")]
 
         return run
 
     def mlkd(mode):
-        def run(family, dtype):
-            s, t, y, g = _inputs(family, dtype)
-            key = f"{family}/mlkd_total/{mode}"
-            scalar = lambda n: float(GOLDEN[f"{key}/{n}"])  # noqa: E731
+        def run(inputs, family):
+            s, t, y, g = _inputs(inputs)
+            key = f"mlkd_total/{mode}"
+            scalar = lambda n: float(GOLDEN[f"{family}/{key}/{n}"])  # noqa: E731
 
             def fn(weak, strong):
                 return losses.mlkd_loss(
@@ -95,18 +100,17 @@ def _golden_cases():
         return run
 
     def ctkd(mode, lam):
-        def run(family, dtype):
-            s, t, _, _ = _inputs(family, dtype)
-            raw = jnp.asarray(GOLDEN[f"{family}/ctkd/global_t_init"], dtype)
+        def run(inputs, family):
+            s, t, _, g = _inputs(inputs)
 
             def fn(x, g):
                 temp = losses.ctkd_temperature(g, float(lam))
                 return losses.kd_loss(x, t, temp, standardize=mode == "ls"), temp
 
             (value, temp), (grad_s, grad_t) = jax.value_and_grad(fn, argnums=(0, 1), has_aux=True)(
-                s, raw
+                s, g("ctkd/global_t_init")
             )
-            key = f"{family}/ctkd/{mode}/lambda{lam}"
+            key = f"ctkd/{mode}/lambda{lam}"
             pairs = [(value, f"{key}/value"), (temp, f"{key}/temperature"), (grad_s, f"{key}/grad_student")]
             # lambda 0 blocks the temperature's gradient entirely (test_ctkd_curriculum).
             if float(lam) != 0.0:
@@ -115,9 +119,9 @@ def _golden_cases():
 
         return run
 
-    def zscore(family, dtype):
-        s, _, _, _ = _inputs(family, dtype)
-        return [(losses.standardize(s), f"{family}/zscore/student")]
+    def zscore(inputs, family):
+        s, _, _, _ = _inputs(inputs)
+        return [(losses.standardize(s), "zscore/student")]
 
     cases = [("zscore", zscore)]
     for mode in MODES:
@@ -133,22 +137,45 @@ def _golden_cases():
 GOLDEN_CASES = _golden_cases()
 
 
-def _golden_keys_of(run) -> set[str]:
-    """The golden keys a case compares, found by evaluating it abstractly (no computation)."""
-    keys: set[str] = set()
+def _golden_inputs(family: str, dtype) -> dict:
+    return {n: jnp.asarray(GOLDEN[f"{family}/{n}"], jnp.int32 if n == "target" else dtype)
+            for n in INPUTS}
 
-    def collect(family):
-        keys.update(key for _, key in run(family, jnp.float32))
+
+@functools.cache
+def golden_outputs(family: str, precision: str) -> dict[str, list[tuple[np.ndarray, str]]]:
+    """Case id -> [(ours, golden key)] for one family and precision, from ONE jitted program whose
+    arguments are the golden inputs (one compile, where op-by-op evaluation compiles dozens of
+    small programs per case); ``VariantTest`` checks that jit and no jit agree."""
+    dtype = jnp.dtype(precision)
+    with jax.enable_x64(precision == "float64"):
+        def every_case(inputs):
+            return {name: [v for v, _ in run(inputs, family)] for name, run in GOLDEN_CASES}
+
+        values = jax.jit(every_case)(_golden_inputs(family, dtype))
+        keys = _keys(family)
+        return {name: [(np.asarray(v), f"{family}/{k}") for v, k in zip(values[name], keys[name])]
+                for name in values}
+
+
+@functools.cache
+def _keys(family: str) -> dict[str, list[str]]:
+    """Case id -> the golden keys it compares (found abstractly: no computation)."""
+    keys: dict[str, list[str]] = {}
+
+    def collect(inputs):
+        for name, run in GOLDEN_CASES:
+            keys[name] = [k for _, k in run(inputs, family)]
         return 0
 
-    for family in FAMILIES:
-        jax.eval_shape(lambda: collect(family))
+    jax.eval_shape(collect, _golden_inputs(family, jnp.float32))
     return keys
 
 
 def test_every_golden_entry_is_checked():
     """The golden file holds nothing that the parametrized cases below do not compare."""
-    checked = set().union(*(_golden_keys_of(run) for _, run in GOLDEN_CASES))
+    checked = {f"{family}/{k}" for family in FAMILIES for keys in _keys(family).values()
+               for k in keys}
     inputs = {"student", "teacher", "target", "student_strong", "teacher_strong"}
     hyper = {"temperature", "ce_weight", "kd_weight"}
     expected = {
@@ -165,7 +192,8 @@ def test_every_golden_entry_is_checked():
 @pytest.mark.parametrize("name,run", GOLDEN_CASES, ids=[c[0] for c in GOLDEN_CASES])
 def test_matches_reference(name, run, family, precision):
     with jax.enable_x64(precision == "float64"):
-        pairs = run(family, jnp.dtype(precision))
+        pairs = golden_outputs(family, precision)[name]
+        assert pairs
         for ours, key in pairs:
             assert np.asarray(ours).dtype == np.dtype(precision), key
             err = relative_error(ours, GOLDEN[key])
