@@ -146,36 +146,29 @@ def _golden_inputs(family: str, dtype) -> dict:
 def golden_outputs(family: str, precision: str) -> dict[str, list[tuple[np.ndarray, str]]]:
     """Case id -> [(ours, golden key)] for one family and precision, from ONE jitted program whose
     arguments are the golden inputs (one compile, where op-by-op evaluation compiles dozens of
-    small programs per case); ``VariantTest`` checks that jit and no jit agree."""
+    small programs per case); ``VariantTest`` checks that jit and no jit agree. The keys are
+    collected while the program is traced."""
     dtype = jnp.dtype(precision)
-    with jax.enable_x64(precision == "float64"):
-        def every_case(inputs):
-            return {name: [v for v, _ in run(inputs, family)] for name, run in GOLDEN_CASES}
-
-        values = jax.jit(every_case)(_golden_inputs(family, dtype))
-        keys = _keys(family)
-        return {name: [(np.asarray(v), f"{family}/{k}") for v, k in zip(values[name], keys[name])]
-                for name in values}
-
-
-@functools.cache
-def _keys(family: str) -> dict[str, list[str]]:
-    """Case id -> the golden keys it compares (found abstractly: no computation)."""
     keys: dict[str, list[str]] = {}
 
-    def collect(inputs):
+    def every_case(inputs):
+        values = {}
         for name, run in GOLDEN_CASES:
-            keys[name] = [k for _, k in run(inputs, family)]
-        return 0
+            pairs = run(inputs, family)
+            keys[name] = [f"{family}/{k}" for _, k in pairs]
+            values[name] = [v for v, _ in pairs]
+        return values
 
-    jax.eval_shape(collect, _golden_inputs(family, jnp.float32))
-    return keys
+    with jax.enable_x64(precision == "float64"):
+        values = jax.jit(every_case)(_golden_inputs(family, dtype))
+    return {name: [(np.asarray(v), k) for v, k in zip(values[name], keys[name], strict=True)]
+            for name in values}
 
 
 def test_every_golden_entry_is_checked():
     """The golden file holds nothing that the parametrized cases below do not compare."""
-    checked = {f"{family}/{k}" for family in FAMILIES for keys in _keys(family).values()
-               for k in keys}
+    checked = {key for family in FAMILIES for pairs in golden_outputs(family, "float32").values()
+               for _, key in pairs}
     inputs = {"student", "teacher", "target", "student_strong", "teacher_strong"}
     hyper = {"temperature", "ce_weight", "kd_weight"}
     expected = {
