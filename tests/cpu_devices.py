@@ -12,10 +12,16 @@ import subprocess
 import sys
 
 
+def with_devices(devices: int, more: str = "") -> str:
+    """``XLA_FLAGS`` for a subprocess: the suite's own (tests/conftest.py), ``devices`` virtual CPU
+    devices and ``more``."""
+    return " ".join(filter(None, (os.environ.get("XLA_FLAGS", ""),
+                                  f"--xla_force_host_platform_device_count={devices}", more)))
+
+
 def run_on_cpu_devices(script: str, devices: int, cwd, timeout: int = 300, xla_flags: str = "") -> dict:
     """``xla_flags``: more ``XLA_FLAGS`` (e.g. ``--xla_backend_optimization_level=0``)."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {xla_flags}".strip())
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=with_devices(devices, xla_flags))
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           env=env, cwd=cwd, timeout=timeout)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]

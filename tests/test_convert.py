@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cpu_devices import with_devices
 from zkd_jax import convert, models
 from zkd_jax.io.torch_pickle import UnsafeCheckpointError
 
@@ -410,7 +411,7 @@ def test_variables_saved_sharded_on_4_devices_load_on_1(tmp_path):
     )
     env = {
         **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "XLA_FLAGS": with_devices(4),
         "JAX_PLATFORMS": "cpu",
     }
     proc = subprocess.run(

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cpu_devices import with_devices
 from zkd_jax import convert, models
 from zkd_jax.models import layers
 
@@ -293,7 +294,7 @@ def test_sharded_batch_gives_global_batch_statistics():
         assert not np.allclose(one, upd["batch_stats"]["bn1"]["var"], rtol=1e-3)
         print("ok")
         """,
-        {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"},
+        {"XLA_FLAGS": with_devices(4), "JAX_PLATFORMS": "cpu"},
     )
     assert out.strip().endswith("ok")
 

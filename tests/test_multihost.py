@@ -26,6 +26,7 @@ import jax
 import numpy as np
 import pytest
 
+from cpu_devices import with_devices
 from zkd_jax.parallel import distributed
 
 ZKD_VARS = (distributed.ENV_ENABLED, distributed.ENV_COORDINATOR_ADDRESS,
@@ -161,10 +162,17 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+#: The suite's compile settings (tests/conftest.py) go through; every other JAX_ variable (a
+#: coordinator, a process id) is dropped so only the flags below start the processes.
+SUITE_JAX_SETTINGS = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
+                      "JAX_DISABLE_MOST_OPTIMIZATIONS")
+
+
 def _start(args: list[str], devices: int, **extra_env: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("ZKD_", "TPU_", "MEGASCALE_", "SLURM_", "OMPI_", "JAX_"))}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+           if not k.startswith(("ZKD_", "TPU_", "MEGASCALE_", "SLURM_", "OMPI_", "JAX_"))
+           or k in SUITE_JAX_SETTINGS}
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=with_devices(devices),
                PYTHONPATH=str(WORKER.parents[1]), **extra_env)
     return subprocess.Popen([sys.executable, str(WORKER), *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
