@@ -9,10 +9,14 @@ keyed by the program, the JAX version and the devices: it changes no result.
 Most of the suite's time is XLA compiling small programs (losses, models, runs of a few steps), so
 the tests compile with ``jax_disable_most_optimizations`` (XLA's backend optimization level 0; the
 setting is part of the compile options, so cached programs never mix): compiling is about a fifth
-faster and running a few steps costs little more. Comparisons within a test (resume, sharding, K
-students) see the same programs on both sides; the golden tests keep their tolerances. Tests that
-measure a compiled program's memory (``memory_analysis``) and the demo's subprocess (hundreds of
-steps: compute-bound) compile with every optimization.
+faster and running a few steps costs little more. They also use XLA:CPU's classic fusion emitters
+(``TEST_XLA_FLAGS``, in ``XLA_FLAGS``; the subprocesses the tests start append their own flags to
+it): the same fused HLO, compiled about a third faster than by the newer MLIR emitters.
+Comparisons within a test (resume, sharding, K students) see the same programs on both sides; the
+golden tests keep their tolerances. Tests that measure a compiled program's memory
+(``memory_analysis``, from the buffer assignment of the optimized HLO, which the emitters do not
+change) compile with every optimization, and the demo's subprocess (hundreds of steps:
+compute-bound) runs as users run it, without either setting.
 
 run_tests.sh gives each xdist worker whole files (``--dist loadfile``): a module's fixtures (the
 training runs most end-to-end modules share) run once, not once per worker that got some of its
@@ -28,13 +32,13 @@ import tempfile
 
 import pytest
 
+from cpu_devices import TEST_XLA_FLAGS
+
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       str(pathlib.Path(tempfile.gettempdir()) / f"zkd_jax_test_cache_{os.getuid()}"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")  # read when JAX is imported
-#: XLA:CPU's classic fusion emitters compile about a third faster than its newer MLIR emitters
-#: (same fused HLO, same results within the tests' tolerances); read when JAX's CPU backend starts.
-TEST_XLA_FLAGS = "--xla_cpu_use_fusion_emitters=false"
+# XLA:CPU's classic fusion emitters (see above); read when JAX's CPU backend starts.
 if TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
 if "jax" in sys.modules:  # a plugin imported JAX before this file: set it there too

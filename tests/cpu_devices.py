@@ -12,6 +12,11 @@ import subprocess
 import sys
 
 
+#: The suite's own ``XLA_FLAGS`` (set in tests/conftest.py, whose docstring says why): XLA:CPU's
+#: classic fusion emitters.
+TEST_XLA_FLAGS = "--xla_cpu_use_fusion_emitters=false"
+
+
 def with_devices(devices: int, more: str = "") -> str:
     """``XLA_FLAGS`` for a subprocess: the suite's own (tests/conftest.py), ``devices`` virtual CPU
     devices and ``more``."""

@@ -16,14 +16,19 @@ import subprocess
 import sys
 import time
 
+from cpu_devices import TEST_XLA_FLAGS
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RUNS = ("teacher", "kd", "kd_ls")
 
 
 def test_demo_command(tmp_path):
     workdir = tmp_path / "demo"
-    # Hundreds of steps: every XLA optimization, as users run it (tests/conftest.py).
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="0")
+    # Hundreds of steps: every XLA optimization and XLA's default emitters, as users run it
+    # (tests/conftest.py).
+    xla_flags = os.environ.get("XLA_FLAGS", "").replace(TEST_XLA_FLAGS, "").strip()
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="0",
+               XLA_FLAGS=xla_flags)
     start = time.perf_counter()
     # A relative --workdir, as the README's command passes it (orbax itself needs absolute paths).
     proc = subprocess.run(
