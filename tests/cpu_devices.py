@@ -1,4 +1,4 @@
-"""Run a test's script in a fresh Python with N virtual CPU devices and read its ``RESULT`` line.
+"""The suite's XLA settings, and a test's script run in a fresh Python with N virtual CPU devices.
 
 ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` must be set before JAX starts, hence the
 subprocess. The script prints ``RESULT <json>``; the last such line is returned, decoded.
@@ -6,6 +6,7 @@ subprocess. The script prints ``RESULT <json>``; the last such line is returned,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -15,6 +16,20 @@ import sys
 #: The suite's own ``XLA_FLAGS`` (set in tests/conftest.py, whose docstring says why): XLA:CPU's
 #: classic fusion emitters.
 TEST_XLA_FLAGS = "--xla_cpu_use_fusion_emitters=false"
+
+
+@contextlib.contextmanager
+def every_xla_optimization():
+    """Compiles with every XLA optimization inside the block, as users do (the suite turns most of
+    them off: tests/conftest.py)."""
+    import jax  # noqa: PLC0415
+
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", False)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_disable_most_optimizations", before)
 
 
 def with_devices(devices: int, more: str = "") -> str:

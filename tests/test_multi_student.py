@@ -19,6 +19,7 @@ import pytest
 
 from flax import linen as nn
 
+from cpu_devices import every_xla_optimization
 from zkd_jax import convert, methods, models, optim
 from zkd_jax.io import checkpoint
 from zkd_jax.io import metrics as metrics_io
@@ -77,16 +78,18 @@ def _state_leaves(workdir, step=None):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, teacher_dir):
     """A single run (seed 0) and one K = 2 run: student 0 with its seed and settings, student 1 with
-    seed 1, temperature 3 and kd weight 8; the K = 2 run stops after 4 steps and resumes."""
+    seed 1, temperature 3 and kd weight 8; the K = 2 run stops after 4 steps and resumes. Compiled
+    with every XLA optimization, as users run them (tests/conftest.py says why)."""
     root = tmp_path_factory.mktemp("multi")
-    single = train_and_evaluate(_config(teacher_dir), root / "single")
     students = [{"seed": 0}, {"seed": 1, "temperature": 3.0, "kd_weight": 8.0}]
-    stopped = train_and_evaluate(_config(teacher_dir, students=students, max_steps=4),
-                                 root / "multi")
-    assert [s["step"] for s in stopped["students"]] == [4, 4]
-    multi = train_and_evaluate(_config(teacher_dir, students=students), root / "multi")
-    twins = train_and_evaluate(_config(teacher_dir, students=[{"seed": 0}, {"seed": 0}]),
-                               root / "twins")
+    with every_xla_optimization():
+        single = train_and_evaluate(_config(teacher_dir), root / "single")
+        stopped = train_and_evaluate(_config(teacher_dir, students=students, max_steps=4),
+                                     root / "multi")
+        assert [s["step"] for s in stopped["students"]] == [4, 4]
+        multi = train_and_evaluate(_config(teacher_dir, students=students), root / "multi")
+        twins = train_and_evaluate(_config(teacher_dir, students=[{"seed": 0}, {"seed": 0}]),
+                                   root / "twins")
     assert [s["step"] for s in twins["students"]] == [STEPS_PER_EPOCH] * 2
     return root, single, multi
 
