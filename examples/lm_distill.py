@@ -234,7 +234,7 @@ def compare(*, teacher_steps: int = 200, student_steps: int = 200, batch_size: i
 
     data_rng = np.random.default_rng(20_000)
     data = [batch(data_rng, batch_size, seq_len) for _ in range(student_steps)]
-    teacher_logits = jit(lambda b: teacher.apply(t_params, b["inputs"]))
+    teacher_logits = lambda b: teacher.apply(t_params, b["inputs"])  # noqa: E731  (the writer jits it)
     caches, tmp = {}, tempfile.TemporaryDirectory(prefix="lm_distill_cache_") if cache_dir is None else None
     for method in methods:
         if "cache" in method:

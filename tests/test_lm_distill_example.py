@@ -38,3 +38,17 @@ def test_example_distils_a_small_lm():
     assert log["teacher_ce"][-1] < 0.5 * log["teacher_ce"][0], log["teacher_ce"]
     assert log["student_kd"][-1] < 0.7 * log["student_kd"][0], log["student_kd"]
     assert all(np.isfinite(log["student_kd"] + log["student_ce"]))
+
+
+def test_compare_runs_from_a_top_k_cache(tmp_path):
+    example = load_example()
+    methods = ("KD+LS", "KD+LS top-16 cache")
+    results = example.compare(teacher_steps=10, student_steps=4, batch_size=8, seq_len=16, seeds=1,
+                              vocab=40, methods=methods, teacher_width=16, teacher_depth=1,
+                              student_width=8, cache_dir=str(tmp_path), optimize=False, verbose=False)
+    assert tuple(results) == methods
+    for (ce, agree), in results.values():
+        assert np.isfinite(ce) and 0.0 <= agree <= 1.0
+    assert (tmp_path / "top16" / "host-00000.json").exists()
+    table = example.comparison_table(results)
+    assert table.count("±") == 4 and "KD+LS top-16 cache" in table
