@@ -166,13 +166,28 @@ SCRIPT = textwrap.dedent(
                         a, r = np.asarray(a, np.float64), np.asarray(r, np.float64)
                         key = f"{std}/{tail}/{name}/{i}"
                         out["errors"][key] = float(np.max(np.abs(a - r)) / np.max(np.abs(r)))
+    # the fused form under jit with sharded inputs (GSPMD): tokens over data, the head over model
+    h = rng.standard_normal((4, 6, 8)).astype(np.float32)
+    w, b = rng.standard_normal((8, v)).astype(np.float32), spread
+    def fused(h, w, b):
+        return tk.topk_kd_loss_from_hidden(h, w, idx, top, 2.0, stats=st, standardize=True,
+                                           where=where, chunk_size=5, student_bias=b)
+    grad = jax.jit(jax.value_and_grad(fused, argnums=(0, 1, 2)))
+    ref = grad(h, w, b)
+    got = grad(jax.device_put(h, NamedSharding(mesh, P("data"))),
+               jax.device_put(w, NamedSharding(mesh, P(None, "model"))),
+               jax.device_put(b, NamedSharding(mesh, P("model"))))
+    for i, (a, r) in enumerate(zip(jax.tree.leaves(got), jax.tree.leaves(ref))):
+        a, r = np.asarray(a, np.float64), np.asarray(r, np.float64)
+        out["errors"][f"fused/{i}"] = float(np.max(np.abs(a - r)) / np.max(np.abs(r)))
     print("RESULT " + json.dumps(out))
     """
 )
 
 
 def test_row_and_vocab_sharded_equal_unsharded(tmp_path):
+    # logits form: rows, vocabulary, both (shard_map); fused form: jit with sharded inputs
     out = run_on_cpu_devices(SCRIPT, 8, tmp_path, xla_flags="--xla_backend_optimization_level=0")
-    assert len(out["errors"]) == 8
+    assert len(out["errors"]) == 12
     bad = {k: e for k, e in out["errors"].items() if not e < 1e-5}
     assert not bad, bad

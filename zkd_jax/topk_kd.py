@@ -40,7 +40,8 @@ Sharding (keyword-only ``row_axis`` / ``vocab_axis``, names of axes of the mesh 
 ``row_axis`` (their count divisible by its size), the student's vocabulary over ``vocab_axis``
 (``V`` divisible by its size); the top-k arrays and statistics are split over rows only. Means,
 standard deviations, log-partitions and the top-k gathers are summed across ``vocab_axis``, so
-the values are those of the unsharded function.
+the values are those of the unsharded function. :func:`topk_kd_loss_from_hidden` has no axis
+names: jitted with sharded inputs, XLA partitions it (equal values and gradients, tested).
 
 Only JAX is imported (and :mod:`zkd_jax.tempered_kl`, :mod:`zkd_jax.chunked_kd`).
 """
