@@ -142,6 +142,9 @@ def test_unstandardized_is_tunix_number_for_number(tunix_logit, top_k):
         full = zt.StandardizedLogitStrategy(_noop, _noop, _noop, temperature=3.0, alpha=0.4)
         topk = zt.StandardizedLogitStrategy(_noop, _noop, _noop, temperature=3.0, alpha=0.4, distill_top_k=top_k)
         assert abs(float(full.compute_loss(s, t, labels)[0]) - float(topk.compute_loss(s, t, labels)[0])) > 1e-3
+        # the class computes the documented objective (checked against kd_loss above)
+        want = zt.logit_objective(s, t, (y, mask), temperature=3.0, alpha=0.4, distill_top_k=top_k)[0]
+        np.testing.assert_allclose(topk.compute_loss(s, t, (y, mask))[0], want, rtol=1e-6)
 
 
 def test_tunix_trainer_runs_a_few_steps(tunix_logit):
