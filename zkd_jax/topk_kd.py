@@ -268,6 +268,11 @@ def topk_kd_loss(
 
     if row_axis is None and vocab_axis is None:
         return local(*args)
+    sizes = dict((mesh or jax.sharding.get_abstract_mesh()).shape)
+    for axis, count, what in ((row_axis, n, "tokens"), (vocab_axis, vocab, "vocabulary entries")):
+        if axis is not None and (axis not in sizes or count % sizes[axis]):
+            raise ValueError(f"{what} ({count}) must split evenly over mesh axis {axis!r} (mesh axes "
+                             f"{sizes}); set the mesh with jax.set_mesh(mesh) or pass mesh=")
     rows_spec = P(row_axis)
     specs = (P(row_axis, vocab_axis), P(row_axis, None), P(row_axis, None),
              None if stats is None else TeacherStats(rows_spec, rows_spec, rows_spec), rows_spec)
