@@ -55,8 +55,13 @@ DEFAULT_CHUNK_BYTES = 16 * 2**20
 
 
 def default_chunk_rows(num_classes: int, num_rows: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
-    """Rows per chunk so that one float32 ``[rows, num_classes]`` block is ``chunk_bytes``."""
-    return int(max(1, min(num_rows, chunk_bytes // (4 * max(num_classes, 1)))))
+    """Rows per chunk so that one float32 ``[rows, num_classes]`` block is at most ``chunk_bytes``,
+    rounded down to a multiple of 128 (8) rows when it is at least 128 (8): a TPU may lay out a
+    ``[N, V]`` array whose ``V`` is not a multiple of 128 with the rows as the minor (lane) axis,
+    where a chunk of rows that is not aligned would make XLA copy the whole array."""
+    rows = int(max(1, min(num_rows, chunk_bytes // (4 * max(num_classes, 1)))))
+    align = 128 if rows >= 128 else 8 if rows >= 8 else 1
+    return rows - rows % align
 
 
 def _check_chunk(chunk_size, name="chunk_size") -> None:
