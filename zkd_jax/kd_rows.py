@@ -192,6 +192,21 @@ def fit(ct: Array | None, primal) -> Array | None:
     return vary(lax.psum(ct, extra) if extra else ct, vma(primal))
 
 
+def fit_all(cts, primals) -> tuple:
+    """:func:`fit` of each cotangent to its primal."""
+    return tuple(fit(ct, p) for ct, p in zip(cts, primals))
+
+
+def keep_stats(stats: dict, st: dict, start) -> dict:
+    """The ``[N]`` statistics ``stats`` with a chunk's ``st`` written at row ``start``."""
+    return {k: lax.dynamic_update_slice_in_dim(stats[k], st[k], start, 0) for k in stats}
+
+
+def weighted(total: Array, w: Array, per_row: Array) -> Array:
+    """``total + sum_i w_i per_row_i`` over rows with ``w_i != 0`` (others may be non-finite)."""
+    return total + jnp.sum(jnp.where(w != 0, w * per_row, 0.0))
+
+
 def scan(body: Callable, init, length: int):
     """``lax.scan`` of ``carry = body(carry, i)`` for ``i < length``; the initial carry is first
     made to vary over the mesh axes the body's output does (``shard_map`` with ``check_vma``)."""
