@@ -18,6 +18,15 @@ compiling call; in each round every form runs once, in turn).
     python benchmarks/llm_loss.py                      # N in (4096, 8192), V=128256, H=4096
     python benchmarks/llm_loss.py --tokens=512 --vocab=4096 --hidden=64 --time_shape=256,2048,64
 
+TPU (``--topology``, the ``tpu`` extra; compiled on this machine for a slice that is not there,
+nothing runs): ``kd_loss`` and ``fused`` (value and gradient, bf16, standardized, N the last of
+``--tokens``) on one chip, with the rows sharded over all chips of the topology (``row_axis``) and
+with the vocabulary sharded over them (``vocab_axis``): XLA:TPU's temporaries per chip, as a
+multiple of one chip's share of the bf16 logits, and the all-gathers in the optimized HLO.
+
+    ALLOW_MULTIPLE_LIBTPU_LOAD=1 JAX_PLATFORMS=cpu python benchmarks/llm_loss.py \
+        --tokens 8192 --topology v5e:2x2 v5p:2x2x1 v6e:2x2
+
 Prints a Markdown table per part and one JSON object (``RESULT {...}``) with every number.
 """
 
