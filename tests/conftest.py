@@ -25,10 +25,10 @@ optimization (or level 0 with the default emitters) gives both the same bits. Th
 The suite runs on JAX's CPU backend (``JAX_PLATFORMS=cpu``). The ``tpu`` extra installs libtpu (for
 tests/test_chunked_kd_tpu.py, which compiles for TPU topologies without a TPU); with libtpu
 installed and no ``JAX_PLATFORMS``, the first ``jax.devices()`` of every process also tries to
-start a TPU backend: it prints libtpu's errors about the missing TPU (accelerator type, worker
-hostnames) and takes libtpu's process lock, so that the other xdist worker's topology compiles
-would fail. ``ALLOW_MULTIPLE_LIBTPU_LOAD=1`` lets both workers (and their subprocesses) load libtpu
-for compiling.
+start a TPU backend: libtpu prints its errors about the missing TPU (accelerator type, worker
+hostnames) and JAX falls back to the CPU, about a second later. libtpu also keeps a lockfile
+(/tmp/libtpu_lockfile) that makes a second process loading it fail; ``ALLOW_MULTIPLE_LIBTPU_LOAD=1``
+lets both xdist workers (and their subprocesses) load it for compiling.
 
 run_tests.sh gives each xdist worker whole files (``--dist loadfile``): a module's fixtures (the
 training runs most end-to-end modules share) run once, not once per worker that got some of its
