@@ -44,7 +44,7 @@ from jax.sharding import PartitionSpec as P
 from zkd_jax.fused_kd import fused_sum
 from zkd_jax.kd_rows import (
     EPS, LANES, Vocab, fit_all, keep_stats, lanes, logits_grad, pad_cols, put, row_stats, scan_chunks,
-    take, weighted,
+    stat_names, take, weighted,
 )
 
 Array = jax.Array
@@ -135,8 +135,8 @@ def _kd_forward(s, t, tau, w, standardize, chunk, vocab, want_dtau):
                        tau, vocab, valid, standardize, want_dtau)
         return weighted(total, take(w, start, rows), st["kd"]), keep_stats(stats, st, start)
 
-    names = ["lse_zs", "lse_zt"] + (["mean_s", "sig_s", "den_s", "mean_t", "den_t", "r"] if standardize else [])
-    init = (jnp.zeros((), tau.dtype), {k: jnp.zeros(w.shape, tau.dtype) for k in names + ["dtau"] * want_dtau})
+    names = stat_names(standardize) + ["dtau"] * want_dtau
+    init = (jnp.zeros((), tau.dtype), {k: jnp.zeros(w.shape, tau.dtype) for k in names})
     return scan_chunks(s.shape[0], chunk, body, init)
 
 
@@ -160,7 +160,7 @@ def _kd_bwd(standardize, chunk, vocab, res, g):
         return put(grad_s, gs[:, : s.shape[1]], start)
 
     grad_s = scan_chunks(s.shape[0], chunk, body, jnp.zeros_like(s))
-    d_tau = jnp.sum(c * stats["dtau"]) if "dtau" in stats else jnp.zeros_like(tau)
+    d_tau = jnp.sum(jnp.where(w != 0, c * stats["dtau"], 0.0)) if "dtau" in stats else jnp.zeros_like(tau)
     return fit_all((grad_s, jnp.zeros_like(t), d_tau, jnp.zeros_like(w)), (s, t, tau, w))
 
 
@@ -212,6 +212,12 @@ def _run(body, args: dict, specs: dict, names, inside: bool):
     return jax.shard_map(body, in_specs=(specs,), out_specs=P(), axis_names=set(names), check_vma=True)(args)
 
 
+def _mask(where, lead: tuple[int, ...], n: int) -> Array:
+    if where is None:
+        return jnp.ones((n,), bool)
+    return jnp.broadcast_to(jnp.asarray(where, bool), lead).reshape(n)
+
+
 def _row_weights(mask: Array, row_axis, dtype) -> Array:
     count = jnp.sum(mask.astype(dtype))
     count = lax.psum(count, row_axis) if row_axis else count
@@ -225,7 +231,7 @@ def sharded_kd_loss(student: Array, teacher: Array, tau: Array, *, standardize: 
     mesh, names, inside = _mesh_axes(row_axis, vocab_axis)
     lead, v = student.shape[:-1], student.shape[-1]
     n = math.prod(lead)
-    mask = jnp.ones((n,), bool) if where is None else jnp.broadcast_to(jnp.asarray(where, bool), lead).reshape(n)
+    mask = _mask(where, lead, n)
     n_pad, v_pad, vocab = _layout(mesh, inside, n, v, row_axis, vocab_axis)
     flat = lambda x: _pad_to(_pad_to(x.reshape(n, v), 0, n_pad), 1, v_pad)  # noqa: E731
     args = {"s": flat(student), "t": flat(teacher), "tau": tau, "mask": _pad_to(mask, 0, n_pad, False)}
@@ -309,7 +315,7 @@ def kd_loss_from_hidden(
     dtype = functools.reduce(jnp.promote_types, [hs.dtype, ws.dtype, jnp.float32])
     n, v = max(1, math.prod(lead)), ws.shape[1]
     tau, cw = jnp.asarray(temperature, dtype), jnp.asarray(ce_weight, dtype)
-    mask = jnp.ones((n,), bool) if where is None else jnp.broadcast_to(jnp.asarray(where, bool), lead).reshape(n)
+    mask = _mask(where, lead, n)
     y = None if labels is None else jnp.broadcast_to(jnp.asarray(labels, jnp.int32), lead).reshape(n)
     if row_axis is None and vocab_axis is None:
         mesh, names, inside, n_pad, v_pad, vocab = None, (), True, n, v, _local_vocab(v)

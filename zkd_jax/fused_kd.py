@@ -19,7 +19,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
-from zkd_jax.kd_rows import fit_all, keep_stats, logits_grad, pad_cols, put, row_stats, scan_chunks, take, weighted
+from zkd_jax.kd_rows import (
+    fit_all, keep_stats, logits_grad, pad_cols, put, row_stats, scan_chunks, stat_names, take, weighted,
+)
 
 Array = jax.Array
 
@@ -42,7 +44,7 @@ def _fused_forward(hs, ws, bs, ht, wt, bt, tau, w, labels, ce_weight, standardiz
         per_row = st["kd"] + (ce_weight * st["ce"] if labels is not None else 0.0)
         return weighted(total, take(w, start, size), per_row), keep_stats(stats, st, start)
 
-    names = ["lse_zs", "lse_zt"] + (["mean_s", "sig_s", "den_s", "mean_t", "den_t", "r"] if standardize else [])
+    names = stat_names(standardize)
     names += ["lse_s"] * (labels is not None) + ["dtau"] * want_dtau
     init = (jnp.zeros((), tau.dtype), {k: jnp.zeros(w.shape, tau.dtype) for k in names})
     return scan_chunks(hs.shape[0], rows, body, init)
@@ -58,7 +60,8 @@ def fused_sum(hs, ws, bs, ht, wt, bt, tau, w, labels, ce_weight, standardize, ro
     :class:`zkd_jax.kd_rows.Vocab` of this device, ``row_axis`` the mesh axis the rows are sharded
     over (the head's gradient is summed over it), or None.
     """
-    return _fused_forward(hs, ws, bs, ht, wt, bt, tau, w, labels, ce_weight, standardize, rows, vocab, False)[0]
+    args = (hs, ws, bs, ht, wt, bt, tau, w, labels, ce_weight)
+    return _fused_forward(*args, standardize, rows, vocab, False)[0]
 
 
 def _fused_fwd(hs, ws, bs, ht, wt, bt, tau, w, labels, ce_weight, standardize, rows, cols, vocab, row_axis):
@@ -82,7 +85,8 @@ def _fused_bwd(standardize, rows, cols, vocab, row_axis, res, g):
         t = _logits(ht, take(wt, start, size, axis=1), None if bt is None else take(bt, start, size), dtype)
         gs = logits_grad(s, t, stats, c, tau, vocab, vocab.valid(start, size), start, ce_weight, labels)
         # products in the inputs' dtype (bf16 for a bf16 model, as its own backward), sums in float32
-        d_ws = put(d_ws, over_rows(jnp.dot(hs.T, gs.astype(hs.dtype), preferred_element_type=dtype)), start, axis=1)
+        d_ws_b = jnp.dot(hs.T, gs.astype(hs.dtype), preferred_element_type=dtype)
+        d_ws = put(d_ws, over_rows(d_ws_b), start, axis=1)
         if d_bs is not None:
             d_bs = put(d_bs, over_rows(jnp.sum(gs, axis=0)), start)
         if not two_pass:
@@ -100,10 +104,11 @@ def _fused_bwd(standardize, rows, cols, vocab, row_axis, res, g):
 
     d_hs0 = jnp.zeros(hs.shape, hs.dtype if two_pass else dtype)
     bias0 = None if bs is None else jnp.zeros_like(bs)
-    d_hs, d_ws, d_bs = scan_chunks(ws.shape[1], cols, block, (None if two_pass else d_hs0, jnp.zeros_like(ws), bias0))
+    init = (None if two_pass else d_hs0, jnp.zeros_like(ws), bias0)
+    d_hs, d_ws, d_bs = scan_chunks(ws.shape[1], cols, block, init)
     if two_pass:
         d_hs = scan_chunks(hs.shape[0], rows, row_chunk, d_hs0)
-    d_tau = jnp.sum(c * stats["dtau"]) if "dtau" in stats else jnp.zeros_like(tau)
+    d_tau = jnp.sum(jnp.where(w != 0, c * stats["dtau"], 0.0)) if "dtau" in stats else jnp.zeros_like(tau)
     zeros = lambda x: None if x is None else jnp.zeros_like(x)  # noqa: E731
     d_labels = None if labels is None else jnp.zeros(labels.shape, jax.dtypes.float0)
     cts = (d_hs.astype(hs.dtype), d_ws, d_bs, zeros(ht), zeros(wt), zeros(bt), d_tau,

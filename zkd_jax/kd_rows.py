@@ -64,7 +64,8 @@ class Vocab(NamedTuple):
     def valid(self, start=0, cols: int | None = None) -> Array | None:
         """``[cols]`` bool: real columns among local ``start .. start + cols`` (None: all real)."""
         cols = self.width if cols is None else cols
-        padded = self.width > self.local or (self.axis is not None and self.local * lax.axis_size(self.axis) > self.size)
+        shards = 1 if self.axis is None else lax.axis_size(self.axis)
+        padded = self.width > self.local or self.local * shards > self.size
         if not padded:
             return None
         j = start + jnp.arange(cols)
@@ -192,6 +193,12 @@ def fit(ct: Array | None, primal) -> Array | None:
     return vary(lax.psum(ct, extra) if extra else ct, vma(primal))
 
 
+def stat_names(standardize: bool) -> list[str]:
+    """The per-row statistics :func:`logits_grad` needs."""
+    standardized = ["mean_s", "sig_s", "den_s", "mean_t", "den_t", "r"]
+    return ["lse_zs", "lse_zt"] + (standardized if standardize else [])
+
+
 def fit_all(cts, primals) -> tuple:
     """:func:`fit` of each cotangent to its primal."""
     return tuple(fit(ct, p) for ct, p in zip(cts, primals))
@@ -212,7 +219,7 @@ def scan(body: Callable, init, length: int):
     made to vary over the mesh axes the body's output does (``shard_map`` with ``check_vma``)."""
     for _ in range(4):
         out = jax.eval_shape(body, init, 0)
-        axes = jax.tree.map(lambda o: frozenset(getattr(getattr(o, "manual_axis_type", None), "varying", ())), out)
+        axes = jax.tree.map(lambda o: getattr(getattr(o, "manual_axis_type", None), "varying", ()), out)
         new = jax.tree.map(vary, init, axes)
         if all(vma(a) == vma(b) for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(init))):
             break
