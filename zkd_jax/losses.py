@@ -157,10 +157,11 @@ def kd_loss(
         and backward in chunks of rows, same values and gradients). None: automatic, one pass
         when the float32 logits fit ``DEFAULT_CHUNK_BYTES``, else chunks of that size. That form
         is a ``custom_vjp``: reverse-mode only (``jax.jvp`` of it is not defined).
-      row_axis: name of an axis of the mesh in context (``jax.set_mesh(mesh)``) the rows (the
-        first leading axis) are sharded over; with ``vocab_axis``, the name of the axis the last
-        axis (classes) is sharded over. Either one runs the chunked form in a ``shard_map`` over
-        those axes (:mod:`zkd_jax.chunked_kd`): the same value, no logits gathered.
+      row_axis: name of the axis of the mesh in context (``jax.set_mesh(mesh)``) the rows (the
+        first leading axis, and ``where``'s) are sharded over; None: not sharded.
+      vocab_axis: name of the mesh axis the classes (last axis) are sharded over. Either axis
+        runs the chunked form in a ``shard_map`` over the named axes (:mod:`zkd_jax.chunked_kd`,
+        docs/lm_sharding.md): the same value and gradients, no logits gathered.
 
     Returns:
       Scalar loss (float32; float64 for float64 inputs).
