@@ -18,6 +18,15 @@ compiling call; in each round every form runs once, in turn).
     python benchmarks/llm_loss.py                      # N in (4096, 8192), V=128256, H=4096
     python benchmarks/llm_loss.py --tokens=512 --vocab=4096 --hidden=64 --time_shape=256,2048,64
 
+TPU (``--topology``, the ``tpu`` extra; compiled on this machine for a slice that is not there,
+nothing runs): ``kd_loss`` and ``fused`` (value and gradient, bf16, standardized, N the last of
+``--tokens``) on one chip, with the rows sharded over all chips of the topology (``row_axis``) and
+with the vocabulary sharded over them (``vocab_axis``): XLA:TPU's temporaries per chip, as a
+multiple of one chip's share of the bf16 logits, and the all-gathers in the optimized HLO.
+
+    ALLOW_MULTIPLE_LIBTPU_LOAD=1 JAX_PLATFORMS=cpu python benchmarks/llm_loss.py \
+        --tokens 8192 --topology v5e:2x2 v5p:2x2x1 v6e:2x2
+
 Prints a Markdown table per part and one JSON object (``RESULT {...}``) with every number.
 """
 
@@ -109,6 +118,47 @@ def cpu_seconds(n: int, v: int, h: int, repeats: int, dtype=jnp.bfloat16) -> dic
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def _tpu_programs(topology: str, n: int, v: int, h: int):
+    """``(name, chips, compiled)`` of each form's value and gradient compiled for ``topology``
+    (compile only): one chip; rows sharded over all chips; the vocabulary sharded over all chips."""
+    from jax.experimental import topologies  # noqa: PLC0415
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: PLC0415
+
+    devices = topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
+    layouts = [("1 chip", devices[:1], None, None), (f"rows / {len(devices)}", devices, "x", None),
+               (f"vocab / {len(devices)}", devices, None, "x")]
+    for layout, devs, row, voc in layouts:
+        mesh = Mesh(np.array(devs), ("x",))
+        sds = lambda shape, *spec: jax.ShapeDtypeStruct(  # noqa: E731
+            shape, jnp.bfloat16, sharding=NamedSharding(mesh, P(*spec)))
+        ax = {"row_axis": row, "vocab_axis": voc} if row or voc else {}
+        kd = jax.value_and_grad(lambda s, t: kd_loss(s, t, TAU, standardize=True, **ax))
+        hid = jax.value_and_grad(lambda a, w, b, u: kd_loss_from_hidden(
+            a, w, b, u, TAU, standardize=True, **ax), argnums=(0, 1))
+        with jax.set_mesh(mesh):
+            logits = sds((n, v), row, voc)
+            yield layout, len(devs), "kd_loss", jax.jit(kd).lower(logits, logits).compile()
+            hidden, head = sds((n, h), row), sds((h, v), None, voc)
+            yield layout, len(devs), "fused", jax.jit(hid).lower(hidden, head, hidden, head).compile()
+
+
+def tpu_table(topologies_: list[str], n: int, v: int, h: int) -> list[dict]:
+    """Temporaries of the TPU programs (:func:`_tpu_programs`) as multiples of one chip's bf16
+    logits (``[N, V]`` on one chip, its shard on several), and what their HLO gathers."""
+    rows = []
+    for topology in topologies_:
+        for layout, chips, form, compiled in _tpu_programs(topology, n, v, h):
+            hlo = compiled.as_text()
+            temp = int(compiled.memory_analysis().temp_size_in_bytes)
+            unit = n * v * 2 // chips
+            rows.append({"topology": topology, "layout": layout, "form": form, "temp_bytes": temp,
+                         "per_chip_logits_bytes": unit, "ratio": temp / unit,
+                         "all_gathers": hlo.count("all-gather("), "u16_converts": hlo.count("u16[")})
+            print(f"| {topology} | {layout} | {form} | {temp / 2**20:.1f} MiB | {temp / unit:.3f}x "
+                  f"| {rows[-1]['all_gathers']} |", flush=True)
+    return rows
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -126,7 +176,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--hidden", type=int, default=4096)
     parser.add_argument("--time_shape", default="1024,32000,256", help="N,V,H of the timed runs")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--topology", nargs="+", default=None,
+                        help="compile for these TPU topologies (e.g. v5e:2x2 v5p:2x2x1 v6e:2x2; needs "
+                             "the tpu extra, nothing runs) instead of the CPU tables")
     args = parser.parse_args(argv)
+    if args.topology:
+        return tpu_main(args)
     n_t, v_t, h_t = (int(x) for x in args.time_shape.split(","))
     result = {"machine": machine(), "jax": jax.__version__,
               "date": datetime.date.today().isoformat(), "vocab": args.vocab, "hidden": args.hidden,
@@ -157,6 +212,22 @@ def main(argv: list[str] | None = None) -> dict:
     print("| " + " | ".join(f"{s:.3f}" for s in seconds.values())
           + f" | {ratios[0]:.2f} | {ratios[1]:.2f} |")
     result["load_average"] = os.getloadavg()
+    print("RESULT " + json.dumps(result))
+    return result
+
+
+def tpu_main(args) -> dict:
+    import importlib.metadata  # noqa: PLC0415
+
+    n = args.tokens[-1]
+    result = {"jax": jax.__version__, "libtpu": importlib.metadata.version("libtpu"),
+              "date": datetime.date.today().isoformat(), "tokens": n, "vocab": args.vocab,
+              "hidden": args.hidden}
+    print(f"N={n}, V={args.vocab}, H={args.hidden}, bf16, value and gradient, standardized; "
+          f"jax {result['jax']}, libtpu {result['libtpu']}\n")
+    print("| topology | layout | form | temporaries per chip | x one chip's logits | all-gathers |")
+    print("| --- | --- | --- | ---: | ---: | ---: |")
+    result["tpu"] = tpu_table(args.topology, n, args.vocab, args.hidden)
     print("RESULT " + json.dumps(result))
     return result
 

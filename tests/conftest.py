@@ -22,6 +22,14 @@ the two programs differently and training grows that past the test's float32 bou
 optimization (or level 0 with the default emitters) gives both the same bits. The demo's subprocess
 (hundreds of steps: compute-bound) runs as users run it, without either setting.
 
+The suite runs on JAX's CPU backend (``JAX_PLATFORMS=cpu``). The ``tpu`` extra installs libtpu (for
+tests/test_chunked_kd_tpu.py, which compiles for TPU topologies without a TPU); with libtpu
+installed and no ``JAX_PLATFORMS``, the first ``jax.devices()`` of every process also tries to
+start a TPU backend: libtpu prints its errors about the missing TPU (accelerator type, worker
+hostnames) and JAX falls back to the CPU (0.15 s instead of 0.02 s here). libtpu keeps a lockfile
+(/tmp/libtpu_lockfile) that makes a second process loading it fail; ``ALLOW_MULTIPLE_LIBTPU_LOAD=1``
+lets both xdist workers (and their subprocesses) load it for compiling.
+
 run_tests.sh gives each xdist worker whole files (``--dist loadfile``): a module's fixtures (the
 training runs most end-to-end modules share) run once, not once per worker that got some of its
 tests. Files go out in collection order (``--no-loadscope-reorder``), each to the first free
@@ -38,6 +46,8 @@ import pytest
 
 from cpu_devices import TEST_XLA_FLAGS, every_xla_optimization
 
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # read when JAX first starts a backend (see above)
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       str(pathlib.Path(tempfile.gettempdir()) / f"zkd_jax_test_cache_{os.getuid()}"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
@@ -67,6 +77,7 @@ LONG_MODULES = (  # longest first, from --durations of a whole run
     "test_benchmark.py",
     "test_tempered_kl.py",
     "test_chunked_kd.py",
+    "test_chunked_kd_tpu.py",
     "test_feed.py",
     "test_workdir_lock.py",
     "test_cli_errors.py",

@@ -209,3 +209,28 @@ def test_memory_bound_from_xla_memory_analysis(xla_optimized):
     temp_fused = fused.lower(hidden, head, hidden, head).compile().memory_analysis().temp_size_in_bytes
     assert temp_kd < full_f32 / 4, temp_kd
     assert temp_fused < full_f32 / 4, temp_fused
+
+
+def test_inside_shard_map_with_check_vma_and_no_axis_names():
+    """Each device's loss inside the caller's shard_map (check_vma=True, a one-device mesh): the
+    loops' carries vary as their inputs do, and the values and gradients are the plain ones."""
+    from jax.sharding import Mesh, PartitionSpec as P  # noqa: PLC0415
+
+    s, t, where = _sequence_batch(6)
+    hs, ws, bs, ht, wt, bt, y = _hidden_batch(7)
+    mesh = Mesh(np.array(jax.devices()[:1]), ("x",))
+
+    def losses_of(s, hs, ws, temp):
+        kd = losses.kd_loss(s, t, temp, standardize=True, where=where, chunk_size=4)
+        fused = zkd_jax.kd_loss_from_hidden(hs, ws, ht, wt, temp, standardize=True, where=where,
+                                            chunk_size=4, labels=y, ce_weight=0.3)
+        return kd + fused
+
+    grad = jax.value_and_grad(losses_of, argnums=(0, 1, 2, 3))
+    total = jax.value_and_grad(lambda *a: jax.lax.psum(losses_of(*a), "x"), argnums=(0, 1, 2, 3))
+    args = (s, hs, ws, jnp.float32(2.5))
+    inner = jax.shard_map(total, mesh=mesh, in_specs=(P("x"), P("x"), P(), P()),
+                          out_specs=(P(), (P("x"), P("x"), P(), P())), check_vma=True)
+    got, ref = jax.jit(inner)(*args), jax.jit(grad)(*args)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+        assert relative_error(a, b) <= 1e-5

@@ -18,8 +18,8 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "zkd_jax"
 LAYERS: dict[str, int] = {
     # the math and the models: JAX only
     "zkd_jax": 0, "zkd_jax.views": 0, "zkd_jax.tempered_kl": 0, "zkd_jax.losses": 0,
-    "zkd_jax.chunked_kd": 0, "zkd_jax.topk_kd": 0, "zkd_jax.loss_checks": 0, "zkd_jax.methods": 0, "zkd_jax.optim": 0,
-    "zkd_jax.models": 0,
+    "zkd_jax.chunked_kd": 0, "zkd_jax.topk_kd": 0, "zkd_jax.kd_rows": 0, "zkd_jax.fused_kd": 0, "zkd_jax.loss_checks": 0,
+    "zkd_jax.methods": 0, "zkd_jax.optim": 0, "zkd_jax.models": 0,
     "zkd_jax.integrations": 1, "zkd_jax.parallel": 1, "zkd_jax.configs": 1,
     "zkd_jax.data": 2,
     "zkd_jax.step": 3,

@@ -1,4 +1,5 @@
-"""KD with logit standardization at language-model scale: chunked over rows, fused with the head.
+"""KD with logit standardization at language-model scale: chunked over rows, fused with the head,
+sharded over rows and over the vocabulary.
 
 Two forms of ``L = sum_i w_i [tau^2 KL(softmax(Z(t_i) / tau) || softmax(Z(s_i) / tau))]`` over
 ``N`` rows (tokens) of ``V`` classes (vocabulary), ``w_i = m_i / max(sum m, 1)`` (``m`` the
@@ -6,28 +7,27 @@ Two forms of ``L = sum_i w_i [tau^2 KL(softmax(Z(t_i) / tau) || softmax(Z(s_i) /
 (or the identity):
 
 - :func:`chunked_kd_sum`, under :func:`zkd_jax.losses.kd_loss` (``chunk_size``): a ``custom_vjp``
-  whose residuals are the inputs and the row weights. Forward and backward each run a
-  ``lax.scan`` over chunks of rows; the backward recomputes a chunk and differentiates it with
-  autodiff, so the gradients are today's formula, including the temperature's cancellation-free
-  derivative of :mod:`zkd_jax.tempered_kl`. Memory: a few ``[chunk, V]`` float32 arrays.
+  whose residuals are the inputs, the row weights and a few ``[N]`` per-row statistics. The forward
+  pass runs a ``lax.scan`` over chunks of rows and keeps the statistics; the backward recomputes a
+  chunk and forms its gradient in closed form (:func:`zkd_jax.kd_rows.logits_grad`), including the
+  temperature's cancellation-free derivative of :mod:`zkd_jax.tempered_kl`. Memory: a few
+  ``[chunk, V]`` float32 arrays.
 - :func:`kd_loss_from_hidden`: the output layer is fused in, ``s = h_s W_s + b_s`` and
-  ``t = h_t W_t + b_t`` are never held for all tokens. The forward pass (chunks of rows) keeps
-  per-row statistics: ``mean``, ``sigma`` and ``sigma + eps`` of both logits,
-  ``lse(Z / tau)`` of both, ``r = sum_v (p_s - p_t) Z(s)``, ``lse(s)`` for the cross-entropy,
-  ``d h / d tau`` (tempered_kl's exact form) when the temperature is differentiated. The backward
-  pass runs over blocks of vocabulary columns for all rows: with ``c_i`` the row's cotangent,
-  ``g_z = c tau (p_s - p_t)`` and, with standardization,
-  ``g_s = g_z / (sigma + eps) - c tau r (s - mean) / ((sigma + eps) (V - 1) sigma)``
-  (``mean(g_z) = 0``; the second term is 0 where ``sigma = 0``, the safe-sqrt convention), plus
-  ``c ce_weight (softmax(s) - onehot(y))``; then ``dW_s[:, block] = h_s^T g_s``,
-  ``db_s[block] = sum_rows g_s``, ``dh_s += g_s W_s[:, block]^T``.
+  ``t = h_t W_t + b_t`` are never held for all tokens. The forward pass (chunks of rows) keeps the
+  per-row statistics (plus the cross-entropy's ``lse(s)``); the backward runs over blocks of
+  vocabulary columns (a multiple of 128) for all rows: ``dW_s[:, block] = h_s^T g_s``,
+  ``db_s[block] = sum_rows g_s``, ``dh_s += g_s W_s[:, block]^T``. With the vocabulary sharded,
+  ``dh_s`` is a second pass over chunks of rows (``g_s W_s^T`` summed over the shards), so that no
+  float32 ``[N, H]`` gradient is held beside the blocks.
 
-A count of rows (or columns) not divisible by the chunk is handled without padding copies: the
-full chunks run in the scan and the remainder is one more, smaller chunk at a static offset.
-In the fused backward the two matrix products take ``g_s`` in the inputs' dtype (bf16 for a bf16
-model, as that model's own backward would) and sum in float32; everything else is computed in
-float32 (float64 for float64 inputs). 16-bit inputs are sliced through a uint16 view on XLA:CPU
-(:func:`_as_bits`). Only JAX is imported (and :mod:`zkd_jax.tempered_kl`).
+Sharded (``row_axis`` / ``vocab_axis``, names of axes of the mesh in context): a ``shard_map``
+over those axes runs the same loops on each device's rows and columns; the reductions over the
+vocabulary are ``psum`` / ``pmax`` over ``vocab_axis`` (:mod:`zkd_jax.kd_rows`), the head's
+gradient is summed over ``row_axis`` block by block in float32. Rows that do not divide by the
+chunk leave one smaller chunk at a static offset (no padding copy); a block of columns is padded
+to 128 lanes and the padding excluded from every statistic. The two matrix products of the
+backward take ``g_s`` in the inputs' dtype (bf16 for a bf16 model, as its own backward would) and
+sum in float32; everything else is float32 (float64 for float64 inputs). Only JAX is imported.
 """
 
 from __future__ import annotations
@@ -39,21 +39,31 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
+from jax.sharding import PartitionSpec as P
 
-from zkd_jax.tempered_kl import dh_dtau, kl_terms, tau2_kl_rows
+from zkd_jax.fused_kd import fused_sum
+from zkd_jax.kd_rows import (
+    EPS, LANES, Vocab, fit_all, keep_stats, lanes, logits_grad, pad_cols, put, row_stats, scan_chunks,
+    stat_names, take, weighted,
+)
 
 Array = jax.Array
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "chunked_kd_sum", "default_chunk_rows", "kd_loss_from_hidden"]
+__all__ = ["DEFAULT_CHUNK_BYTES", "chunked_kd_sum", "default_chunk_rows", "kd_loss_from_hidden",
+           "sharded_kd_loss"]
 
 # Float32 bytes of one [chunk, V] block; a chunk's temporaries are a few such blocks.
 DEFAULT_CHUNK_BYTES = 16 * 2**20
-EPS = 1e-7
 
 
 def default_chunk_rows(num_classes: int, num_rows: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
-    """Rows per chunk so that one float32 ``[rows, num_classes]`` block is ``chunk_bytes``."""
-    return int(max(1, min(num_rows, chunk_bytes // (4 * max(num_classes, 1)))))
+    """Rows per chunk so that one float32 ``[rows, num_classes]`` block is at most ``chunk_bytes``,
+    rounded down to a multiple of 128 (8) rows when it is at least 128 (8): a TPU may lay out a
+    ``[N, V]`` array whose ``V`` is not a multiple of 128 with the rows as the minor (lane) axis,
+    where a chunk of rows that is not aligned would make XLA copy the whole array."""
+    rows = int(max(1, min(num_rows, chunk_bytes // (4 * max(num_classes, 1)))))
+    align = 128 if rows >= 128 else 8 if rows >= 8 else 1
+    return rows - rows % align
 
 
 def _check_chunk(chunk_size, name="chunk_size") -> None:
@@ -77,62 +87,29 @@ def zscore_stats(x: Array) -> tuple[Array, Array, Array, Array]:
     return centered / den[..., None], mean, sigma, den
 
 
-def _kd_rows(s: Array, t: Array, tau: Array, standardize: bool) -> Array:
-    """Per-row ``tau^2 KL`` of one chunk, computed in ``tau``'s dtype, teacher under stop_gradient."""
-    s = s.astype(tau.dtype)
-    t = lax.stop_gradient(t).astype(tau.dtype)
-    if standardize:
-        s, t = zscore_stats(s)[0], zscore_stats(t)[0]
-    return tau2_kl_rows(t, s, tau)
+def row_weights(leading_shape: tuple[int, ...], where: Array | None, dtype) -> Array:
+    """``[N]`` weights of a masked mean: ``m / max(sum m, 1)``, or ``1 / N`` without a mask."""
+    n = math.prod(leading_shape)
+    if where is None:
+        return jnp.full((n,), 1.0 / max(n, 1), dtype)
+    mask = jnp.broadcast_to(jnp.asarray(where, dtype=bool), leading_shape).reshape(n)
+    return mask.astype(dtype) / jnp.maximum(jnp.sum(mask).astype(dtype), 1.0)
 
 
-def _scan_chunks(n: int, size: int, body, init):
-    """``carry = body(carry, start, rows)`` over ``n // size`` chunks of ``size`` rows, then one of ``n % size``.
-
-    The full chunks run in a ``lax.scan`` (``start`` traced); the remainder, if any, is one more
-    call with a static ``start`` and a smaller static ``rows``: no padding copy, no overlap.
-    """
-    full, rest = divmod(n, size)
-
-    def step(carry, i):
-        return body(carry, i * size, size), None
-
-    carry = lax.scan(step, init, jnp.arange(full))[0] if full else init
-    return body(carry, full * size, rest) if rest else carry
+def _local_vocab(v: int) -> Vocab:
+    return Vocab(v, v, lanes(v))
 
 
-def _as_bits(x: Array) -> Array:
-    """On XLA:CPU, a 16-bit float array viewed as uint16; otherwise (and for other dtypes) ``x``.
-
-    XLA:CPU's bf16 float normalization converts the whole operand of a bf16/f16 dynamic-slice or
-    dynamic-update-slice to float32, and loop-invariant code motion hoists that copy out of the
-    chunk loop (twice the input's bytes per array). Slicing the integer view instead costs one
-    same-size copy (the bitcast is materialized there). Other backends slice 16-bit floats natively.
-    """
-    half = x.dtype.itemsize == 2 and jnp.issubdtype(x.dtype, jnp.floating)
-    return lax.bitcast_convert_type(x, jnp.uint16) if half and jax.default_backend() == "cpu" else x
-
-
-def _from_bits(x: Array, dtype) -> Array:
-    return lax.bitcast_convert_type(x, dtype) if x.dtype != dtype else x
-
-
-def _rows(x: Array, start, size: int, axis: int = 0) -> Array:
-    """``size`` entries of ``x`` along ``axis`` from ``start`` (sliced through :func:`_as_bits`)."""
-    return _from_bits(lax.dynamic_slice_in_dim(_as_bits(x), start, size, axis=axis), x.dtype)
-
-
-def _put_rows(x: Array, update: Array, start, axis: int = 0) -> Array:
-    """``x`` with ``update`` written at ``start`` along ``axis`` (through :func:`_as_bits`)."""
-    out = lax.dynamic_update_slice_in_dim(_as_bits(x), _as_bits(update.astype(x.dtype)), start, axis=axis)
-    return _from_bits(out, x.dtype)
+def _block(x: Array, start, rows: int, vocab: Vocab, dtype) -> Array:
+    return pad_cols(take(x, start, rows).astype(dtype), vocab.width)
 
 
 # ----------------------------------------------------------------------------- chunked kd_loss
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def chunked_kd_sum(s: Array, t: Array, tau: Array, w: Array, standardize: bool, chunk: int) -> Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def chunked_kd_sum(s: Array, t: Array, tau: Array, w: Array, standardize: bool, chunk: int,
+                   vocab: Vocab | None = None) -> Array:
     """``sum_i w_i tau^2 KL(Z(t_i) || Z(s_i))`` over rows of ``s, t [N, V]``, in chunks of rows.
 
     Args:
@@ -141,173 +118,133 @@ def chunked_kd_sum(s: Array, t: Array, tau: Array, w: Array, standardize: bool, 
       w: ``[N]`` row weights; rows with ``w == 0`` contribute nothing (even if not finite).
       standardize: z-score both first.
       chunk: rows per chunk (``1 <= chunk <= N``).
+      vocab: the columns' layout when ``V`` is a shard of a vocabulary sharded over a mesh axis
+        (inside ``shard_map``); None: all ``V`` here.
     """
-    return _forward_sum(s, t, tau, w, standardize, chunk)
+    return _kd_forward(s, t, tau, w, standardize, chunk, vocab, False)[0]
 
 
-def _forward_sum(s, t, tau, w, standardize, chunk):
-    def body(total, start, rows):
-        h = _kd_rows(_rows(s, start, rows), _rows(t, start, rows), tau, standardize)
-        wc = _rows(w, start, rows)
-        return total + jnp.sum(jnp.where(wc != 0, wc * h, 0.0))
-
-    return _scan_chunks(s.shape[0], chunk, body, jnp.zeros((), tau.dtype))
-
-
-def _sum_fwd(s, t, tau, w, standardize, chunk):
-    value = _forward_sum(s.value, t.value, tau.value, w.value, standardize, chunk)
-    return value, (s.value, t.value, tau.value, w.value, tau.perturbed)
-
-
-def _sum_bwd(standardize, chunk, res, g):
-    s, t, tau, w, tau_perturbed = res
-    if isinstance(g, SymbolicZero):
-        g = jnp.zeros((), tau.dtype)
+def _kd_forward(s, t, tau, w, standardize, chunk, vocab, want_dtau):
+    vocab = vocab or _local_vocab(s.shape[1])
+    valid = vocab.valid()
 
     def body(carry, start, rows):
-        grad_s, grad_tau = carry
-        t_c, wc = _rows(t, start, rows), _rows(w, start, rows)
-        keep = wc != 0
-        ct = jnp.where(keep, g * wc, 0.0)
-        if tau_perturbed:
-            _, vjp = jax.vjp(lambda x, tt: _kd_rows(x, t_c, tt, standardize), _rows(s, start, rows), tau)
-            ds, dtau = vjp(ct)
-            grad_tau = grad_tau + dtau
-        else:
-            _, vjp = jax.vjp(lambda x: _kd_rows(x, t_c, tau, standardize), _rows(s, start, rows))
-            (ds,) = vjp(ct)
-        new = jnp.where(keep[:, None], ds, 0.0).astype(s.dtype)
-        return _put_rows(grad_s, new, start), grad_tau
+        total, stats = carry
+        st = row_stats(_block(s, start, rows, vocab, tau.dtype),
+                       lax.stop_gradient(_block(t, start, rows, vocab, tau.dtype)),
+                       tau, vocab, valid, standardize, want_dtau)
+        return weighted(total, take(w, start, rows), st["kd"]), keep_stats(stats, st, start)
 
-    init = (jnp.zeros_like(s), jnp.zeros((), tau.dtype))
-    grad_s, grad_tau = _scan_chunks(s.shape[0], chunk, body, init)
-    return grad_s, jnp.zeros_like(t), grad_tau, jnp.zeros_like(w)
+    names = stat_names(standardize) + ["dtau"] * want_dtau
+    init = (jnp.zeros((), tau.dtype), {k: jnp.zeros(w.shape, tau.dtype) for k in names})
+    return scan_chunks(s.shape[0], chunk, body, init)
 
 
-chunked_kd_sum.defvjp(_sum_fwd, _sum_bwd, symbolic_zeros=True)
-
-
-def row_weights(leading_shape: tuple[int, ...], where: Array | None, dtype) -> Array:
-    """``[N]`` weights of a masked mean: ``m / max(sum m, 1)``, or ``1 / N`` without a mask."""
-    n = 1
-    for d in leading_shape:
-        n *= d
-    if where is None:
-        return jnp.full((n,), 1.0 / max(n, 1), dtype)
-    mask = jnp.broadcast_to(jnp.asarray(where, dtype=bool), leading_shape).reshape(n)
-    return mask.astype(dtype) / jnp.maximum(jnp.sum(mask).astype(dtype), 1.0)
-
-
-# ----------------------------------------------------------------------------- fused with the head
-
-
-def _logits(h: Array, w: Array, b: Array | None, dtype) -> Array:
-    out = jnp.dot(h, w, preferred_element_type=dtype).astype(dtype)
-    return out if b is None else out + b.astype(dtype)
-
-
-def _fused_stats(hs, ws, bs, ht, wt, bt, tau, labels, standardize, rows, want_dtau):
-    """Forward pass over chunks of rows: per-row loss terms and the statistics of the backward."""
-    n, dtype = hs.shape[0], tau.dtype
-    names = ["kd", "mean_s", "sig_s", "den_s", "lse_zs", "mean_t", "den_t", "lse_zt", "r"]
-    names += ["ce", "lse_s"] if labels is not None else []
-    names += ["dtau"] if want_dtau else []
-
-    def body(stats, start, rows):
-        s = _logits(_rows(hs, start, rows), ws, bs, dtype)
-        t = lax.stop_gradient(_logits(_rows(ht, start, rows), wt, bt, dtype))
-        one = jnp.ones((rows,), dtype)
-        if standardize:
-            zs, mean_s, sig_s, den_s = zscore_stats(s)
-            zt, mean_t, _, den_t = zscore_stats(t)
-        else:
-            zs, zt, mean_s, sig_s, den_s, mean_t, den_t = s, t, 0 * one, one, one, 0 * one, one
-        lse_zs = jax.nn.logsumexp(zs / tau, axis=-1)
-        lse_zt = jax.nn.logsumexp(zt / tau, axis=-1)
-        log_ps, log_pt = zs / tau - lse_zs[:, None], zt / tau - lse_zt[:, None]
-        p_t, terms = kl_terms(log_pt, log_ps)
-        row = {
-            "kd": tau**2 * jnp.sum(terms, axis=-1), "mean_s": mean_s, "sig_s": sig_s,
-            "den_s": den_s, "lse_zs": lse_zs, "mean_t": mean_t, "den_t": den_t, "lse_zt": lse_zt,
-            "r": jnp.sum((jnp.exp(log_ps) - p_t) * zs, axis=-1),
-        }
-        if labels is not None:
-            lse_s = jax.nn.logsumexp(s, axis=-1)
-            y = _rows(labels, start, rows)
-            row["lse_s"] = lse_s
-            row["ce"] = lse_s - jnp.take_along_axis(s, y[:, None], axis=-1)[:, 0]
-        if want_dtau:
-            row["dtau"] = dh_dtau(zt, zs, tau)
-        return {k: lax.dynamic_update_slice_in_dim(stats[k], row[k], start, 0) for k in names}
-
-    init = {k: jnp.zeros((n,), dtype) for k in names}
-    return _scan_chunks(n, rows, body, init)
-
-
-def _fused_value(stats, w, ce_weight):
-    per_row = stats["kd"] + (ce_weight * stats["ce"] if "ce" in stats else 0.0)
-    return jnp.sum(jnp.where(w != 0, w * per_row, 0.0))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11, 12))
-def _fused(hs, ws, bs, ht, wt, bt, tau, w, labels, ce_weight, standardize, rows, cols):
-    stats = _fused_stats(hs, ws, bs, ht, wt, bt, tau, labels, standardize, rows, False)
-    return _fused_value(stats, w, ce_weight)
-
-
-def _fused_fwd(hs, ws, bs, ht, wt, bt, tau, w, labels, ce_weight, standardize, rows, cols):
-    val = jax.tree.map(lambda p: p.value, (hs, ws, bs, ht, wt, bt, tau, w, labels, ce_weight))
+def _kd_fwd(s, t, tau, w, standardize, chunk, vocab):
     want_dtau = tau.perturbed
-    stats = _fused_stats(*val[:7], val[8], standardize, rows, want_dtau)
-    return _fused_value(stats, val[7], val[9]), (val, stats, want_dtau)
+    value, stats = _kd_forward(s.value, t.value, tau.value, w.value, standardize, chunk, vocab, want_dtau)
+    return value, (s.value, t.value, tau.value, w.value, stats)
 
 
-def _fused_bwd(standardize, rows, cols, res, g):
-    (hs, ws, bs, ht, wt, bt, tau, w, labels, ce_weight), stats, want_dtau = res
-    dtype = tau.dtype
-    if isinstance(g, SymbolicZero):
-        g = jnp.zeros((), dtype)
-    n, v = hs.shape[0], ws.shape[1]
-    c = jnp.where(w != 0, g * w, 0.0)  # each row's cotangent
-    col = lambda x: x[:, None]  # noqa: E731
-    if standardize:
-        sig = stats["sig_s"]
-        safe_sig = jnp.where(sig > 0, sig, 1.0)
-        k = jnp.where(sig > 0, c * tau * stats["r"] / (stats["den_s"] * max(v - 1, 1) * safe_sig), 0.0)
+def _kd_bwd(standardize, chunk, vocab, res, g):
+    s, t, tau, w, stats = res
+    g = jnp.zeros((), tau.dtype) if isinstance(g, SymbolicZero) else g
+    vocab = vocab or _local_vocab(s.shape[1])
+    valid = vocab.valid()
+    c = jnp.where(w != 0, g * w, 0.0)
 
-    def body(carry, start, cols):
-        d_hs, d_ws, d_bs = carry
-        ws_b = _rows(ws, start, cols, axis=1)
-        s = _logits(hs, ws_b, None if bs is None else _rows(bs, start, cols), dtype)
-        t = _logits(ht, _rows(wt, start, cols, axis=1), None if bt is None else _rows(bt, start, cols), dtype)
-        zs = (s - col(stats["mean_s"])) / col(stats["den_s"])
-        zt = (t - col(stats["mean_t"])) / col(stats["den_t"])
-        diff = jnp.exp(zs / tau - col(stats["lse_zs"])) - jnp.exp(zt / tau - col(stats["lse_zt"]))
-        gs = col(c * tau) * diff
-        if standardize:
-            gs = gs / col(stats["den_s"]) - col(k) * (s - col(stats["mean_s"]))
-        if labels is not None:
-            onehot = col(labels) == start + jnp.arange(cols)[None, :]
-            gs = gs + col(c * ce_weight) * (jnp.exp(s - col(stats["lse_s"])) - onehot)
-        gs = jnp.where(col(c != 0), gs, 0.0)
-        # products in the inputs' dtype (bf16 for a bf16 model, as its own backward), sums in float32
-        d_ws_b = jnp.dot(hs.T, gs.astype(hs.dtype), preferred_element_type=dtype)
-        d_ws = _put_rows(d_ws, d_ws_b, start, axis=1)
-        if d_bs is not None:
-            d_bs = _put_rows(d_bs, jnp.sum(gs, axis=0), start)
-        d_hs = d_hs + jnp.dot(gs.astype(ws.dtype), ws_b.T, preferred_element_type=dtype)
-        return d_hs, d_ws, d_bs
+    def body(grad_s, start, rows):
+        st = {k: take(v, start, rows) for k, v in stats.items()}
+        gs = logits_grad(_block(s, start, rows, vocab, tau.dtype), _block(t, start, rows, vocab, tau.dtype),
+                         st, take(c, start, rows), tau, vocab, valid)
+        return put(grad_s, gs[:, : s.shape[1]], start)
 
-    init = (jnp.zeros((n, hs.shape[1]), dtype), jnp.zeros_like(ws), None if bs is None else jnp.zeros_like(bs))
-    d_hs, d_ws, d_bs = _scan_chunks(v, cols, body, init)
-    d_tau = g * jnp.sum(jnp.where(w != 0, w * stats["dtau"], 0.0)) if want_dtau else jnp.zeros_like(tau)
-    zeros = lambda x: None if x is None else jnp.zeros_like(x)  # noqa: E731
-    d_labels = None if labels is None else jnp.zeros(labels.shape, jax.dtypes.float0)
-    return (d_hs.astype(hs.dtype), d_ws, d_bs, zeros(ht), zeros(wt), zeros(bt), d_tau,
-            jnp.zeros_like(w), d_labels, jnp.zeros_like(ce_weight))
+    grad_s = scan_chunks(s.shape[0], chunk, body, jnp.zeros_like(s))
+    d_tau = jnp.sum(jnp.where(w != 0, c * stats["dtau"], 0.0)) if "dtau" in stats else jnp.zeros_like(tau)
+    return fit_all((grad_s, jnp.zeros_like(t), d_tau, jnp.zeros_like(w)), (s, t, tau, w))
 
 
-_fused.defvjp(_fused_fwd, _fused_bwd, symbolic_zeros=True)
+chunked_kd_sum.defvjp(_kd_fwd, _kd_bwd, symbolic_zeros=True)
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def _mesh_axes(row_axis: str | None, vocab_axis: str | None):
+    """The mesh in context, the named axes and whether they are already manual (inside the
+    caller's ``shard_map``)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    names = tuple(a for a in (row_axis, vocab_axis) if a is not None)
+    if row_axis is not None and row_axis == vocab_axis:
+        raise ValueError(f"row_axis and vocab_axis must be different mesh axes, both are {row_axis!r}")
+    if mesh.empty or any(a not in mesh.axis_names for a in names):
+        have = mesh.axis_names if not mesh.empty else "no mesh"
+        raise ValueError(f"row_axis/vocab_axis {names} must name axes of the mesh in context "
+                         f"(with jax.set_mesh(mesh): ...); the context has {have}")
+    manual = [a in mesh.manual_axes for a in names]
+    if any(manual) and not all(manual):
+        raise ValueError(f"inside shard_map, both row_axis and vocab_axis must be manual axes; {names}")
+    return mesh, names, all(manual)
+
+
+def _pad_to(x: Array | None, axis: int, size: int, value=0) -> Array | None:
+    if x is None or x.shape[axis] == size:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def _layout(mesh, inside: bool, n: int, v: int, row_axis, vocab_axis):
+    """Rows and columns after padding to the shard counts (outside ``shard_map``), and the
+    per-device :class:`Vocab`."""
+    size_of = lambda a: 1 if a is None else (lax.axis_size(a) if inside else mesh.shape[a])  # noqa: E731
+    rs, vs = size_of(row_axis), size_of(vocab_axis)
+    if inside:  # the caller's shard_map gave this device its block: all columns are real
+        return n, v, Vocab(v * vs, v, lanes(v), vocab_axis)
+    n_pad, v_pad = -(-n // rs) * rs, -(-v // vs) * vs
+    return n_pad, v_pad, Vocab(v, v_pad // vs, lanes(v_pad // vs), vocab_axis)
+
+
+def _run(body, args: dict, specs: dict, names, inside: bool):
+    if inside:
+        return body(args)
+    return jax.shard_map(body, in_specs=(specs,), out_specs=P(), axis_names=set(names), check_vma=True)(args)
+
+
+def _mask(where, lead: tuple[int, ...], n: int) -> Array:
+    if where is None:
+        return jnp.ones((n,), bool)
+    return jnp.broadcast_to(jnp.asarray(where, bool), lead).reshape(n)
+
+
+def _row_weights(mask: Array, row_axis, dtype) -> Array:
+    count = jnp.sum(mask.astype(dtype))
+    count = lax.psum(count, row_axis) if row_axis else count
+    return mask.astype(dtype) / jnp.maximum(count, 1.0)
+
+
+def sharded_kd_loss(student: Array, teacher: Array, tau: Array, *, standardize: bool, where,
+                    chunk_size: int | None, row_axis: str | None, vocab_axis: str | None) -> Array:
+    """:func:`zkd_jax.losses.kd_loss` with logits sharded as ``[rows over row_axis, ..., vocabulary
+    over vocab_axis]`` (module doc); ``tau`` in the compute dtype."""
+    mesh, names, inside = _mesh_axes(row_axis, vocab_axis)
+    lead, v = student.shape[:-1], student.shape[-1]
+    n = math.prod(lead)
+    mask = _mask(where, lead, n)
+    n_pad, v_pad, vocab = _layout(mesh, inside, n, v, row_axis, vocab_axis)
+    flat = lambda x: _pad_to(_pad_to(x.reshape(n, v), 0, n_pad), 1, v_pad)  # noqa: E731
+    args = {"s": flat(student), "t": flat(teacher), "tau": tau, "mask": _pad_to(mask, 0, n_pad, False)}
+    spec = P(row_axis, vocab_axis)
+
+    def body(a):
+        rows = a["s"].shape[0]
+        chunk = min(chunk_size or default_chunk_rows(vocab.width, rows), rows)
+        w = _row_weights(a["mask"], row_axis, tau.dtype)
+        part = chunked_kd_sum(a["s"], a["t"], a["tau"], w, standardize, chunk, vocab)
+        return lax.psum(part, row_axis) if row_axis else part
+
+    return _run(body, args, {"s": spec, "t": spec, "tau": P(), "mask": P(row_axis)}, names, inside)
 
 
 def kd_loss_from_hidden(
@@ -324,6 +261,8 @@ def kd_loss_from_hidden(
     teacher_bias: Array | None = None,
     labels: Array | None = None,
     ce_weight: float | Array = 0.0,
+    row_axis: str | None = None,
+    vocab_axis: str | None = None,
 ) -> Array:
     """:func:`zkd_jax.losses.kd_loss` of ``h_s W_s + b_s`` and ``h_t W_t + b_t``, never holding the logits.
 
@@ -344,13 +283,21 @@ def kd_loss_from_hidden(
       standardize: logit standardization of both models' logits.
       where: optional boolean mask over the leading axes (padding tokens).
       chunk_size: rows per chunk of the forward pass (automatic from ``DEFAULT_CHUNK_BYTES`` if
-        None); the backward's vocabulary blocks hold about as many elements.
+        None); the backward's vocabulary blocks (a multiple of 128) hold about as many elements.
       student_bias, teacher_bias: optional ``[V]``.
       labels: integer ``[...]`` next-token targets, needed when ``ce_weight`` is not 0.
       ce_weight: weight of the cross-entropy term.
+      row_axis: name of an axis of the mesh in context (``jax.set_mesh``) the rows (first leading
+        axis of the hidden states, labels, mask) are sharded over; None: not sharded.
+      vocab_axis: name of the mesh axis the heads' (and biases') vocabulary is sharded over.
 
     Returns:
       Scalar float32 (float64 for float64 inputs).
+
+    >>> import jax.numpy as jnp
+    >>> h, w = jnp.ones((2, 3, 4)), jnp.eye(4, 6)
+    >>> round(float(kd_loss_from_hidden(h, w, h, w, 2.0, standardize=True)), 6)
+    0.0
     """
     _check_chunk(chunk_size)
     hs, ht = jnp.asarray(student_hidden), jnp.asarray(teacher_hidden)
@@ -367,13 +314,31 @@ def kd_loss_from_hidden(
         raise ValueError("ce_weight is not 0: pass labels=[...] (integer next-token targets)")
     dtype = functools.reduce(jnp.promote_types, [hs.dtype, ws.dtype, jnp.float32])
     n, v = max(1, math.prod(lead)), ws.shape[1]
-    rows = min(chunk_size or default_chunk_rows(v, n), n)
-    cols = max(1, min(v, -(-rows * v // n)))
-    tau = jnp.asarray(temperature, dtype)
-    w = row_weights(lead, where, dtype)
-    bias = lambda b: None if b is None else jnp.asarray(b)  # noqa: E731
+    tau, cw = jnp.asarray(temperature, dtype), jnp.asarray(ce_weight, dtype)
+    mask = _mask(where, lead, n)
     y = None if labels is None else jnp.broadcast_to(jnp.asarray(labels, jnp.int32), lead).reshape(n)
-    return _fused(
-        hs.reshape(n, hs.shape[-1]), ws, bias(student_bias), ht.reshape(n, ht.shape[-1]), wt,
-        bias(teacher_bias), tau, w, y, jnp.asarray(ce_weight, dtype), standardize, rows, cols,
-    )
+    if row_axis is None and vocab_axis is None:
+        mesh, names, inside, n_pad, v_pad, vocab = None, (), True, n, v, _local_vocab(v)
+    else:
+        mesh, names, inside = _mesh_axes(row_axis, vocab_axis)
+        n_pad, v_pad, vocab = _layout(mesh, inside, n, v, row_axis, vocab_axis)
+    rows_of = lambda x: _pad_to(x, 0, n_pad)  # noqa: E731
+    cols_of = lambda x: None if x is None else _pad_to(jnp.asarray(x), x.ndim - 1, v_pad)  # noqa: E731
+    args = {"hs": rows_of(hs.reshape(n, -1)), "ws": cols_of(ws), "bs": cols_of(student_bias),
+            "ht": rows_of(ht.reshape(n, -1)), "wt": cols_of(wt), "bt": cols_of(teacher_bias),
+            "tau": tau, "cw": cw, "mask": _pad_to(mask, 0, n_pad, False), "y": rows_of(y)}
+    args = {k: x for k, x in args.items() if x is not None}
+    specs = {"hs": P(row_axis), "ht": P(row_axis), "ws": P(None, vocab_axis), "wt": P(None, vocab_axis),
+             "bs": P(vocab_axis), "bt": P(vocab_axis), "tau": P(), "cw": P(), "mask": P(row_axis),
+             "y": P(row_axis)}
+
+    def body(a):
+        local_n = a["hs"].shape[0]
+        rows = min(chunk_size or default_chunk_rows(vocab.width, local_n), local_n)
+        cols = min(vocab.local, max(LANES, rows * vocab.local // local_n // LANES * LANES))
+        w = _row_weights(a["mask"], row_axis, dtype) if names else row_weights(lead, where, dtype)
+        part = fused_sum(a["hs"], a["ws"], a.get("bs"), a["ht"], a["wt"], a.get("bt"), a["tau"], w,
+                      a.get("y"), a["cw"], standardize, rows, cols, vocab, row_axis)
+        return lax.psum(part, row_axis) if row_axis else part
+
+    return _run(body, args, {k: specs[k] for k in args}, names, inside)

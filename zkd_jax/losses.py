@@ -32,6 +32,7 @@ from zkd_jax.chunked_kd import (
     default_chunk_rows,
     kd_loss_from_hidden,
     row_weights,
+    sharded_kd_loss,
 )
 from zkd_jax.tempered_kl import kl_terms, tau2_kl_rows
 
@@ -134,6 +135,8 @@ def kd_loss(
     standardize: bool = False,
     where: Array | None = None,
     chunk_size: int | None = None,
+    row_axis: str | None = None,
+    vocab_axis: str | None = None,
 ) -> Array:
     """Hinton's KD loss, optionally on standardized logits.
 
@@ -154,6 +157,11 @@ def kd_loss(
         and backward in chunks of rows, same values and gradients). None: automatic, one pass
         when the float32 logits fit ``DEFAULT_CHUNK_BYTES``, else chunks of that size. That form
         is a ``custom_vjp``: reverse-mode only (``jax.jvp`` of it is not defined).
+      row_axis: name of the axis of the mesh in context (``jax.set_mesh(mesh)``) the rows (the
+        first leading axis, and ``where``'s) are sharded over; None: not sharded.
+      vocab_axis: name of the mesh axis the classes (last axis) are sharded over. Either axis
+        runs the chunked form in a ``shard_map`` over the named axes (:mod:`zkd_jax.chunked_kd`,
+        docs/lm_sharding.md): the same value and gradients, no logits gathered.
 
     Returns:
       Scalar loss (float32; float64 for float64 inputs).
@@ -165,6 +173,11 @@ def kd_loss(
     if jnp.shape(teacher_logits) != shape:
         raise ValueError(f"student and teacher logits differ in shape: {shape} vs {jnp.shape(teacher_logits)}")
     num_rows = math.prod(shape[:-1])
+    if row_axis is not None or vocab_axis is not None:
+        tau = jnp.asarray(temperature, dtype=_compute_dtype(student_logits))
+        return sharded_kd_loss(jnp.asarray(student_logits), jnp.asarray(teacher_logits), tau,
+                               standardize=standardize, where=where, chunk_size=chunk_size,
+                               row_axis=row_axis, vocab_axis=vocab_axis)
     if chunk_size is not None or num_rows * shape[-1] * 4 > DEFAULT_CHUNK_BYTES:
         rows = min(chunk_size or default_chunk_rows(shape[-1], num_rows), max(num_rows, 1))
         dtype = _compute_dtype(student_logits)
