@@ -127,7 +127,8 @@ def load_teacher(config, module, input_shape) -> dict:
             "and pass --config.teacher.checkpoint=DIR, or set config.teacher.train_if_missing=True."
         )
     return ckpt_lib.load_teacher(
-        epath.Path(path), module=module, arch=config.teacher.arch, input_shape=(1, *input_shape)
+        epath.Path(path), module=module, arch=config.teacher.arch, input_shape=(1, *input_shape),
+        allow_unverified=bool(config.teacher.get("allow_unverified", False)),
     )
 
 
@@ -211,7 +212,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
                                single=single)
     states = create_states(student, method_list, [s.seed for s in specs], tx,
                            input_shape=(1, *image_shape), mesh=mesh)
-    checkpointers = [ckpt_lib.Checkpointer(d, keep=config.keep_checkpoints) for d in dirs]
+    checkpointers = [ckpt_lib.Checkpointer(d, keep=config.keep_checkpoints,
+                                           keep_damaged=config.get("keep_damaged_checkpoints", 1))
+                     for d in dirs]
     metas: list[dict[str, Any]] = [{} for _ in range(num)]
     resume = students_lib.resume_step(checkpointers)
     if resume is not None:
