@@ -241,7 +241,7 @@ class Checkpointer:
 
 def _size(directory: epath.Path) -> int:
     """Bytes of the files below ``directory``."""
-    return sum(p.stat().length for p in directory.rglob("*") if p.is_file())
+    return sum(_size(p) if p.is_dir() else p.stat().length for p in directory.iterdir())
 
 
 def _human(size: int) -> str:

@@ -30,7 +30,7 @@ from etils import epath
 
 import zkd_jax.data as data
 from zkd_jax import models
-from zkd_jax.trainer import recipe, validate
+from zkd_jax.trainer import recipe, records, validate
 from zkd_jax.data import feeds as feed_lib
 from zkd_jax.data import plan as plan_lib
 from zkd_jax.io import checkpoint as ckpt_lib
@@ -217,6 +217,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
                      for d in dirs]
     metas: list[dict[str, Any]] = [{} for _ in range(num)]
     resume = students_lib.resume_step(checkpointers)
+    resume = records.resume_for_records(  # back to where a lost metrics.jsonl record is computed
+        resume, checkpointers, dirs, steps_per_epoch=steps_per_epoch, epochs=config.epochs,
+        eval_every_epochs=config.eval_every_epochs)
     if resume is not None:
         for k in range(num):
             states[k], metas[k] = checkpointers[k].restore(states[k], resume)
