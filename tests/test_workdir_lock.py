@@ -64,6 +64,7 @@ def test_second_run_refused_then_stale_lock_taken_over(tmp_path, teacher_dir, ca
     summary = train_and_evaluate(tiny_runs.config(teacher_dir), workdir)
     out = capsys.readouterr().out
     assert f"taking over the stale lock of {workdir} left by pid {proc.pid}" in out
+    assert "damaged" not in out  # the newest checkpoint was committed with its manifest
     assert summary["finished"] and summary["step"] == tiny_runs.TOTAL_STEPS
     assert lock.exists() and workdir_lock.holder(workdir) is None  # released, file kept
     straight = tmp_path / "straight"
