@@ -98,6 +98,7 @@ def test_a_crash_inside_the_commit_leaves_no_checkpoint_of_that_step(tmp_path, m
     assert again.latest_step() == 2
     again.close()
     assert "damaged" not in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / checkpoint.CHECKPOINTS).iterdir()) == ["2"]
 
 
 def test_damaged_checkpoints_kept_at_most_keep_damaged(tmp_path, capsys):

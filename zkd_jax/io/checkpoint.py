@@ -19,7 +19,9 @@ verifies (``zkd_jax.io.manifest``). The manifest is part of the commit: orbax wr
 into a temporary directory and renames it when complete; the manifest is written into that
 temporary directory just before the rename (orbax's post-finalization callback, on the background
 thread), so every checkpoint that exists under its step's name has its manifest, and a crash at any
-moment leaves either the complete checkpoint or no checkpoint (orbax removes the temporary one).
+moment leaves either the complete checkpoint or no checkpoint (the temporary one is removed when a
+:class:`Checkpointer` is next opened on the workdir: only under the workdir's lock, as
+``zkd-train`` does).
 A damaged checkpoint is moved to ``checkpoints_damaged/`` with one printed line saying where and how
 big; that folder keeps the newest ``keep_damaged`` (``config.keep_damaged_checkpoints``) and deletes
 older ones (0: a damaged checkpoint is deleted at once). A failed write raises
@@ -71,6 +73,9 @@ class Checkpointer:
             )
             return ocp.CheckpointManager(directory, options=options)
 
+        if jax.process_index() == 0:
+            for name in (CHECKPOINTS, BEST):
+                _remove_unfinished(workdir / name)
         self.last = manager(workdir / CHECKPOINTS, keep)
         self.best = manager(workdir / BEST, 1)
         self.workdir = workdir
@@ -237,6 +242,14 @@ class Checkpointer:
                 except Exception:  # pylint: disable=broad-except
                     if not self.failed:
                         raise
+
+
+def _remove_unfinished(directory: epath.Path) -> None:
+    """Removes orbax's temporary directories of saves a crash cut short (the workdir's lock
+    guarantees that no other run is writing one)."""
+    if directory.exists():
+        for path in directory.glob("*.orbax-checkpoint-tmp*"):
+            path.rmtree()
 
 
 def _size(directory: epath.Path) -> int:
