@@ -140,7 +140,8 @@ def test_cut_last_metrics_line_is_named_and_its_epoch_computed_again(runs, teach
 
 def test_binary_garbage_in_metrics_is_skipped_and_named(tmp_path):
     path = tmp_path / metrics_io.METRICS
-    path.write_bytes(b'{"epoch": 1, "step": 5}\n\x00\xff\xfe garbage \x81\n{"epoch": 2, "step": 10}\n')
+    path.write_bytes(b'{"epoch": 1, "step": 5}\n\x00\xff\xfe garbage \x81\n'
+                     b'{"epoch": 2, "step": 10}\n')
     records, problems = metrics_io.read_records(path)
     assert [r["epoch"] for r in records] == [1, 2]
     assert problems == [f"{path} line 2 is damaged (not UTF-8 text)"]

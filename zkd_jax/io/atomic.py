@@ -3,8 +3,9 @@
 A reader (or a run resumed after ``kill -9``) sees the old content or the new one, never a cut
 file. Local paths: the temporary file ``.NAME.tmp-PID`` lives beside the target (same filesystem,
 so ``os.replace`` is atomic), is flushed and ``fsync``-ed before the rename, and the directory is
-``fsync``-ed after it (best effort). A failure (disk full, permission) removes the temporary file and
-raises ``OSError`` naming the target, e.g. ``[Errno 28] No space left on device: '.../summary.json'``.
+``fsync``-ed after it (best effort). A failure (disk full, permission) removes the temporary file
+and raises ``OSError`` naming the target, e.g.
+``[Errno 28] No space left on device: '.../summary.json'``.
 URLs (``gs://...``): written with ``etils.epath`` in one request, which object stores commit whole.
 
 >>> import tempfile, os

@@ -2,11 +2,12 @@
 
 ``with staged(path, overwrite=...) as tmp:`` gives a temporary sibling directory ``.NAME.zkd-tmp``
 to write into (orbax, then the manifest); when the block succeeds, the directory is renamed onto
-``path`` (an existing ``path`` is first moved aside and removed after), so ``path`` is either the old
-directory or the complete new one with its manifest, never a half-written one. When the block
-fails, every temporary (``.NAME.zkd-tmp`` and orbax's ``*.orbax-checkpoint-tmp*`` beside it) is
-removed and the failure is raised as one exception naming ``path``: ``OSError(ENOSPC, "No space left
-on device", path)`` when the disk is full (orbax and TensorStore report it in many forms), else
+``path`` (an existing ``path`` is first moved aside and removed after), so ``path`` is either the
+old directory or the complete new one with its manifest, never a half-written one (a crash between
+the two renames of an overwrite leaves no ``path``; a run's rerun writes its export again). When
+the block fails, every temporary (``.NAME.zkd-tmp`` and orbax's ``*.orbax-checkpoint-tmp*`` beside
+it) is removed and the failure is raised as one exception naming ``path``: ``OSError(ENOSPC, "No
+space left on device", path)`` when the disk is full (orbax and TensorStore report it in many forms), else
 ``OSError`` / ``ValueError`` with the first line of the cause. Meanwhile orbax's background threads'
 tracebacks (logged through absl) are held back: the one raised error says it all.
 
