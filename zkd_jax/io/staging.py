@@ -7,9 +7,10 @@ old directory or the complete new one with its manifest, never a half-written on
 the two renames of an overwrite leaves no ``path``; a run's rerun writes its export again). When
 the block fails, every temporary (``.NAME.zkd-tmp`` and orbax's ``*.orbax-checkpoint-tmp*`` beside
 it) is removed and the failure is raised as one exception naming ``path``: ``OSError(ENOSPC, "No
-space left on device", path)`` when the disk is full (orbax and TensorStore report it in many forms), else
-``OSError`` / ``ValueError`` with the first line of the cause. Meanwhile orbax's background threads'
-tracebacks (logged through absl) are held back: the one raised error says it all.
+space left on device", path)`` when the disk is full (orbax and TensorStore report it in many
+forms), else ``OSError`` / ``ValueError`` with the first line of the cause. Meanwhile orbax's
+background threads' tracebacks (logged through absl) are held back: the one raised error says it
+all.
 
 URLs (``gs://...``) have no rename: they are written in place (orbax commits them with a marker).
 """
