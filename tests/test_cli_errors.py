@@ -84,6 +84,11 @@ def test_damaged_teacher_export(tmp_path, teacher_dir):
     proc = _train(CIFAR, "--workdir=w", "--config.dataset=digits",
                   f"--config.teacher.checkpoint={damaged}", cwd=tmp_path)
     _one_line(proc, r"teacher.* is damaged \(file .*\); convert or export it again")
+    (damaged / "zkd_manifest.json").unlink()  # no manifest and damaged bytes: refused unverified
+    proc = _train(CIFAR, "--workdir=w", "--config.dataset=digits",
+                  f"--config.teacher.checkpoint={damaged}", cwd=tmp_path)
+    _one_line(proc, r"teacher.* has no zkd_manifest\.json, so it cannot be verified; .* pass "
+                    r"--config\.teacher\.allow_unverified=True\.$")
 
 
 def test_locked_workdir(tmp_path):
@@ -117,3 +122,54 @@ def test_convert_errors_are_one_line(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("zkd-convert: error: "), err
     assert convert.run(["x.pth", str(tmp_path / "ok"), "--arch", "resnet8"]) == 0
+
+
+def _tensorstore_disk_full(target, *args, **kwargs):
+    """What orbax raises when TensorStore meets a full disk (after its temporary directory)."""
+    (pathlib.Path(f"{target}.orbax-checkpoint-tmp") / "variables").mkdir(parents=True)
+    raise ValueError(f'RESOURCE_EXHAUSTED: Error writing local file "{target}.orbax-checkpoint-'
+                     'tmp/manifest.ocdbt": Failed to write 113 bytes to file 7: No space left on '
+                     "device [os_error_code='28']")
+
+
+def test_convert_on_a_full_disk_and_with_nan_weights(tmp_path, capsys, monkeypatch):
+    """Disk full (an injected ENOSPC, after orbax wrote its files; and TensorStore's form of it):
+    one line naming DST and "No space left on device", no temporary left. NaN/inf weights: refused
+    naming the tensor."""
+    from zkd_jax.io import convert as convert_io
+    from zkd_jax.io import manifest
+
+    monkeypatch.setattr(convert_io, "load_torch_checkpoint", _fake_state_dict)
+
+    def full(directory):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(manifest, "write", full)
+        assert convert.run(["x.pth", str(tmp_path / "out"), "--arch", "resnet8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"zkd-convert: error: No space left on device: {tmp_path / 'out'}; check the "
+                   "paths given (--workdir, config files, checkpoints) and that the disk is "
+                   "writable and not full"], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # the staged copy removed
+    ocp, real = convert_io._checkpointer()
+    monkeypatch.setattr(real, "save", _tensorstore_disk_full)
+    monkeypatch.setattr(convert_io, "_checkpointer", lambda: (ocp, real))
+    assert convert.run(["x.pth", str(tmp_path / "out"), "--arch", "resnet8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"No space left on device: {tmp_path / 'out'};" in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # orbax's temporary removed too
+    monkeypatch.undo()
+
+    def poisoned(_path):
+        sd = _fake_state_dict(_path)
+        sd["layer1.0.conv1.weight"][0, 0, 0, :2] = [np.nan, np.inf]
+        return sd
+
+    monkeypatch.setattr(convert_io, "load_torch_checkpoint", poisoned)
+    assert convert.run(["x.pth", str(tmp_path / "nan"), "--arch", "resnet8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["zkd-convert: error: x.pth holds non-finite values in layer1.0.conv1.weight "
+                   "(1 NaN, 1 inf of 2304); it is damaged or from a run that diverged: use an "
+                   "intact checkpoint."], err
+    assert not (tmp_path / "nan").exists()

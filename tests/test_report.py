@@ -256,3 +256,33 @@ def test_report_needs_neither_tensorflow_nor_network(runs_dir, tmp_path):
     core = pyproject.split("dependencies = [", 1)[1].split("]", 1)[0]
     assert '"matplotlib' in core
     assert 'zkd-report = "zkd_jax.cli.report:run"' in pyproject
+
+
+def test_damaged_metrics_and_out_that_is_a_file(tmp_path):
+    """A binary line in a metrics.jsonl: the run's good lines are used and the damaged line is
+    named (file and line) under the table; ``--out=<a file>``: one line, exit status 2."""
+    root = tmp_path / "r"
+    write_run(root / "a", _config("kd", 0, 2), [10.0, 20.0])
+    metrics = root / "a" / "metrics.jsonl"
+    good = metrics.read_bytes()
+    metrics.write_bytes(good + b"\x00\xff\x81 binary\n")
+    runs, problems = find_runs([str(root)])
+    assert [r["epoch"] for r in runs[0].records] == [1, 2]
+    assert problems == [f"r/a: {metrics} line 3 is damaged (not UTF-8 text); skipped"]
+    (tmp_path / "file").write_text("")
+    code = (
+        "import sys\n"
+        "from zkd_jax.cli import report\n"
+        f"sys.argv = ['zkd-report', {str(root)!r}, '--out', {str(tmp_path / 'o')!r}]\n"
+        "try:\n    report.run()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        f"sys.argv = ['zkd-report', {str(root)!r}, '--out={tmp_path / 'file'}']\n"
+        "report.run()\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT)),
+                          timeout=300)
+    assert f"{metrics} line 3 is damaged (not UTF-8 text); skipped" in proc.stdout
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"zkd-report: error: --out={tmp_path / 'file'} is a file, not a directory; give a "
+        "directory (it is created if missing)."]

@@ -3,7 +3,9 @@
     zkd-convert SRC.pth DST_DIR --arch NAME [--dataset cifar100|imagenet] [--num-classes N] [--force]
 
 absl flags, like ``zkd-train``. Exit status 0 on success, 2 on an error a user can fix (one line
-``zkd-convert: error: ...`` on stderr; ``--verbose`` or ``ZKD_TRACEBACK=1`` adds the traceback).
+``zkd-convert: error: ...`` on stderr; ``--verbose`` or ``ZKD_TRACEBACK=1`` adds the traceback):
+a file that is not a checkpoint of the architecture, NaN or inf weights (the tensor is named), an
+existing DST without ``--force``, a full disk (DST named; no temporary directory is left behind).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from absl import flags
 
 from zkd_jax import models
 from zkd_jax.cli import errors
-from zkd_jax.io import convert
+from zkd_jax.io import convert, staging
 
 PROG = "zkd-convert"
 USAGE = (f"usage: {PROG} SRC DST --arch NAME [--dataset DATASET] [--num-classes N] [--force]\n\n"
@@ -65,6 +67,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     num_classes = fv["num-classes"].value
     try:
         sd = convert.load_torch_checkpoint(src)
+        staging.check_finite(sd, what=src)
         num_classes = num_classes or convert.infer_num_classes(sd, fv.arch)
         variables = convert.from_torch_state_dict(fv.arch, sd, dataset=fv.dataset,
                                                   num_classes=num_classes)

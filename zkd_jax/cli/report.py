@@ -7,14 +7,22 @@ Finds every run below the RUN_DIRs (single runs, K-student programs, the demo su
 by (dataset, method, teacher, student, settings except the seed) and writes ``table.md``,
 ``table.csv``, ``table.json``, ``curves_*.png`` and, for a sweep, ``sweep_*.png`` into ``--out``
 (``zkd_jax.report.make_report``); prints the table. Needs neither TensorFlow nor the network.
+
+A damaged line of a run's ``metrics.jsonl`` (cut, binary) is skipped and named, with the file's
+path, among the problems printed under the table; the run's good lines are used. An error the user
+can fix (no run found, ``--out`` that is a file, a directory that cannot be written) ends in one
+line ``zkd-report: error: ...`` and exit status 2 (``ZKD_TRACEBACK=1`` shows the traceback).
 """
 
 from __future__ import annotations
 
 import os
-import sys
 
 from absl import app, flags
+
+from zkd_jax.cli import errors
+
+PROG = "zkd-report"
 
 _OUT = flags.DEFINE_string("out", None, "Output directory (default: FIRST_RUN_DIR/report).")
 _REFERENCE = flags.DEFINE_string(
@@ -34,12 +42,12 @@ def main(argv: list[str]) -> None:
     from zkd_jax.report import make_report  # after flag parsing: keeps --help fast
 
     out = _OUT.value or os.path.join(paths[0], "report")
-    try:
+    if os.path.exists(out) and not os.path.isdir(out):
+        errors.fail(PROG, f"--out={out} is a file, not a directory; give a directory (it is "
+                          "created if missing).")
+    with errors.reported(PROG):
         result = make_report(paths, out, reference_logs=_REFERENCE.value, layout=_LAYOUT.value,
                              figures=_FIGURES.value)
-    except ValueError as err:
-        print(f"zkd-report: error: {err}", file=sys.stderr)
-        sys.exit(1)
     print(result["text"])
     print(f"\nwrote {len(result['files'])} files to {out}")
 

@@ -39,7 +39,7 @@ def train_suite(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> d
         if not ckpt_lib.teacher_directory(teacher_dir).exists():
             raise ValueError(f"config.teacher.checkpoint {str(teacher_dir)!r} does not exist; "
                              "point it at a teacher run's workdir or unset it to train one.")
-    elif not (teacher_dir / ckpt_lib.EXPORT).exists():
+    elif ckpt_lib.export_damage(teacher_dir) is not None:  # missing or damaged: (re)built
         train_and_evaluate(teacher_recipe(config), teacher_dir)
     results = {TEACHER_SUBDIR: metrics_io.read_summary(teacher_dir) or {}}
     for name, method_config in config.suite.items():

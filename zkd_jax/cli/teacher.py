@@ -36,7 +36,7 @@ def ensure_teacher(config: ml_collections.ConfigDict, workdir: epath.Path) -> ml
     if not config.teacher.get("train_if_missing"):
         return config
     source = workdir / TEACHER_SUBDIR
-    if not (source / ckpt_lib.EXPORT).exists():
+    if ckpt_lib.export_damage(source) is not None:  # missing or damaged: the rerun rebuilds it
         log_main(f"training the teacher ({config.teacher.arch}) in {source}")
         train_and_evaluate(teacher_recipe(config), source)
     config = copy.deepcopy(config)

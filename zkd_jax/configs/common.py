@@ -218,8 +218,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.variant = TEACHER  # the METHOD part of the config argument ("teacher" for a teacher run)
     c.student = ml_collections.ConfigDict(dict(arch=""))
+    # allow_unverified: load a teacher directory without zkd_manifest.json (variables written by
+    # other tools); zkd-convert's and the runs' exports carry one and are always verified.
     c.teacher = ml_collections.ConfigDict(
-        dict(arch=optional(str), checkpoint=optional(str), train_if_missing=False)
+        dict(arch=optional(str), checkpoint=optional(str), train_if_missing=False,
+             allow_unverified=False)
     )
     c.method = ml_collections.ConfigDict(METHOD_DEFAULTS[TEACHER])
     # > 0: train on the first N examples of the train split only (short runs, data-budget
@@ -242,6 +245,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint_every_epochs = 1  # the last epoch is always checkpointed
     c.checkpoint_every_steps = 0  # > 0: also checkpoint every this many global steps
     c.keep_checkpoints = 3  # the last few are kept; the best is kept apart in checkpoints_best/
+    c.keep_damaged_checkpoints = 1  # damaged checkpoints kept in checkpoints_damaged/ (0: deleted)
     c.max_steps = -1  # > 0: stop after this many global steps (checkpointing there)
     c.log_every_steps = 50  # host sync: progress bar, NaN/inf check
     c.progress_bar = True

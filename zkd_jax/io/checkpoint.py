@@ -15,15 +15,27 @@ Layout of a workdir (local or ``gs://``; every path goes through ``etils.epath``
   writes the same format from a PyTorch ``.pth``).
 
 A run started in a workdir that holds a checkpoint resumes from the newest one whose manifest
-verifies (``zkd_jax.io.manifest``: written once a save has committed); a damaged one is moved to
-``checkpoints_damaged/`` with one printed line. A failed write raises
+verifies (``zkd_jax.io.manifest``). The manifest is part of the commit: orbax writes a checkpoint
+into a temporary directory and renames it when complete; the manifest is written into that
+temporary directory just before the rename (orbax's post-finalization callback, on the background
+thread), so every checkpoint that exists under its step's name has its manifest, and a crash at any
+moment leaves either the complete checkpoint or no checkpoint (the temporary one is removed when a
+:class:`Checkpointer` is next opened on the workdir: only under the workdir's lock, as
+``zkd-train`` does).
+A damaged checkpoint is moved to ``checkpoints_damaged/`` with one printed line saying where and how
+big; that folder keeps the newest ``keep_damaged`` (``config.keep_damaged_checkpoints``) and deletes
+older ones (0: a damaged checkpoint is deleted at once). A failed write raises
 ``zkd_jax.io.manifest.CheckpointSaveError`` (one line) at the first ``save``/``wait`` that notices it.
+
+``export/`` is written whole (``zkd_jax.io.staging``) with its manifest; :func:`export_damage` tells
+a finished run's rerun whether to write it again.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -45,23 +57,48 @@ EXPORT = "export"
 class Checkpointer:
     """The last few checkpoints of a run plus its best one (two orbax managers)."""
 
-    def __init__(self, workdir: epath.PathLike, *, keep: int = 3):
+    def __init__(self, workdir: epath.PathLike, *, keep: int = 3, keep_damaged: int = 1):
         workdir = paths.absolute(workdir)
         if keep < 1:
             raise ValueError(f"config.keep_checkpoints={keep} must be >= 1.")
+        if keep_damaged < 0:
+            raise ValueError(f"config.keep_damaged_checkpoints={keep_damaged} must be >= 0.")
+        self._committing: dict[str, int] = {}  # manager name -> step of the save in flight
 
         def manager(directory: epath.Path, max_to_keep: int) -> ocp.CheckpointManager:
             options = ocp.CheckpointManagerOptions(
-                max_to_keep=max_to_keep, create=True, enable_async_checkpointing=True
+                max_to_keep=max_to_keep, create=True, enable_async_checkpointing=True,
+                async_options=ocp.AsyncOptions(
+                    post_finalization_callback=self._manifest_callback(directory)),
             )
             return ocp.CheckpointManager(directory, options=options)
 
+        if jax.process_index() == 0:
+            for name in (CHECKPOINTS, BEST):
+                _remove_unfinished(workdir / name)
         self.last = manager(workdir / CHECKPOINTS, keep)
         self.best = manager(workdir / BEST, 1)
         self.workdir = workdir
+        self.keep_damaged = keep_damaged
         self._unverified: list[tuple[ocp.CheckpointManager, int]] = []  # saved, no manifest yet
         self._verified: set[tuple[int, int]] = set()  # (id(manager), step)
         self.failed = False  # a save failed: close() then waits for nothing more
+
+    def _manifest_callback(self, directory: epath.Path):
+        """Writes the manifest of the save in flight into its temporary directory, which orbax
+        renames to ``<step>`` right after (``gs://``: the step directory before its commit
+        marker)."""
+
+        def callback() -> None:
+            step = self._committing.pop(directory.name, None)
+            if step is None or jax.process_index() != 0:
+                return
+            staged = sorted(directory.glob(f"{step}.orbax-checkpoint-tmp*"))
+            target = staged[-1] if staged else directory / str(step)
+            if target.exists():
+                manifest.write(target)
+
+        return callback
 
     def latest_step(self) -> int | None:
         """Step of the newest verified checkpoint, None when the workdir holds none; damaged ones
@@ -81,16 +118,36 @@ class Checkpointer:
             if reason is None:
                 self._verified.add((id(mngr), step))
                 return step
-            moved = self.workdir / DAMAGED / f"{epath.Path(mngr.directory).name}-{step}"
-            if jax.process_index() == 0:
-                moved.parent.mkdir(parents=True, exist_ok=True)
-                if moved.exists():
-                    moved = moved.parent / f"{moved.name}-{len(list(moved.parent.iterdir()))}"
-                self._step_dir(mngr, step).rename(moved)
-            print(f"{what} {step} in {mngr.directory} is damaged ({reason}); passed over "
-                  f"(moved to {moved})", flush=True)
+            where = self._set_aside(self._step_dir(mngr, step), f"{epath.Path(mngr.directory).name}"
+                                    f"-{step}")
+            print(f"{what} {step} in {mngr.directory} is damaged ({reason}); passed over ({where})",
+                  flush=True)
             mngr.reload()
         return None
+
+    def _set_aside(self, directory: epath.Path, name: str) -> str:
+        """Moves a damaged checkpoint to ``checkpoints_damaged/<name>`` (process 0), keeping the
+        newest ``keep_damaged`` there; returns what was done, for the message."""
+        size = _human(_size(directory))
+        damaged = self.workdir / DAMAGED
+        if self.keep_damaged == 0:
+            if jax.process_index() == 0:
+                directory.rmtree()
+            return f"deleted, {size}; config.keep_damaged_checkpoints=0"
+        moved = damaged / name
+        if jax.process_index() == 0:
+            damaged.mkdir(parents=True, exist_ok=True)
+            if moved.exists():
+                moved = damaged / f"{name}-{len(list(damaged.iterdir()))}"
+            directory.rename(moved)
+            _touch(moved)
+            dropped = _prune(damaged, self.keep_damaged)
+        else:
+            dropped = 0
+        kept = (f"; {damaged} keeps the newest {self.keep_damaged} "
+                f"(config.keep_damaged_checkpoints), {dropped} older deleted" if dropped else
+                f"; delete it once inspected, {damaged} keeps the newest {self.keep_damaged}")
+        return f"moved to {moved}, {size}{kept}"
 
     def save(self, state: TrainState, meta: Mapping[str, Any], *, best: bool = False) -> int:
         """Writes ``state`` and ``meta`` at ``state.step`` (and as the best one when ``best``).
@@ -104,6 +161,7 @@ class Checkpointer:
         for mngr in managers:
             if step in mngr.all_steps():
                 continue  # the same state was written already (e.g. before a restart)
+            self._committing[epath.Path(mngr.directory).name] = step
             with self._saving(f"checkpoint {step}", mngr):
                 mngr.save(
                     step,
@@ -138,7 +196,8 @@ class Checkpointer:
         pending, self._unverified = self._unverified, []
         for mngr, step in pending:
             directory = self._step_dir(mngr, step)
-            if jax.process_index() == 0 and directory.exists():
+            if (jax.process_index() == 0 and directory.exists()
+                    and not manifest.has_manifest(directory)):  # the commit's callback did not run
                 with self._saving(f"the manifest of checkpoint {step}", mngr):
                     manifest.write(directory)
             self._verified.add((id(mngr), step))
@@ -185,6 +244,52 @@ class Checkpointer:
                         raise
 
 
+def _remove_unfinished(directory: epath.Path) -> None:
+    """Removes orbax's temporary directories of saves a crash cut short (the workdir's lock
+    guarantees that no other run is writing one)."""
+    if directory.exists():
+        for path in directory.glob("*.orbax-checkpoint-tmp*"):
+            path.rmtree()
+
+
+def _size(directory: epath.Path) -> int:
+    """Bytes of the files below ``directory``."""
+    return sum(_size(p) if p.is_dir() else p.stat().length for p in directory.iterdir())
+
+
+def _human(size: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def _touch(directory: epath.Path) -> None:
+    """Sets ``directory``'s time to now (local): the order in which damaged copies arrived."""
+    with contextlib.suppress(OSError, NotImplementedError):
+        os.utime(os.fspath(directory))
+
+
+def _prune(damaged: epath.Path, keep: int) -> int:
+    """Deletes all but the newest ``keep`` entries of ``damaged``; returns how many it deleted."""
+    entries = sorted(damaged.iterdir(), key=lambda p: (p.stat().mtime, p.name))
+    old = entries[:max(len(entries) - keep, 0)]
+    for entry in old:
+        if entry.is_dir():
+            entry.rmtree()
+        else:
+            entry.unlink()
+    return len(old)
+
+
+def export_damage(workdir: epath.PathLike) -> str | None:
+    """What is wrong with ``workdir/export`` (``"it is missing"``, a ``manifest.verify`` reason), or
+    None when it verifies."""
+    directory = paths.absolute(workdir) / EXPORT
+    return "it is missing" if not directory.exists() else manifest.verify(directory)
+
+
 def teacher_directory(path: epath.PathLike) -> epath.Path:
     """The variables directory of a teacher: ``path/export`` for a run's workdir, else ``path``."""
     path = paths.absolute(path)
@@ -195,17 +300,19 @@ def export_variables(
     workdir: epath.PathLike, variables: Mapping[str, Any], *, arch: str, dataset: str,
     num_classes: int,
 ) -> epath.Path:
-    """Writes ``workdir/export`` with ``zkd_jax.convert.save_variables`` (teacher format)."""
+    """Writes ``workdir/export`` with ``zkd_jax.convert.save_variables`` (teacher format), whole:
+    a damaged one is replaced."""
     directory = paths.absolute(workdir) / EXPORT
     convert.save_variables(
         directory, jax.device_get(dict(variables)), arch=arch, dataset=dataset,
-        num_classes=num_classes,
+        num_classes=num_classes, overwrite=True,
     )
     return directory
 
 
 def load_teacher(
-    path: epath.PathLike, *, module: nn.Module, arch: str, input_shape: tuple[int, ...]
+    path: epath.PathLike, *, module: nn.Module, arch: str, input_shape: tuple[int, ...],
+    allow_unverified: bool = False,
 ) -> dict:
     """Loads a teacher's variables and checks them against ``module``.
 
@@ -214,9 +321,12 @@ def load_teacher(
       module: the teacher module the variables must fit.
       arch: the architecture ``config.teacher.arch`` names.
       input_shape: ``(1, H, W, C)``, to build the expected variable shapes (``jax.eval_shape``).
+      allow_unverified: load a directory without manifest (variables written by other tools);
+        otherwise it is refused (``zkd_jax.io.convert.load_variables``).
 
     Raises:
-      ValueError: the directory is missing, or holds another architecture or other shapes.
+      ValueError: the directory is missing, unverified or damaged, or holds another architecture
+        or other shapes.
     """
     directory = teacher_directory(path)
     if not directory.exists():
@@ -224,7 +334,7 @@ def load_teacher(
             f"teacher checkpoint {str(path)!r} does not exist; convert the published teacher with "
             "zkd-convert, or set config.teacher.train_if_missing=True to train one."
         )
-    variables, metadata = convert.load_variables(directory)
+    variables, metadata = convert.load_variables(directory, allow_unverified=allow_unverified)
     stored_arch = (metadata or {}).get("arch")
     if stored_arch is not None and stored_arch != arch:
         raise ValueError(

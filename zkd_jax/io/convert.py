@@ -34,7 +34,7 @@ import numpy as np
 from etils import epath
 
 from zkd_jax import models
-from zkd_jax.io import manifest, paths
+from zkd_jax.io import manifest, paths, staging
 from zkd_jax.io.torch_pickle import UnsafeCheckpointError, load_torch_file
 
 __all__ = [
@@ -303,13 +303,20 @@ def save_variables(
     """Write ``variables`` (``{"params", "batch_stats"}``) and metadata as one orbax checkpoint.
 
     The directory holds two items, ``variables`` (a PyTree checkpoint) and ``metadata`` (JSON:
-    arch, dataset, num_classes, format); orbax commits it atomically (temporary directory then
-    rename, or a commit marker on GCS). ``directory`` may be local or ``gs://``. An existing
-    directory raises ``ValueError`` unless ``overwrite``. In a multi-process job every process must
-    call this (orbax coordinates the write).
+    arch, dataset, num_classes, format) and the manifest ``zkd_manifest.json``. Locally it is
+    written into a temporary sibling that is renamed onto ``directory`` once complete
+    (``zkd_jax.io.staging``): ``directory`` is the old content or the whole new one, never a part;
+    a failed write removes its temporaries and raises one ``OSError`` naming ``directory`` (disk
+    full: ``ENOSPC``). ``gs://`` directories are written in place (orbax's commit marker). An
+    existing directory raises ``ValueError`` unless ``overwrite``. In a multi-process job every
+    process must call this (orbax coordinates the write).
     """
     models.create(arch, num_classes=num_classes, dataset=dataset)  # validates the three together
     path = paths.absolute(directory)
+    if path.exists() and not overwrite:
+        raise ValueError(
+            f"{path} already exists; choose a new directory or pass overwrite=True (--force)."
+        )
     ocp, ckptr = _checkpointer()
     meta = {
         "arch": arch,
@@ -319,19 +326,16 @@ def save_variables(
     }
     tree = {k: dict(v) for k, v in variables.items()}
     args = ocp.args.Composite(variables=ocp.args.PyTreeSave(tree), metadata=ocp.args.JsonSave(meta))
-    try:  # orbax checks for an existing directory after synchronizing all processes
-        ckptr.save(path, args=args, force=overwrite)
-    except ValueError as e:
-        if "already exists" not in str(e):
-            raise
-        raise ValueError(
-            f"{path} already exists; choose a new directory or pass overwrite=True (--force)."
-        ) from None
-    if jax.process_index() == 0:
-        manifest.write(path)  # checksums of the committed files (zkd_jax.io.manifest)
+    primary = jax.process_index() == 0
+    with staging.staged(path, overwrite=overwrite, primary=primary) as target:
+        ckptr.save(target, args=args, force=True)
+        if primary:
+            manifest.write(target)  # checksums of the committed files (zkd_jax.io.manifest)
 
 
-def load_variables(directory: str | epath.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+def load_variables(
+    directory: str | epath.PathLike, *, allow_unverified: bool = False
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Read a checkpoint written by :func:`save_variables`: ``(variables, metadata)``.
 
     ``variables`` holds NumPy arrays (host memory, independent of the device topology: place or
@@ -339,9 +343,10 @@ def load_variables(directory: str | epath.PathLike) -> tuple[dict[str, Any], dic
     against a model:
     ``models.check_variables(models.abstract_variables(model), variables, what=...)``.
 
-    A directory with a manifest (``zkd_jax.io.manifest``; ``save_variables`` writes one) is verified
-    first: a missing, truncated or altered file raises one ``ValueError``, as any other failure to
-    read it does.
+    The directory is verified against its manifest first (``zkd_jax.io.manifest``;
+    ``save_variables`` writes one): a missing, truncated or altered file raises one ``ValueError``,
+    as any other failure to read it does. A directory without a manifest is refused unless
+    ``allow_unverified`` (variables written by other tools; ``config.teacher.allow_unverified``).
     """
     path = paths.absolute(directory)
     if not (path / "metadata").exists() or not (path / "variables").exists():
@@ -349,7 +354,16 @@ def load_variables(directory: str | epath.PathLike) -> tuple[dict[str, Any], dic
             f"{path} is not a zkd_jax variables checkpoint (no 'metadata' and 'variables' items); "
             "write one with zkd-convert or save_variables."
         )
-    damage = manifest.verify(path) if manifest.has_manifest(path) else None
+    if not manifest.has_manifest(path):
+        if not allow_unverified:
+            raise ValueError(
+                f"{path} has no {manifest.MANIFEST}, so it cannot be verified; write it again with "
+                "zkd-convert (or rerun the run that exported it), or, for variables written "
+                "elsewhere, pass --config.teacher.allow_unverified=True."
+            )
+        damage = None
+    else:
+        damage = manifest.verify(path)
     if damage is not None:
         raise ValueError(f"{path} is damaged ({damage}); convert or export it again.")
     try:

@@ -1,12 +1,14 @@
 """Checksum manifests: a checkpoint is used only if every file it had when written is unchanged.
 
-After a checkpoint directory is complete (orbax has committed it: ``zkd_jax.io.checkpoint`` writes the
-manifest once the background save has finished), :func:`write` stores ``MANIFEST`` =
-``zkd_manifest.json`` inside it: ``{"format": 1, "files": {relative path: {"size", "sha256"}}}`` of
-every other file below it, written atomically (a temporary file renamed). :func:`verify` recomputes
+When a checkpoint directory is complete (``zkd_jax.io.checkpoint`` writes the manifest into orbax's
+temporary directory just before orbax renames it, so the manifest is part of the commit),
+:func:`write` stores ``MANIFEST`` = ``zkd_manifest.json`` inside it: ``{"format": 1, "files":
+{relative path: {"size", "sha256"}}}`` of every other file below it but orbax's
+``_CHECKPOINT_METADATA`` (rewritten by orbax after the commit), written atomically
+(``zkd_jax.io.atomic``). :func:`verify` recomputes
 the sizes and SHA-256 sums and names the first file that is missing, of another size or of other
-content; a directory without a manifest is unverified (a run stopped between the commit and the
-manifest, or a checkpoint written before manifests existed).
+content; a directory without a manifest is unverified (written by another tool, or before manifests
+existed) and is not used: checkpoints are passed over, teacher directories refused unless allowed.
 
 Used for ``checkpoints/<step>/`` and ``checkpoints_best/<step>/`` (a damaged newest checkpoint is
 moved to ``checkpoints_damaged/`` and the next older verified one is resumed), and for the
@@ -23,8 +25,13 @@ from collections.abc import Iterator
 
 from etils import epath
 
+from zkd_jax.io import atomic
+
 MANIFEST = "zkd_manifest.json"
 FORMAT = 1
+#: Files of a directory that its manifest does not list: itself, and orbax's step metadata, which
+#: orbax rewrites after the commit (a commit timestamp; the manifest is written just before it).
+_NOT_LISTED = (MANIFEST, "_CHECKPOINT_METADATA")
 _CHUNK = 1 << 20
 
 
@@ -37,7 +44,7 @@ def _files(directory: epath.Path, prefix: str = "") -> Iterator[tuple[str, epath
         rel = f"{prefix}{child.name}"
         if child.is_dir():
             yield from _files(child, rel + "/")
-        elif rel != MANIFEST and not rel.startswith(MANIFEST + "."):
+        elif rel not in _NOT_LISTED and not rel.startswith((MANIFEST + ".", f".{MANIFEST}.")):
             yield rel, child
 
 
@@ -60,9 +67,7 @@ def write(directory: epath.PathLike) -> epath.Path:
     """Writes ``directory/zkd_manifest.json`` atomically (temporary name, then rename)."""
     directory = epath.Path(directory)
     text = json.dumps(compute(directory), indent=1, sort_keys=True) + "\n"
-    tmp = directory / f"{MANIFEST}.tmp"
-    tmp.write_text(text)
-    tmp.rename(directory / MANIFEST)
+    atomic.write_text(directory / MANIFEST, text)
     return directory / MANIFEST
 
 

@@ -11,7 +11,10 @@
   (median epoch) and the config.
 
 Only process 0 writes. Paths go through ``etils.epath`` (``gs://`` works); files are rewritten whole
-rather than appended, which object stores support.
+rather than appended, which object stores support, and atomically (``zkd_jax.io.atomic``: a
+temporary file, ``fsync``, rename), so a crash never leaves a cut file. A ``metrics.jsonl`` damaged
+anyway (a cut or garbled line, e.g. copied by hand or from an older version) is read line by line:
+:func:`read_records` keeps the good records and names the file and each bad line.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from typing import Any
 
 from absl import logging
 from etils import epath
+
+from zkd_jax.io import atomic
 
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
@@ -46,9 +51,8 @@ class MetricsWriter:
         self._tb = None
         if not enabled:
             return
-        if self.path.exists():
-            lines = [ln for ln in self.path.read_text().splitlines() if ln.strip()]
-            self.records = [r for r in map(json.loads, lines) if r.get("step", 0) <= resume_step]
+        records, _ = read_records(self.path)  # the trainer names the damage (trainer.records)
+        self.records = [r for r in records if r.get("step", 0) <= resume_step]
         try:
             from tensorboardX import SummaryWriter
 
@@ -64,7 +68,8 @@ class MetricsWriter:
             return
         record = {k: _json_value(v) for k, v in record.items()}
         self.records.append(record)
-        self.path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in self.records))
+        atomic.write_text(self.path,
+                          "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.records))
         if self._tb is not None:
             step = int(record["step"])
             for key, value in record.items():
@@ -104,21 +109,73 @@ def run_totals(records: list[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def write_summary(workdir: epath.PathLike, summary: Mapping[str, Any]) -> None:
-    """Writes ``summary.json`` (indented, keys sorted)."""
+    """Writes ``summary.json`` (indented, keys sorted) atomically."""
     path = epath.Path(workdir) / SUMMARY
-    path.write_text(json.dumps(dict(summary), indent=2, sort_keys=True, default=str) + "\n")
+    atomic.write_text(path, json.dumps(dict(summary), indent=2, sort_keys=True, default=str) + "\n")
 
 
 def read_summary(workdir: epath.PathLike) -> dict | None:
+    """``summary.json`` of ``workdir`` (None: there is none).
+
+    Raises:
+      ValueError: it is not a JSON object (the message names the file).
+    """
     path = epath.Path(workdir) / SUMMARY
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        summary = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"{path} is damaged ({_short(err)}); rerun the run to write it "
+                         "again.") from None
+    if not isinstance(summary, dict):
+        raise ValueError(f"{path} is damaged (not a JSON object); rerun the run to write it again.")
+    return summary
+
+
+def _short(err: Exception) -> str:
+    return " ".join(str(err).split())[:120] or type(err).__name__
+
+
+def read_records(path: epath.PathLike) -> tuple[list[dict], list[str]]:
+    """The good records of a ``metrics.jsonl`` file and one message per damaged line.
+
+    A line is damaged when it is not UTF-8, not JSON or not a JSON object (a cut last line, binary
+    garbage); it is skipped and named: ``"<path> line 3 is damaged (not JSON: ...)"``. A missing
+    file has no records.
+
+    >>> import tempfile, os
+    >>> p = os.path.join(tempfile.mkdtemp(), "metrics.jsonl")
+    >>> _ = open(p, "wb").write(b'{"epoch": 1}\\n{"epo')
+    >>> records, problems = read_records(p)
+    >>> records, problems[0][len(p):len(p) + 37]
+    ([{'epoch': 1}], ' line 2 is damaged (not JSON: Untermi')
+    """
+    path = epath.Path(path)
+    if not path.exists():
+        return [], []
+    records, problems = [], []
+    for number, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            problems.append(f"{path} line {number} is damaged (not UTF-8 text)")
+            continue
+        except ValueError as err:
+            problems.append(f"{path} line {number} is damaged (not JSON: {_short(err)})")
+            continue
+        if not isinstance(record, dict):
+            problems.append(f"{path} line {number} is damaged (not a JSON object)")
+            continue
+        records.append(record)
+    return records, problems
 
 
 def read_metrics(workdir: epath.PathLike) -> list[dict]:
-    path = epath.Path(workdir) / METRICS
-    if not path.exists():
-        return []
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    """The good records of ``workdir/metrics.jsonl`` (damaged lines skipped)."""
+    return read_records(epath.Path(workdir) / METRICS)[0]
 
 
 class Progress:

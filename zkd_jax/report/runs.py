@@ -20,9 +20,11 @@ import os
 import re
 from typing import Any
 
+from zkd_jax.io import metrics as metrics_io
+
 SUMMARY = "summary.json"
-METRICS = "metrics.jsonl"
-_SKIP = ("checkpoints", "checkpoints_best", "export", "tensorboard")
+METRICS = metrics_io.METRICS
+_SKIP = ("checkpoints", "checkpoints_best", "checkpoints_damaged", "export", "tensorboard")
 _STUDENT = re.compile(r"^student_\d+$")
 
 #: Config fields that are not settings of the experiment (where and how a run executes).
@@ -118,20 +120,14 @@ def _read_json(path: str, problems: list[str], name: str) -> Any:
 
 
 def _read_records(path: str, problems: list[str], name: str) -> list[dict]:
-    records = []
+    """The good records of a ``metrics.jsonl``; each damaged line (cut, not JSON, not UTF-8) is
+    skipped and named in ``problems`` with the file's path."""
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+        records, damaged = metrics_io.read_records(path)
     except OSError as err:
         problems.append(f"{name}: {METRICS} is unreadable ({err})")
         return []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            problems.append(f"{name}: {METRICS} line {i} is not JSON (skipped)")
+    problems.extend(f"{name}: {line}; skipped" for line in damaged)
     return records
 
 

@@ -222,6 +222,19 @@ def _non_finite(m: dict) -> str | None:
     return None
 
 
+def _refresh_export(directory: epath.Path, export: Callable, variables: Callable,
+                    step: int) -> None:
+    """Writes ``directory/export`` at the end of a run, and again when a rerun of the finished run
+    finds it missing or damaged (``variables()``: the final state's, from the last checkpoint)."""
+    damage = ckpt_lib.export_damage(directory)  # every process: all take part in the write
+    if damage is None:
+        return
+    if damage != "it is missing":
+        log_main(f"{directory / ckpt_lib.EXPORT} is damaged ({damage}); writing it again from "
+                 f"checkpoint {step}")
+    export(directory, variables())
+
+
 def run_epochs(
     cohort: Cohort,
     settings: LoopSettings,
@@ -405,8 +418,8 @@ def run_epochs(
         results = summaries(finished)
         if finished and export is not None:
             for k, d in enumerate(dirs):
-                if not (d / ckpt_lib.EXPORT).exists():
-                    export(d, to_host(student_variables(cohort.student_state(cohort.state, k))))
+                _refresh_export(d, export, lambda k=k: to_host(
+                    student_variables(cohort.student_state(cohort.state, k))), step)
         return results
     finally:
         profiler.stop(cohort.state)

@@ -30,7 +30,7 @@ from etils import epath
 
 import zkd_jax.data as data
 from zkd_jax import models
-from zkd_jax.trainer import recipe, validate
+from zkd_jax.trainer import recipe, records, validate
 from zkd_jax.data import feeds as feed_lib
 from zkd_jax.data import plan as plan_lib
 from zkd_jax.io import checkpoint as ckpt_lib
@@ -127,7 +127,8 @@ def load_teacher(config, module, input_shape) -> dict:
             "and pass --config.teacher.checkpoint=DIR, or set config.teacher.train_if_missing=True."
         )
     return ckpt_lib.load_teacher(
-        epath.Path(path), module=module, arch=config.teacher.arch, input_shape=(1, *input_shape)
+        epath.Path(path), module=module, arch=config.teacher.arch, input_shape=(1, *input_shape),
+        allow_unverified=bool(config.teacher.get("allow_unverified", False)),
     )
 
 
@@ -211,9 +212,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
                                single=single)
     states = create_states(student, method_list, [s.seed for s in specs], tx,
                            input_shape=(1, *image_shape), mesh=mesh)
-    checkpointers = [ckpt_lib.Checkpointer(d, keep=config.keep_checkpoints) for d in dirs]
+    checkpointers = [ckpt_lib.Checkpointer(d, keep=config.keep_checkpoints,
+                                           keep_damaged=config.get("keep_damaged_checkpoints", 1))
+                     for d in dirs]
     metas: list[dict[str, Any]] = [{} for _ in range(num)]
     resume = students_lib.resume_step(checkpointers)
+    resume = records.resume_for_records(  # back to where a lost metrics.jsonl record is computed
+        resume, checkpointers, dirs, steps_per_epoch=steps_per_epoch, epochs=config.epochs,
+        eval_every_epochs=config.eval_every_epochs)
     if resume is not None:
         for k in range(num):
             states[k], metas[k] = checkpointers[k].restore(states[k], resume)

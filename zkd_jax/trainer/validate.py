@@ -128,6 +128,7 @@ def check_config(config, *, prefix: str = "", devices: int | None = None) -> Non
                  "log_every_steps", "steps_per_call"):
         _int_at_least(config, name, 1, prefix)
     _int_at_least(config, "checkpoint_every_steps", 0, prefix)
+    _int_at_least(config, "keep_damaged_checkpoints", 0, prefix)
     if "max_steps" in config and not _is_int(config["max_steps"]):
         _fail(prefix + "max_steps", config["max_steps"], "an integer (<= 0: no limit)")
     if "seed" in config and not _is_int(config["seed"]):
