@@ -12,9 +12,12 @@ by (dataset, method, teacher, student, settings except the seed) and writes ``ta
 from __future__ import annotations
 
 import os
-import sys
 
 from absl import app, flags
+
+from zkd_jax.cli import usage
+
+PROG = "zkd-report"
 
 _OUT = flags.DEFINE_string("out", None, "Output directory (default: FIRST_RUN_DIR/report).")
 _REFERENCE = flags.DEFINE_string(
@@ -30,23 +33,29 @@ _FIGURES = flags.DEFINE_boolean("figures", True, "Write the PNG figures.")
 def main(argv: list[str]) -> None:
     paths = argv[1:]
     if not paths:
-        raise app.UsageError("give at least one RUN_DIR: zkd-report RUN_DIR... [--out DIR]")
+        usage.fail(PROG, f"give at least one RUN_DIR: {PROG} RUN_DIR... [--out DIR] "
+                   f"(see {PROG} --help)")
+    usage.quiet_logs()
+    if _FIGURES.value:
+        usage.require(PROG, ("matplotlib",))
     from zkd_jax.report import make_report  # after flag parsing: keeps --help fast
 
     out = _OUT.value or os.path.join(paths[0], "report")
     try:
-        result = make_report(paths, out, reference_logs=_REFERENCE.value, layout=_LAYOUT.value,
-                             figures=_FIGURES.value)
-    except ValueError as err:
-        print(f"zkd-report: error: {err}", file=sys.stderr)
-        sys.exit(1)
+        with usage.extras_reported(PROG):
+            result = make_report(paths, out, reference_logs=_REFERENCE.value,
+                                 layout=_LAYOUT.value, figures=_FIGURES.value)
+    except (ValueError, OSError) as err:
+        usage.fail(PROG, " ".join(str(err).split()))
     print(result["text"])
     print(f"\nwrote {len(result['files'])} files to {out}")
 
 
 def run() -> None:
     """The ``zkd-report`` entry point."""
-    app.run(main)
+    usage.print_help_if_asked(PROG, __doc__, __name__, usage=(
+        f"{PROG} RUN_DIR... [--out=DIR] [--layout=runs|paper] [--reference-logs=DIR]"))
+    app.run(main, flags_parser=usage.absl_parser(PROG))
 
 
 if __name__ == "__main__":
