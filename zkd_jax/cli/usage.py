@@ -97,8 +97,8 @@ def extras_reported(prog: str) -> Iterator[None]:
 
 
 def closest(name: str, candidates: Iterable[str], n: int = 3) -> list[str]:
-    """The names of ``candidates`` closest to ``name`` (difflib's ratio >= 0.6), best first."""
-    return difflib.get_close_matches(name, list(candidates), n=n, cutoff=0.6)
+    """The names of ``candidates`` closest to ``name`` (difflib's ratio >= 0.7), best first."""
+    return difflib.get_close_matches(name, list(candidates), n=n, cutoff=0.7)
 
 
 def did_you_mean(name: str, candidates: Iterable[str]) -> str:
