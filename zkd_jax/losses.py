@@ -171,7 +171,7 @@ def kd_loss(
 
     Example:
       The standardized loss is the same for logits of any scale (here x100); ``where`` drops the
-      second row (a padding token)::
+      second row (a padding token):
 
       >>> import jax.numpy as jnp
       >>> s = jnp.array([[2.0, 1.0, 0.1], [0.5, 2.5, 0.0]])
