@@ -9,7 +9,7 @@ when concrete; under ``jit`` a traced bad value is not detected (see that module
 Inputs in bfloat16 or float16 are computed in float32 and the result is float32; float64 inputs
 (with ``jax_enable_x64``) stay float64, which is how the tests compare against the reference.
 
-The reference semantics (SPEC.md sections 1 and 2) are reproduced exactly, quirks included: the
+The reference semantics are reproduced exactly, quirks included: the
 unbiased standard deviation, ``1e-7`` added to the std, ``tau**2 * KL(teacher || student)``
 averaged over the batch, DKD's ``-1000`` target mask, MLKD's scalar-times-mask reduction.
 One deliberate difference: a row of identical logits (std 0) gives finite gradients, where the

@@ -175,7 +175,9 @@ def quiet_logs() -> None:
         logging.set_verbosity(logging.WARNING)
         for name in ("absl", "orbax", "jax", "tensorflow"):
             std_logging.getLogger(name).setLevel(std_logging.WARNING)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    elif flags.FLAGS["verbosity"].value >= 0:
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"  # TensorFlow's native INFO lines too
 
 
 def absl_parser(prog: str):

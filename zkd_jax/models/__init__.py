@@ -88,7 +88,7 @@ _IMAGENET: dict[str, Callable[..., nn.Module]] = {
     "MobileNetV1": MobileNetV1,
 }
 
-#: The ViT students of the paper's third experiment (SPEC_VIT.md): CIFAR upsampled to 224 px. Their
+#: The ViT students of the paper's third experiment: CIFAR upsampled to 224 px. Their
 #: teacher is the 32-px ``cifar100`` ``resnet56``. DeiT returns its class head in train mode and
 #: the mean of both heads in eval mode; ``return_heads=True`` gives ``{"cls", "dist"}``.
 _VIT_224: dict[str, Callable[..., nn.Module]] = {

@@ -119,7 +119,7 @@ def students_update(
       teacher_logits, images, labels, epoch: as for one student (not mapped).
       form: ``"loop"``: the K single-student updates unrolled in one program (each the single
         run's computation). ``"vmap"``: ``jax.vmap`` over the stack (grouped convolutions; about
-        1.0x one student on an H100 per issue 7). ``"vmap_matmul"``: the same vmap with the
+        1.0x one student on an H100, as reported). ``"vmap_matmul"``: the same vmap with the
         students' convolutions traced as patch matrix products
         (``zkd_jax.models.layers.conv_implementation``), so the K students' convolutions become
         batched matrix products. A faster form goes here, same signature.
