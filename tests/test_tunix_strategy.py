@@ -3,7 +3,7 @@
 The objective (JAX only) is checked always: it is ``alpha * kd_loss(standardize=True, where=mask)
 + (1 - alpha) * cross_entropy(where=mask)`` and padding does not leak. The adapter module must not
 import Tunix at import time. With ``google-tunix`` installed (the ``tunix`` extra; CI does not
-install it, README "The loss at language-model scale"), a few real steps of Tunix's
+install it, docs/language_models.md), a few real steps of Tunix's
 ``DistillationTrainer`` with tiny Flax NNX models must lower the strategy's loss.
 """
 

@@ -17,7 +17,7 @@ stack, in one of two forms (``config.students_form``):
   ``dot_general`` with a K batch dimension each) rather than grouped convolutions; the teacher
   keeps XLA's convolution. Same sums, another order of accumulation (float rounding).
 
-The forms' speeds are measured in README "Several students in one program".
+The forms' speeds: docs/measurements.md.
 
 THE SEAM: ``students_update`` is the one function that maps the single-student update
 (``zkd_jax.step.make_student_update``) over the K students. A faster form (for instance students
