@@ -1,6 +1,7 @@
 """Sphinx configuration of the zkd_jax documentation.
 
-Build (offline, warnings are errors): ``python -m sphinx -W --keep-going -b html docs docs/_build/html``.
+Build (offline, warnings are errors):
+``python -m sphinx -W --keep-going -b html docs docs/_build/html``.
 
 Why Sphinx: the docstrings are Google style and autodoc + napoleon read them where they are, so
 the API reference cannot drift from the code; MyST keeps every page Markdown, like the README.

@@ -64,7 +64,8 @@ def _exit_unknown_field(err: BaseException) -> None:
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        usage.fail("zkd-train", f"unexpected arguments: {' '.join(argv[1:])} (see zkd-train --help)")
+        usage.fail("zkd-train",
+                   f"unexpected arguments: {' '.join(argv[1:])} (see zkd-train --help)")
     usage.quiet_logs()  # orbax logs every file it writes at INFO
     from zkd_jax.cli import runs  # after flag parsing: keeps --help fast
 
@@ -120,9 +121,10 @@ def _parse_flags(argv: list[str]) -> list[str]:
 def run() -> None:
     """The ``zkd-train`` entry point."""
     _define_flags()
-    usage.print_help_if_asked("zkd-train", __doc__, __name__,
-                              usage="zkd-train [--config=FILE[:ARG]] --workdir=DIR [--config.FIELD=VALUE ...]",
-                              extra=["  --config.FIELD=VALUE: override a config field (see --print_config)"])
+    usage.print_help_if_asked(
+        "zkd-train", __doc__, __name__,
+        usage="zkd-train [--config=FILE[:ARG]] --workdir=DIR [--config.FIELD=VALUE ...]",
+        extra=["  --config.FIELD=VALUE: override a config field (see --print_config)"])
     app.run(main, flags_parser=_parse_flags)
 
 

@@ -32,8 +32,8 @@ def default_unroll(mesh: Mesh) -> bool:
     """Unroll the n steps on CPU meshes, keep a loop elsewhere.
 
     XLA:CPU runs a ``lax.scan`` while-loop body far slower than the same steps unrolled
-    (docs/measurements.md has the measurement); on accelerators a loop keeps compilation at one step's
-    cost.
+    (docs/measurements.md has the measurement); on accelerators a loop keeps compilation at one
+    step's cost.
     """
     return mesh.devices.flat[0].platform == "cpu"
 
