@@ -292,5 +292,5 @@ def test_command_line_reports_an_unknown_override_in_one_line(tmp_path):
         env=dict(os.environ, JAX_PLATFORMS="cpu"),
     )
     assert proc.returncode == 2
-    assert "zkd-train: error: the config has no field 'no_such_field'" in proc.stderr
+    assert "zkd-train: error: the config has no field 'teacher.no_such_field'" in proc.stderr
     assert "Traceback" not in proc.stderr
