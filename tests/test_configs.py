@@ -278,7 +278,8 @@ def test_command_line_reports_a_bad_argument_in_one_line(tmp_path):
     assert proc.returncode == 2
     errors = [ln for ln in proc.stderr.splitlines() if "error" in ln.lower()]
     assert errors == ["zkd-train: error: unknown method 'kd_lx' in config argument "
-                      "'kd_lx,resnet32x4,resnet8x4'; use one of kd, kd_ls, dkd, dkd_ls, mlkd, "
+                      "'kd_lx,resnet32x4,resnet8x4' (did you mean 'kd_ls'?); use one of kd, kd_ls, "
+                      "dkd, dkd_ls, mlkd, "
                       "mlkd_ls, ctkd, ctkd_ls, teacher."], proc.stderr
     assert "Traceback" not in proc.stderr
 

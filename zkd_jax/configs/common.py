@@ -18,6 +18,7 @@ defaults. ``zkd_jax.configs.cifar100`` / ``imagenet`` / ``demo`` call it.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from typing import Any, Mapping
 
 import ml_collections
@@ -282,6 +283,12 @@ def method_keys(settings: Mapping[str, Any]) -> tuple[str, ...]:
     return keys + tuple(f"method.ctkd.{k}" for k in settings.get("ctkd", {}))
 
 
+def _did_you_mean(name: str, valid: tuple[str, ...]) -> str:
+    """`` (did you mean 'x'?)`` for the closest valid name, or ``""``."""
+    near = difflib.get_close_matches(name, valid, n=1, cutoff=0.7)
+    return f" (did you mean {near[0]!r}?)" if near else ""
+
+
 def parse_argument(
     arg: str | None, *, valid_archs: tuple[str, ...], default: str
 ) -> tuple[str, str | None, str]:
@@ -295,7 +302,8 @@ def parse_argument(
     variant = parts[0]
     if variant not in METHODS + (TEACHER,):
         raise ValueError(
-            f"unknown method {variant!r} in config argument {arg!r}; use one of "
+            f"unknown method {variant!r} in config argument {arg!r}"
+            f"{_did_you_mean(variant, METHODS + (TEACHER,))}; use one of "
             f"{', '.join(METHODS + (TEACHER,))}."
         )
     expected = 2 if variant == TEACHER else 3
@@ -305,8 +313,8 @@ def parse_argument(
     for arch in parts[1:]:
         if arch not in valid_archs:
             raise ValueError(
-                f"unknown architecture {arch!r} in config argument {arg!r}; use one of "
-                f"{', '.join(valid_archs)}."
+                f"unknown architecture {arch!r} in config argument {arg!r}"
+                f"{_did_you_mean(arch, valid_archs)}; use one of {', '.join(valid_archs)}."
             )
     if variant == TEACHER:
         return variant, None, parts[1]
