@@ -29,7 +29,7 @@ format (a converted teacher costs the same), and the data is ``--dataset`` (defa
     # CPU smoke test (digits: 23 steps per epoch at batch 64):
     python benchmarks/epoch_time.py --config=configs/demo.py:kd_ls --dataset=digits --batch=64
 
-Prints ONE JSON object (keys: see ``README.md``, section "Performance").
+Prints ONE JSON object (keys: see ``docs/measurements.md``, "Training step throughput").
 """
 
 from __future__ import annotations

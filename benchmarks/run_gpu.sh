@@ -27,7 +27,7 @@
 # epoch_time.py, e.g. for a CPU smoke test),
 # TORCH_BENCH (path of torch_kd_step.py; default benchmarks/torch_kd_step.py, then
 # ../shared/bench/torch_kd_step.py; ../shared does not travel to the device machine: copy it into
-# benchmarks/ first). ml_collections is not in the device image: put its wheel in .whl/ (see README).
+# benchmarks/ first). ml_collections is not in the device image: put its wheel in .whl/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

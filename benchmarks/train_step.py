@@ -42,7 +42,7 @@ step run inside a ``jax.profiler`` trace (``zkd_jax.trainer.profile.StepProfiler
     python benchmarks/train_step.py --config=configs/cifar100.py:kd_ls,resnet8,resnet8 --batch=8 \
         --steps=3 --repeats=2 --eval_batch=16
 
-Prints ONE JSON object (keys: see ``README.md``, section "Performance").
+Prints ONE JSON object (keys: see ``docs/measurements.md``, "Training step throughput").
 """
 
 from __future__ import annotations

@@ -81,6 +81,7 @@ LONG_MODULES = (  # longest first, from --durations of a whole run
     "test_feed.py",
     "test_workdir_lock.py",
     "test_cli_errors.py",
+    "test_cli_help.py",
     "test_models_vit.py",
     "test_data_pipelines.py",
 )

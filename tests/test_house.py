@@ -1,4 +1,4 @@
-"""The house's import rule (README "Code layout"): imports point down the layers, never in a circle.
+"""The house's import rule (docs/code_layout.md): imports point down the layers, never in a circle.
 
 Every module of the package is parsed (AST); every import, at the top or inside a function, of a
 ``zkd_jax`` module is an edge. A module may import its own layer or a lower one; an import from a
@@ -14,7 +14,7 @@ import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "zkd_jax"
 
-#: Layer of each part of the package, lowest first (README "Code layout").
+#: Layer of each part of the package, lowest first (docs/code_layout.md).
 LAYERS: dict[str, int] = {
     # the math and the models: JAX only
     "zkd_jax": 0, "zkd_jax.views": 0, "zkd_jax.tempered_kl": 0, "zkd_jax.losses": 0,
@@ -47,7 +47,7 @@ def layer_of(module: str) -> int:
         prefix = ".".join(parts[:n])
         if prefix in LAYERS:
             return LAYERS[prefix]
-    raise AssertionError(f"{module} has no layer: add it to LAYERS and README 'Code layout'")
+    raise AssertionError(f"{module} has no layer: add it to LAYERS and docs/code_layout.md")
 
 
 def resolve(name: str) -> str:
@@ -142,3 +142,11 @@ def test_no_module_level_caches_of_compiled_code():
                     text = ast.unparse(d)
                     assert "lru_cache" not in text and text not in ("cache", "functools.cache"), (
                         f"{module}.{node.name} is cached at module level ({text})")
+
+
+def test_code_layout_page_names_every_part():
+    """docs/code_layout.md, the human side of LAYERS, names every subpackage of the package."""
+    page = (PACKAGE.parent / "docs" / "code_layout.md").read_text()
+    for part in sorted({m.split(".")[1] for m in LAYERS if m.count(".") == 1}):
+        is_package = (PACKAGE / part).is_dir()
+        assert (f"{part}/" if is_package else f"{part}.py") in page, part

@@ -89,7 +89,7 @@ def test_bfloat16_model_keeps_float32_parameters():
 
 
 # --------------------------------------------------------------------------------------------------
-# Initialization (SPEC.md section 4)
+# Initialization (the reference code's, per family)
 # --------------------------------------------------------------------------------------------------
 
 

@@ -1,6 +1,6 @@
 """Every architecture against the reference PyTorch outputs (``fixtures/models_golden.npz``).
 
-Weights come from SPEC.md's NumPy generator (reimplemented below), laid out as the reference's
+Weights come from the golden data's NumPy generator (reimplemented below), laid out as the reference's
 ``state_dict`` (``fixtures/architectures.json``) and converted with ``from_torch_state_dict``. One
 jitted function per architecture computes everything the tests here check (float32 eval and train
 mode, and a bfloat16 forward), so each architecture compiles once; the tests read its cached result.
@@ -27,7 +27,7 @@ CIFAR = [k for k in ARCHS if k.startswith("cifar/")]
 
 
 def reference_state_dict(key: str, seed: int = 0) -> dict[str, np.ndarray]:
-    """SPEC.md's generator: entry ``i`` of the layout (buffers counted) draws from
+    """The golden data's generator: entry ``i`` of the layout (buffers counted) draws from
     ``default_rng([seed, i])``; running statistics come from the npz."""
     family, arch = key.split("/")
     sd = {}

@@ -1,6 +1,6 @@
 """The ViT students and their ResNet-56 teacher against the reference (``fixtures/*_vit*``).
 
-Weights come from SPEC_VIT.md's NumPy generator (reimplemented below) laid out as the reference's
+Weights come from the golden data's NumPy generator (reimplemented below) laid out as the reference's
 ``state_dict`` (``architectures_vit.json``; the teacher under pycls's key names) and converted with
 ``from_torch_state_dict``. One jitted function per student computes its eval and train-mode
 (drop path off) outputs, so each compiles once.
@@ -29,7 +29,7 @@ DATASET = "cifar100_224"
 
 
 def reference_state_dict(name: str, seed: int = 0) -> dict[str, np.ndarray]:
-    """SPEC_VIT.md's generator: entry ``i`` of the layout draws from ``default_rng([seed, i])``;
+    """The golden data's generator: entry ``i`` of the layout draws from ``default_rng([seed, i])``;
     the teacher's running statistics and T2T's fixed tensors come from the npz."""
     sd = {}
     for i, (key, shape) in enumerate(ARCHS[name]["state_dict"]):

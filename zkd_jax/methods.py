@@ -17,14 +17,14 @@ A method is a frozen dataclass with
   scalars for logging (``ce``, ``kd``, ... and schedule values such as ``warmup`` or
   ``temperature``).
 
-Objectives (SPEC.md section 2):
+Objectives:
 
 * ``CrossEntropy``: ``ce_weight * CE(s, y)`` (teacher training).
 * ``KD``: ``ce_weight * CE(s, y) + kd_weight * kd_loss(s, t, tau, standardize)``.
 * ``DKD``: ``ce_weight * CE + min(epoch / warmup_epochs, 1) * dkd_loss(...)``.
 * ``MLKD``: ``mlkd_loss(...)["total"]`` over the weak and strong views.
 * ``CTKD``: KD with ``T = ctkd_temperature(g, ctkd_lambda(epoch))``, ``g`` learned (global variant).
-* ``ViTKD``: the ViT students' objective (SPEC_VIT.md section 1), :func:`vit_kd_objective`.
+* ``ViTKD``: the ViT students' objective, :func:`vit_kd_objective`.
 """
 
 from __future__ import annotations
@@ -267,7 +267,7 @@ class ViTKD:
 
     ``student["weak"]`` is the class head (CE); KD is on ``student[DIST_VIEW]`` (DeiT's
     distillation head) when ``kd_head == "dist"``, on the class head when ``kd_head == "cls"``
-    (T2T, PiT, PVT: which head the reference distilled is unknown, SPEC_VIT.md section 1).
+    (T2T, PiT, PVT: which head the reference distilled is unknown).
     """
 
     temperature: float = 2.0

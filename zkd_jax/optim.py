@@ -1,6 +1,6 @@
 """The optimizer of the reference (PyTorch SGD) and its epoch-wise step-decay schedule.
 
-SPEC.md section 3: weight decay is *coupled* (added to the gradient, ``g + wd * p``) on every
+As in the reference: weight decay is *coupled* (added to the gradient, ``g + wd * p``) on every
 trainable parameter, BatchNorm scales and biases and CTKD's temperature included, before momentum:
 ``v = momentum * v + g; p = p - lr * v`` with ``v`` starting at 0. That is
 ``optax.chain(optax.add_decayed_weights(wd), optax.sgd(schedule, momentum))``.
@@ -9,7 +9,7 @@ The rate for epoch ``e`` (counted from 1) is ``lr * decay_rate ** #{m in milesto
 changes at epoch boundaries only. In steps: update number ``n`` (counted from 0, optax's count)
 belongs to epoch ``n // steps_per_epoch + 1``.
 
-The ViT students' recipe (SPEC_VIT.md section 5) is at the end: :func:`adamw` (decoupled decay
+The ViT students' recipe is at the end: :func:`adamw` (decoupled decay
 masked by :func:`vit_decay_mask`), :func:`cosine_warmup_lr` per epoch and
 :func:`per_epoch_schedule`; :func:`sgd_masked` is their ResNet-56 teacher's SGD.
 """
@@ -69,7 +69,7 @@ def sgd(
 
 
 # --------------------------------------------------------------------------------------------------
-# The ViT reference's recipe (pycls, SPEC_VIT.md sections 3 and 5)
+# The ViT reference's recipe (pycls)
 # --------------------------------------------------------------------------------------------------
 
 #: ``config.optimizer.name`` values (``zkd_jax.trainer.recipe``): :func:`sgd` with the step decay,

@@ -7,7 +7,7 @@ check that they can serve them, and the train step reads each view from its entr
 
 How the views' images are made is the run's *augmentation* (:data:`AUGMENTATIONS`): the CNN
 recipes' ``"cifar"`` (pad-crop + flip, Cutout/RandAugment for the strong view; the images keep the
-dataset's size) or the ViT students' ``"vit"`` (SPEC_VIT.md section 4: RandomResizedCrop to the
+dataset's size) or the ViT students' ``"vit"`` (RandomResizedCrop to the
 students' size, flip, RandAugment, RandomErasing; test images resized; the weak view only).
 """
 

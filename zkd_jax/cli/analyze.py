@@ -1,4 +1,4 @@
-"""``zkd-analyze``: the paper's logit figures for a teacher and its students.
+r"""``zkd-analyze``: the paper's logit figures for a teacher and its students.
 
     zkd-analyze --teacher=workdir/demo/teacher --student=workdir/demo/kd \
         --student=workdir/demo/kd_ls --out=workdir/demo/analysis
@@ -13,9 +13,12 @@ workdir stands for all its ``student_<k>``.
 
 from __future__ import annotations
 
-import sys
 
 from absl import app, flags
+
+from zkd_jax.cli import usage
+
+PROG = "zkd-analyze"
 
 _TEACHER = flags.DEFINE_string("teacher", None, "The teacher's run directory (holding export/).",
                                required=True)
@@ -30,16 +33,18 @@ _LIMIT = flags.DEFINE_integer("limit", 0, "Use only the first N images of the sp
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        usage.fail(PROG, f"unexpected arguments: {' '.join(argv[1:])} (see {PROG} --help)")
+    usage.quiet_logs()  # orbax logs every file it reads at INFO
+    usage.require(PROG, ("matplotlib", "sklearn", "orbax", "etils"))
     from zkd_jax.report.analysis import write_analysis  # after flag parsing
 
     try:
-        stats = write_analysis(_TEACHER.value, _STUDENTS.value, _OUT.value, split=_SPLIT.value,
-                               dataset=_DATASET.value, tsne_samples=_TSNE.value,
-                               limit=_LIMIT.value)
-    except ValueError as err:
-        print(f"zkd-analyze: error: {err}", file=sys.stderr)
-        sys.exit(1)
+        with usage.extras_reported(PROG):
+            stats = write_analysis(_TEACHER.value, _STUDENTS.value, _OUT.value,
+                                   split=_SPLIT.value, dataset=_DATASET.value,
+                                   tsne_samples=_TSNE.value, limit=_LIMIT.value)
+    except (ValueError, OSError) as err:
+        usage.fail(PROG, " ".join(str(err).split()))
     for name, s in stats["students"].items():
         print(f"{name}: agreement {s['agreement']:.2f}%  KL raw {s['kl_raw']:.4f}  KL Z-scored "
               f"{s['kl_standardized']:.4f}  corr diff {s['correlation_difference_mean']:.4f}")
@@ -48,7 +53,9 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
     """The ``zkd-analyze`` entry point."""
-    app.run(main)
+    usage.print_help_if_asked(PROG, __doc__, __name__, usage=(
+        f"{PROG} --teacher=DIR --student=DIR [--student=DIR ...] --out=DIR [--split=test]"))
+    app.run(main, flags_parser=usage.absl_parser(PROG))
 
 
 if __name__ == "__main__":

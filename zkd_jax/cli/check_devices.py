@@ -25,10 +25,16 @@ import sys
 from collections.abc import Sequence
 
 PROG = "zkd-check-devices"
+EXIT_CODES = ("exit codes: 0 the devices are as expected, 1 they are not, 2 usage error "
+              "(as every zkd-* command: zkd_jax.cli.usage)")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  python -m zkd_jax.cli.check_devices --platform tpu --count 4 "
+               "--per-host 4 --kind v4\n\n" + EXIT_CODES)
     parser.add_argument("--platform", required=True, help="expected JAX platform: tpu, gpu or cpu")
     parser.add_argument("--count", type=int, required=True, help="expected jax.device_count()")
     parser.add_argument("--per-host", type=int, default=None,

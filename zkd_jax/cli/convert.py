@@ -1,6 +1,7 @@
 """``zkd-convert``: a published PyTorch teacher -> a zkd_jax variables checkpoint, without torch.
 
-    zkd-convert SRC.pth DST_DIR --arch NAME [--dataset cifar100|imagenet] [--num-classes N] [--force]
+    zkd-convert cifar_teachers/resnet32x4_vanilla/ckpt_epoch_240.pth teachers/resnet32x4 --arch resnet32x4
+    zkd-convert resnet34-b627a593.pth teachers/ResNet34 --arch ResNet34 --dataset imagenet
 
 absl flags, like ``zkd-train``. Exit status 0 on success, 2 on an error a user can fix (one line
 ``zkd-convert: error: ...`` on stderr; ``--verbose`` or ``ZKD_TRACEBACK=1`` adds the traceback):
@@ -17,14 +18,11 @@ from collections.abc import Sequence
 from absl import flags
 
 from zkd_jax import models
-from zkd_jax.cli import errors
+from zkd_jax.cli import errors, usage
 from zkd_jax.io import convert, staging
 
 PROG = "zkd-convert"
-USAGE = (f"usage: {PROG} SRC DST --arch NAME [--dataset DATASET] [--num-classes N] [--force]\n\n"
-         "Convert a PyTorch checkpoint of a reference architecture (a state dict, mdistiller's\n"
-         "{'model': ...} or pycls's {'model_state': ...}) into a zkd_jax (orbax) variables\n"
-         "checkpoint DST (local or gs://; must not exist unless --force), without torch.\n")
+USAGE_LINE = f"{PROG} SRC DST --arch NAME [--dataset DATASET] [--num-classes N] [--force]"
 
 
 def _flag_values() -> flags.FlagValues:
@@ -54,10 +52,14 @@ def run(argv: Sequence[str] | None = None) -> int:
     fv = _flag_values()
     try:
         positional = fv([PROG, *argv])[1:]
+    except flags.UnrecognizedFlagError as err:
+        return _error(f"unknown flag --{err.flagname}{usage.did_you_mean(err.flagname, list(fv))}"
+                      " (see --help)")
     except flags.Error as err:
         return _error(str(err))
     if fv.help:
-        print(USAGE + "\nflags:\n" + fv.get_help(include_special_flags=False))
+        own = list({fv[n].name: fv[n] for n in fv}.values())
+        print(usage.help_text(PROG, __doc__, own, usage=USAGE_LINE, absl_verbosity=False))
         return 0
     if len(positional) != 2:
         return _error(f"expected SRC and DST, got {len(positional)} arguments; see --help.")

@@ -20,7 +20,7 @@ import os
 
 from absl import app, flags
 
-from zkd_jax.cli import errors
+from zkd_jax.cli import errors, usage
 
 PROG = "zkd-report"
 
@@ -38,14 +38,18 @@ _FIGURES = flags.DEFINE_boolean("figures", True, "Write the PNG figures.")
 def main(argv: list[str]) -> None:
     paths = argv[1:]
     if not paths:
-        raise app.UsageError("give at least one RUN_DIR: zkd-report RUN_DIR... [--out DIR]")
+        usage.fail(PROG, f"give at least one RUN_DIR: {PROG} RUN_DIR... [--out DIR] "
+                   f"(see {PROG} --help)")
+    usage.quiet_logs()
+    if _FIGURES.value:
+        usage.require(PROG, ("matplotlib",))
     from zkd_jax.report import make_report  # after flag parsing: keeps --help fast
 
     out = _OUT.value or os.path.join(paths[0], "report")
     if os.path.exists(out) and not os.path.isdir(out):
         errors.fail(PROG, f"--out={out} is a file, not a directory; give a directory (it is "
                           "created if missing).")
-    with errors.reported(PROG):
+    with usage.extras_reported(PROG), errors.reported(PROG):
         result = make_report(paths, out, reference_logs=_REFERENCE.value, layout=_LAYOUT.value,
                              figures=_FIGURES.value)
     print(result["text"])
@@ -54,7 +58,9 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
     """The ``zkd-report`` entry point."""
-    app.run(main)
+    usage.print_help_if_asked(PROG, __doc__, __name__, usage=(
+        f"{PROG} RUN_DIR... [--out=DIR] [--layout=runs|paper] [--reference-logs=DIR]"))
+    app.run(main, flags_parser=usage.absl_parser(PROG))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""``zkd-train``: the command line of the trainer (absl flags + ``ml_collections.config_flags``).
+r"""``zkd-train``: the command line of the trainer (absl flags + ``ml_collections.config_flags``).
 
     zkd-train --workdir=workdir/demo                      # the offline demo (the default config)
     zkd-train --config=configs/cifar100.py:kd_ls,resnet32x4,resnet8x4 --workdir=DIR \
@@ -18,11 +18,13 @@ import os
 import re
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import app, flags
 
 import zkd_jax.configs
-from zkd_jax.cli import errors
+from zkd_jax.cli import errors, usage
+
+usage.require("zkd-train", usage.TRAIN_MODULES)  # one line naming the extra, not an ImportError
+from ml_collections import config_flags  # noqa: E402
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(zkd_jax.configs.__file__), "demo.py")
 
@@ -47,33 +49,41 @@ def _define_flags() -> None:
     except (AttributeError, KeyError) as err:  # --config.FIELD=... for a field the config lacks
         _exit_unknown_field(err)
     _FLAGS["workdir"] = flags.DEFINE_string(
-        "workdir", None, "Directory (local or gs://) for checkpoints, metrics and the summary.",
-        required=True,
-    )
+        "workdir", None, "Directory (local or gs://) for checkpoints, metrics and the summary "
+        "(required unless --print_config).")
+    _FLAGS["print_config"] = flags.DEFINE_bool(
+        "print_config", False, "Print the resolved config, every field with its help, and exit.")
     _FLAGS["verbose"] = flags.DEFINE_bool(
         "verbose", False, f"Show the traceback of an error too (as {errors.TRACEBACK_ENV}=1 does).")
 
 
 def _exit_unknown_field(err: BaseException) -> None:
     name = str(_root_cause(err)).strip("\"'")
-    print(f"zkd-train: error: the config has no field {name!r}; check the --config.FIELD "
-          "overrides against the config file.", file=sys.stderr)
-    sys.exit(2)
+    usage.fail("zkd-train", usage.unknown_field_message(sys.argv[1:], _DEFAULT_CONFIG, name))
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+        usage.fail("zkd-train",
+                   f"unexpected arguments: {' '.join(argv[1:])} (see zkd-train --help)")
+    usage.quiet_logs()  # orbax logs every file it writes at INFO
     from zkd_jax.cli import runs  # after flag parsing: keeps --help fast
 
-    with errors.reported("zkd-train", verbose=_FLAGS["verbose"].value):
+    with errors.reported("zkd-train", verbose=_FLAGS["verbose"].value), \
+            usage.extras_reported("zkd-train"):
         try:
             config = _FLAGS["config"].value
             config.get("suite")  # config_flags loads the file lazily: fail here, not deep inside
         except OSError as err:  # config_flags defers a missing/broken --config file to here
             raise ValueError(f"cannot load the --config file: {_root_cause(err)}") from err
+        if _FLAGS["print_config"].value:
+            from zkd_jax.configs import fields  # noqa: PLC0415
+
+            print(fields.describe(config))
+            return
+        if not _FLAGS["workdir"].value:
+            usage.fail("zkd-train", "--workdir is required (a local directory or gs://...); "
+                       "see zkd-train --help")
         runs.run(config, _FLAGS["workdir"].value)
 
 
@@ -93,6 +103,9 @@ def _parse_flags(argv: list[str]) -> list[str]:
     """absl's parsing, but a config argument that get_config rejects ends in one line."""
     try:
         return flags.FLAGS(argv)
+    except flags.UnrecognizedFlagError as err:
+        errors.fail("zkd-train", f"unknown flag --{err.flagname}"
+                    f"{usage.did_you_mean(err.flagname, list(flags.FLAGS))} (see zkd-train --help)")
     except flags.Error as err:
         cause = _root_cause(err)
         message = str(cause) if isinstance(cause, (ValueError, TypeError)) else str(err)
@@ -108,6 +121,10 @@ def _parse_flags(argv: list[str]) -> list[str]:
 def run() -> None:
     """The ``zkd-train`` entry point."""
     _define_flags()
+    usage.print_help_if_asked(
+        "zkd-train", __doc__, __name__,
+        usage="zkd-train [--config=FILE[:ARG]] --workdir=DIR [--config.FIELD=VALUE ...]",
+        extra=["  --config.FIELD=VALUE: override a config field (see --print_config)"])
     app.run(main, flags_parser=_parse_flags)
 
 

@@ -4,5 +4,5 @@
 * ``zkd_jax.configs.imagenet.get_config("kd_ls,ResNet34,ResNet18")``
 * ``zkd_jax.configs.demo.get_config()``: the offline default of ``zkd-train`` (digits).
 
-The per-pair table of SPEC.md section 3 is ``zkd_jax.configs.common.CIFAR100_PAIRS``.
+The paper's per-pair table is ``zkd_jax.configs.common.CIFAR100_PAIRS``.
 """

@@ -1,7 +1,7 @@
 """CIFAR-100 configs: ``get_config("METHOD,TEACHER,STUDENT")`` or ``get_config("teacher,ARCH")``.
 
 METHOD is one of kd, kd_ls, dkd, dkd_ls, mlkd, mlkd_ls, ctkd, ctkd_ls ("_ls": with logit
-standardization). Per-pair settings come from ``common.CIFAR100_PAIRS`` (SPEC.md section 3); a pair
+standardization). Per-pair settings come from ``common.CIFAR100_PAIRS``; a pair
 outside that table gets the method's defaults (listed in ``config.paper.defaulted``).
 
 Command line: ``zkd-train --config=configs/cifar100.py:kd_ls,resnet32x4,resnet8x4 --workdir=DIR

@@ -1,4 +1,4 @@
-"""The ViT students of the paper (SPEC_VIT.md): ``get_config("METHOD,resnet56,STUDENT")``,
+"""The ViT students of the paper: ``get_config("METHOD,resnet56,STUDENT")``,
 ``get_config("base,STUDENT")`` or ``get_config("teacher,resnet56")``.
 
 STUDENT is one of deit_ti, t2t_vit_7, pit_ti, pvt_ti (``models`` family ``cifar100_224``: CIFAR-100
@@ -26,7 +26,7 @@ STUDENTS = ("deit_ti", "t2t_vit_7", "pit_ti", "pvt_ti")
 DEFAULT = "kd_ls,resnet56,deit_ti"
 #: EXTRA_WEIGHT_IN of the reference's configs (DeiT 10; the others leave the default 9).
 EXTRA_WEIGHT = {"deit_ti": 10.0, "t2t_vit_7": 9.0, "pit_ti": 9.0, "pvt_ti": 9.0}
-#: SPEC_VIT.md section 6: README (Base, ECCV2022, KD+Ours) and the official logs (best, last).
+#: The reference code's README (Base, ECCV2022, KD+Ours) and the official logs (best, last).
 TOP1 = {
     "deit_ti": dict(base=65.08, eccv2022=78.15, kd_ls=78.55, log_best=78.73, log_last=78.46),
     "t2t_vit_7": dict(base=69.37, eccv2022=78.35, kd_ls=78.43, log_best=78.10, log_last=77.95),
@@ -63,7 +63,9 @@ def _base(student: str, variant: str) -> ml_collections.ConfigDict:
         teacher_train_mode=True,  # BN batch statistics (the reference's model.train())
         eval_head="mean",  # DeiT: test accuracy on (cls + dist) / 2
     ))
-    c.paper.source = "tiny-transformers (SPEC_VIT.md)"
+    c.paper.source = ("Sun et al., CVPR 2024 (arXiv 2403.01427), ViT students (reference code: "
+                      "tiny-transformers); settings: zkd_jax/configs/cifar100_vit.py, "
+                      "docs/configs.md")
     return c
 
 

@@ -1,11 +1,11 @@
-"""Solver and method defaults, and THE one table of per-pair settings (SPEC.md section 3).
+"""Solver and method defaults, and THE one table of per-pair settings.
 
 Everything a benchmark config needs that comes from the paper lives in this file:
 
 * ``METHOD_DEFAULTS``: the per-method defaults (baseline and "+LS", i.e. logit standardization).
 * ``CIFAR100_PAIRS``: one row per teacher -> student pair of the paper with the per-pair settings
   read from the reference run logs (KD+LS, DKD+LS, MLKD+LS, baseline DKD beta) and the paper's
-  reported CIFAR-100 top-1 per method (SPEC.md section 7).
+  reported CIFAR-100 top-1 per method.
 * ``IMAGENET_PAIRS``: the two ImageNet pairs.
 * the CIFAR-100 and ImageNet solvers, MLKD's epochs / learning-rate rules and the lower learning rate
   of MobileNet / ShuffleNet students.
@@ -18,24 +18,26 @@ defaults. ``zkd_jax.configs.cifar100`` / ``imagenet`` / ``demo`` call it.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from typing import Any, Mapping
 
 import ml_collections
 from ml_collections import config_dict
 
-PAPER = "Sun et al., CVPR 2024 (arXiv 2403.01427); settings as SPEC.md section 3"
+PAPER = ("Sun et al., CVPR 2024 (arXiv 2403.01427); settings: zkd_jax/configs/common.py, "
+         "listed on the documentation's Configs page (docs/configs.md)")
 
 # The method variants a config argument may name ("+LS" = with logit standardization).
 METHODS: tuple[str, ...] = ("kd", "kd_ls", "dkd", "dkd_ls", "mlkd", "mlkd_ls", "ctkd", "ctkd_ls")
 TEACHER = "teacher"
 
-# Students whose CIFAR-100 learning rate is 0.01 instead of 0.05 (SPEC.md section 3).
+# Students whose CIFAR-100 learning rate is 0.01 instead of 0.05.
 LOW_LR_STUDENTS: tuple[str, ...] = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
 
 
 @dataclasses.dataclass(frozen=True)
 class PairSettings:
-    """Per-pair settings of SPEC.md section 3 (the "+LS" columns are read from the reference logs).
+    """Per-pair settings of the paper (the "+LS" columns are read from the reference code's logs).
 
     Attributes:
         kd_ls: (base temperature, kd weight w) of KD+LS.
@@ -53,12 +55,12 @@ class PairSettings:
 
 
 def _top1(*values: float) -> dict[str, float]:
-    """Paper results in the column order of SPEC.md section 7."""
+    """The paper's CIFAR-100 results, in the column order of its table."""
     order = ("kd", "kd_ls", "ctkd", "ctkd_ls", "dkd", "dkd_ls", "mlkd", "mlkd_ls")
     return dict(zip(order, values, strict=True))
 
 
-# THE table: SPEC.md section 3 (settings) and section 7 (results).
+# THE table: the paper's per-pair settings and its results.
 CIFAR100_PAIRS: dict[tuple[str, str], PairSettings] = {
     ("resnet32x4", "resnet8x4"): PairSettings(
         (2, 9), (2, 9, 8), (2, 9), 8,
@@ -109,7 +111,7 @@ CIFAR100_PAIRS: dict[tuple[str, str], PairSettings] = {
 
 @dataclasses.dataclass(frozen=True)
 class ImageNetPair:
-    """ImageNet pair: KD baseline weights (SPEC.md section 3) and reference results (section 6/7)."""
+    """ImageNet pair: KD baseline weights and reference results (section 6/7)."""
 
     kd_ce_weight: float
     reference_top1: Mapping[str, float]
@@ -121,7 +123,7 @@ IMAGENET_PAIRS: dict[tuple[str, str], ImageNetPair] = {
     ("ResNet50", "MobileNetV1"): ImageNetPair(0.5, {"kd": 70.50}),
 }
 
-# Per-method defaults (SPEC.md section 3, first table). "+LS" rows are the defaults for pairs outside
+# Per-method defaults (the paper's baselines and +LS). "+LS" rows are the defaults for pairs outside
 # the per-pair table. CTKD's temperature is learned; `temperature` is used only with learn=False.
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "kd": dict(name="kd", standardize=False, temperature=4.0, ce_weight=0.1, kd_weight=0.9),
@@ -137,7 +139,7 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     TEACHER: dict(name="ce", ce_weight=1.0),
 }
 
-# CTKD's global temperature module (SPEC.md section 2): T = t_start + t_end * sigmoid(GRL(g, lambda)).
+# CTKD's global temperature module: T = t_start + t_end * sigmoid(GRL(g, lambda)).
 CTKD_DEFAULTS: dict[str, Any] = dict(
     learn=True, init=1.0, t_start=1.0, t_end=20.0, lmax=0.0, lmin=-1.0, loops=10)
 
@@ -151,7 +153,7 @@ IMAGENET_SOLVER: dict[str, Any] = dict(
 
 
 def cifar100_lr_and_epochs(variant: str, teacher: str | None, student: str) -> tuple[float, int]:
-    """Learning rate and epochs of a CIFAR-100 run (SPEC.md section 3: CIFAR-100 solver, MLKD)."""
+    """Learning rate and epochs of a CIFAR-100 run (the CIFAR-100 solver; MLKD's own)."""
     low_lr = student in LOW_LR_STUDENTS
     if variant.startswith("mlkd"):
         shuffle_from_r32x4 = teacher == "resnet32x4" and student in ("ShuffleV1", "ShuffleV2")
@@ -285,6 +287,12 @@ def method_keys(settings: Mapping[str, Any]) -> tuple[str, ...]:
     return keys + tuple(f"method.ctkd.{k}" for k in settings.get("ctkd", {}))
 
 
+def _did_you_mean(name: str, valid: tuple[str, ...]) -> str:
+    """`` (did you mean 'x'?)`` for the closest valid name, or ``""``."""
+    near = difflib.get_close_matches(name, valid, n=1, cutoff=0.7)
+    return f" (did you mean {near[0]!r}?)" if near else ""
+
+
 def parse_argument(
     arg: str | None, *, valid_archs: tuple[str, ...], default: str
 ) -> tuple[str, str | None, str]:
@@ -298,7 +306,8 @@ def parse_argument(
     variant = parts[0]
     if variant not in METHODS + (TEACHER,):
         raise ValueError(
-            f"unknown method {variant!r} in config argument {arg!r}; use one of "
+            f"unknown method {variant!r} in config argument {arg!r}"
+            f"{_did_you_mean(variant, METHODS + (TEACHER,))}; use one of "
             f"{', '.join(METHODS + (TEACHER,))}."
         )
     expected = 2 if variant == TEACHER else 3
@@ -308,8 +317,8 @@ def parse_argument(
     for arch in parts[1:]:
         if arch not in valid_archs:
             raise ValueError(
-                f"unknown architecture {arch!r} in config argument {arg!r}; use one of "
-                f"{', '.join(valid_archs)}."
+                f"unknown architecture {arch!r} in config argument {arg!r}"
+                f"{_did_you_mean(arch, valid_archs)}; use one of {', '.join(valid_archs)}."
             )
     if variant == TEACHER:
         return variant, None, parts[1]

@@ -9,7 +9,7 @@ download). ``zkd-train --config=configs/demo.py --workdir=workdir/demo`` runs ``
 
 then prints a table of the three test accuracies. The method settings are the paper's defaults for
 a pair outside its table; the architectures, epochs and learning rate are the demo's own (chosen so
-that the whole demo runs in a few minutes on a 2-core CPU; README "Two commands"), not the paper's.
+that the whole demo runs in a few minutes on a 2-core CPU; docs/demo.md), not the paper's.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 The paper's pairs are ResNet34 -> ResNet18 and ResNet50 -> MobileNetV1 (``common.IMAGENET_PAIRS``).
 Solver: SGD momentum 0.9, weight decay 1e-4, batch 512, 100 epochs, lr 0.2, x0.1 after epochs 30,
-60 and 90. KD baseline: tau 1, ce 1 (0.5 for ResNet50 -> MobileNetV1), kd 0.5. SPEC.md gives no
+60 and 90. KD baseline: tau 1, ce 1 (0.5 for ResNet50 -> MobileNetV1), kd 0.5. The paper gives no
 ImageNet-specific setting for the other variants (+LS included): they get the method defaults,
 listed in ``config.paper.defaulted``. Teachers are torchvision's weights converted with zkd-convert.
 """

@@ -16,7 +16,7 @@ Batches are NumPy dicts of this process's share (the trainer makes global arrays
   batch from them, equal bit for bit (one lookup table, ``zkd_jax.data.normalization``). The
   trainer's tf.data feed (``zkd_jax.data.feeds``) works this way.
 
-Accepted deviation (SPEC.md section 5): every epoch drops the last partial batch
+Accepted deviation: every epoch drops the last partial batch
 (``N // global_batch`` steps: 781 for CIFAR-100 at batch 64, where the reference runs 782 with a
 last batch of 16), because jitted steps want static shapes. The dropped examples change with the
 epoch's shuffle, so all examples are seen.

@@ -4,7 +4,7 @@ Every function here needs TensorFlow (imported lazily on first use through ``tfd
 Images are uint8 NHWC; random parameters come in as uniform [0, 1) arrays drawn by the caller from
 stateless seeds, so each op is a pure function of its inputs.
 
-RandAugment follows SPEC.md section 5 (the MLKD reference's PIL implementation): two ops drawn
+RandAugment follows the MLKD reference's PIL implementation: two ops drawn
 uniformly, with replacement, from the 14 below; each op's magnitude is drawn uniformly in its range:
 
 ==============  ===============  ======================================================

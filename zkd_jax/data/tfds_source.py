@@ -8,15 +8,36 @@ accelerator JAX trains on). Every function in this module needs TensorFlow and T
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import sys
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
 _LOCK = threading.Lock()
 _TF_MODULE: Any = None
+
+
+@contextlib.contextmanager
+def _native_stderr_quiet(enabled: bool) -> Iterator[None]:
+    """Silences file descriptor 2 while TensorFlow's native code starts: its C++ logging prints
+    INFO lines (oneDNN, CPU features) before it reads ``TF_CPP_MIN_LOG_LEVEL``."""
+    if not enabled:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def import_tf():
@@ -29,20 +50,23 @@ def import_tf():
         return _TF_MODULE
     with _LOCK:
         if _TF_MODULE is None:
+            # TF_CPP_MIN_LOG_LEVEL=0 asks for TF's native logs (libraries set it to 1 themselves).
+            quiet = os.environ.get("TF_CPP_MIN_LOG_LEVEL") != "0"
             os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-            try:
-                import tensorflow as tf_module  # pylint: disable=import-outside-toplevel
-            except ImportError as e:  # pragma: no cover - depends on the install
-                raise ValueError(
-                    "The tf.data input pipelines need TensorFlow and TFDS; install them with "
-                    "`pip install -e '.[data]'` or use the on-device path (zkd_jax.data.device) "
-                    "with arrays from elsewhere."
-                ) from e
-            try:
-                tf_module.config.set_visible_devices([], "GPU")
-            except (RuntimeError, ValueError):
-                # TF already initialised its devices (someone imported it first); nothing to do.
-                pass
+            with _native_stderr_quiet(quiet):
+                try:
+                    import tensorflow as tf_module  # pylint: disable=import-outside-toplevel
+                except ImportError as e:  # pragma: no cover - depends on the install
+                    raise ValueError(
+                        "The tf.data input pipelines need TensorFlow and TFDS; install them with "
+                        "pip install 'zkd_jax[data]', or use the on-device path "
+                        "(zkd_jax.data.device) with arrays from elsewhere."
+                    ) from e
+                try:
+                    tf_module.config.set_visible_devices([], "GPU")
+                except (RuntimeError, ValueError):
+                    # TF already initialised its devices (someone imported it first).
+                    pass
             _TF_MODULE = tf_module
     return _TF_MODULE
 

@@ -1,4 +1,4 @@
-"""tf.data ops of the ViT students' input (SPEC_VIT.md section 4; timm's ``create_transform``).
+"""tf.data ops of the ViT students' input (the reference's timm ``create_transform``).
 
 Train: RandomResizedCrop 224 (scale 0.08-1, ratio 3/4-4/3, bicubic on the 32-px image), horizontal
 flip 0.5, RandAugment ``rand-m9-mstd0.5-inc1``, ToTensor + Normalize (ImageNet mean/std),

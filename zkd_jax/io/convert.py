@@ -177,7 +177,7 @@ def rename_pycls_resnet(state_dict: Mapping[str, Any]) -> dict[str, Any]:
 
     ``stem.conv -> conv1``, ``stem.bn -> bn1``, ``sK.bJ -> layerK.(J-1)`` with ``f.a -> conv1``,
     ``f.a_bn -> bn1``, ``f.b -> conv2``, ``f.b_bn -> bn2``, ``proj -> downsample.0``,
-    ``bn -> downsample.1``; ``head.fc -> fc`` (SPEC_VIT.md section 3: the same network).
+    ``bn -> downsample.1``; ``head.fc -> fc`` (the same network).
     """
     out: dict[str, Any] = {}
     for key, value in state_dict.items():

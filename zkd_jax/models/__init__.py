@@ -1,9 +1,14 @@
-"""The model zoo of the reference (SPEC.md section 4) as Flax linen modules, and its registry.
+"""The model zoo of the paper's reference code as Flax linen modules, and its registry.
 
->>> model = create("resnet8x4", num_classes=100)  # CIFAR by default
->>> variables = model.init(jax.random.key(0), jnp.zeros((2, 32, 32, 3)), train=False)
->>> logits = model.apply(variables, images, train=False)  # [2, 100] float32
+>>> import jax, jax.numpy as jnp
+>>> model = create("resnet8", num_classes=100)  # CIFAR by default
+>>> images = jnp.zeros((2, 32, 32, 3))
+>>> variables = model.init(jax.random.key(0), images, train=False)
+>>> model.apply(variables, images, train=False).shape  # float32 logits
+(2, 100)
 >>> logits, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
+>>> sorted(updates)
+['batch_stats']
 
 Every module takes NHWC float images and returns float32 logits ``[B, num_classes]``; parameters are
 float32 (collection ``params``), ``dtype`` is the compute dtype; BatchNorm running statistics live
@@ -83,7 +88,7 @@ _IMAGENET: dict[str, Callable[..., nn.Module]] = {
     "MobileNetV1": MobileNetV1,
 }
 
-#: The ViT students of the paper's third experiment (SPEC_VIT.md): CIFAR upsampled to 224 px. Their
+#: The ViT students of the paper's third experiment: CIFAR upsampled to 224 px. Their
 #: teacher is the 32-px ``cifar100`` ``resnet56``. DeiT returns its class head in train mode and
 #: the mean of both heads in eval mode; ``return_heads=True`` gives ``{"cls", "dist"}``.
 _VIT_224: dict[str, Callable[..., nn.Module]] = {

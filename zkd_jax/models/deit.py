@@ -1,4 +1,4 @@
-"""DeiT-Ti with a distillation token (SPEC_VIT.md section 2): ``deit_ti`` of ``cifar100_224``.
+"""DeiT-Ti with a distillation token: ``deit_ti`` of ``cifar100_224``.
 
 ``x [B, 224, 224, 3]`` -> ``patch_embed.projection`` (conv 16/16, bias) -> 196 tokens; sequence
 ``[cls, dist, patches] + pos_embed`` (198 x 192); 12 pre-norm blocks (dim 192, 3 heads, MLP 4,
@@ -63,7 +63,7 @@ class DeiT(nn.Module):
     dtype: Any = jnp.float32
 
     def drop_path_schedule(self) -> list[float]:
-        """The drop-path rate of each block, in order (SPEC_VIT.md section 2)."""
+        """The drop-path rate of each block, in order."""
         return drop_path_rates(self.drop_path_rate, self.depth)
 
     @nn.compact

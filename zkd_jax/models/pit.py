@@ -1,4 +1,4 @@
-"""PiT-Ti, the pooling-based ViT (SPEC_VIT.md section 2): ``pit_ti`` of ``cifar100_224``.
+"""PiT-Ti, the pooling-based ViT: ``pit_ti`` of ``cifar100_224``.
 
 ``patch_embed.conv`` (k16 s8 p0, bias) -> 64 x 27 x 27, plus ``pos_embed`` (stored as PyTorch's
 ``[1, 64, 27, 27]``); ``cls_token`` (64, no position). Three stages ``transformers_{0,1,2}`` of
@@ -77,7 +77,7 @@ class PiT(nn.Module):
     dtype: Any = jnp.float32
 
     def drop_path_schedule(self) -> list[float]:
-        """The drop-path rate of each block, in order (SPEC_VIT.md section 2)."""
+        """The drop-path rate of each block, in order."""
         return [self.drop_path_rate * i / sum(self.depths) for i in range(sum(self.depths))]
 
     @nn.compact

@@ -1,4 +1,4 @@
-"""PVT-Ti, the pyramid ViT with spatial-reduction attention (SPEC_VIT.md section 2): ``pvt_ti``.
+"""PVT-Ti, the pyramid ViT with spatial-reduction attention: ``pvt_ti``.
 
 Four stages ``i = 1..4``: ``patch_embed{i}`` (``proj`` conv k = s = 4/2/2/2 with bias, then
 LayerNorm ``norm``) -> grids 56, 28, 14, 7; dims 64/128/320/512, 2 blocks each (``block{i}_{j}``),
@@ -78,7 +78,7 @@ class PVT(nn.Module):
     dtype: Any = jnp.float32
 
     def drop_path_schedule(self) -> list[float]:
-        """The drop-path rate of each block, in order (SPEC_VIT.md section 2)."""
+        """The drop-path rate of each block, in order."""
         return drop_path_rates(self.drop_path_rate, sum(self.depths))
 
     @nn.compact

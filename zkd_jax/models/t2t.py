@@ -1,4 +1,4 @@
-"""T2T-ViT-7 (SPEC_VIT.md section 2): ``t2t_vit_7`` of ``cifar100_224``.
+"""T2T-ViT-7: ``t2t_vit_7`` of ``cifar100_224``.
 
 Tokens-to-token module ``t2t_module``: soft split ``Unfold(7, s4, p2)`` -> ``[B, 3136, 147]``
 (features ``(c, kh, kw)``, c slowest) -> Performer layer ``attention_0`` (147 -> 64) -> 56x56 grid ->
@@ -139,7 +139,7 @@ class T2TViT(nn.Module):
     dtype: Any = jnp.float32
 
     def drop_path_schedule(self) -> list[float]:
-        """The drop-path rate of each block, in order (SPEC_VIT.md section 2)."""
+        """The drop-path rate of each block, in order."""
         return drop_path_rates(self.drop_path_rate, self.depth)
 
     @nn.compact

@@ -1,4 +1,4 @@
-"""Transformer building blocks of the reference's ViT students (SPEC_VIT.md section 2), Flax linen.
+"""Transformer building blocks of the reference's ViT students, Flax linen.
 
 Semantics shared by DeiT-Ti, T2T-ViT-7, PiT-Ti and PVT-Ti (the pycls fork ``tiny-transformers``):
 
@@ -209,7 +209,7 @@ class Block(nn.Module):
 
 def teacher_input(images: Array, size: int = 32) -> Array:
     """The teacher's view of the students' batch: ``F.interpolate(x, size, bilinear,
-    align_corners=False)`` without antialiasing (SPEC_VIT.md section 1).
+    align_corners=False)`` without antialiasing.
 
     ``images [B, H, H, C]`` with ``H = f * size``. Output pixel ``i`` samples input coordinate
     ``f i + (f - 1) / 2``: for odd ``f`` (224 / 32 = 7) that is exactly pixel ``(7 i + 3, 7 j + 3)``

@@ -17,7 +17,7 @@ stack, in one of two forms (``config.students_form``):
   ``dot_general`` with a K batch dimension each) rather than grouped convolutions; the teacher
   keeps XLA's convolution. Same sums, another order of accumulation (float rounding).
 
-The forms' speeds are measured in README "Several students in one program".
+The forms' speeds: docs/measurements.md.
 
 THE SEAM: ``students_update`` is the one function that maps the single-student update
 (``zkd_jax.step.make_student_update``) over the K students. A faster form (for instance students
@@ -119,7 +119,7 @@ def students_update(
       teacher_logits, images, labels, epoch: as for one student (not mapped).
       form: ``"loop"``: the K single-student updates unrolled in one program (each the single
         run's computation). ``"vmap"``: ``jax.vmap`` over the stack (grouped convolutions; about
-        1.0x one student on an H100 per issue 7). ``"vmap_matmul"``: the same vmap with the
+        1.0x one student on an H100, as reported). ``"vmap_matmul"``: the same vmap with the
         students' convolutions traced as patch matrix products
         (``zkd_jax.models.layers.conv_implementation``), so the K students' convolutions become
         batched matrix products. A faster form goes here, same signature.

@@ -31,9 +31,9 @@ from zkd_jax.parallel import batch_sharding, replicated
 def default_unroll(mesh: Mesh) -> bool:
     """Unroll the n steps on CPU meshes, keep a loop elsewhere.
 
-    XLA:CPU runs a ``lax.scan`` while-loop body far slower than the same steps unrolled (README
-    "Input pipelines" has the measurement); on accelerators a loop keeps compilation at one step's
-    cost.
+    XLA:CPU runs a ``lax.scan`` while-loop body far slower than the same steps unrolled
+    (docs/measurements.md has the measurement); on accelerators a loop keeps compilation at one
+    step's cost.
     """
     return mesh.devices.flat[0].platform == "cpu"
 

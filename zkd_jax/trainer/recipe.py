@@ -5,7 +5,7 @@
 * The optimizer, by ``config.optimizer.name`` (absent: ``"sgd"``):
 
   - ``"sgd"``: PyTorch SGD with coupled weight decay on every parameter and the step decay of
-    ``lr``, ``milestones``, ``decay_rate`` (the CNN recipes, SPEC.md section 3);
+    ``lr``, ``milestones``, ``decay_rate`` (the CNN recipes);
   - ``"adamw"``: AdamW with decoupled decay on the weight matrices only (``optim.adamw``,
     ``optim.vit_decay_mask``; ``weight_decay``, ``b1``, ``b2``, ``eps``), the ViT students;
   - ``"sgd_masked"``: SGD whose coupled decay skips 1-D tensors and biases
