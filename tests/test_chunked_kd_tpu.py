@@ -27,6 +27,16 @@ KD_CHUNK = 128  # rows: aligned, as the automatic chunks are
 FUSED_CHUNK = 8  # 1/256 of the rows, as the automatic chunk of [8192, 128256]
 
 
+@pytest.fixture(autouse=True)
+def no_persistent_cache():
+    """JAX's persistent compilation cache (tests/conftest.py) cannot load an executable compiled
+    for devices that are not there: it would store each one and warn on reading it back."""
+    before = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    yield
+    jax.config.update("jax_enable_compilation_cache", before)
+
+
 @functools.cache
 def tpu_devices(topology: str):
     return topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
