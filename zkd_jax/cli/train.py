@@ -9,11 +9,16 @@
 What a config runs is ``zkd_jax.cli.runs.run``: the demo suite, or one run of the trainer (after
 training a missing teacher when the config asks for it). A run started in a workdir that holds
 checkpoints resumes. Errors a user can fix end with one line ``zkd-train: error: ...`` and exit
-code 2 (``zkd_jax.cli.errors``); ``--verbose`` or ``ZKD_TRACEBACK=1`` adds the traceback.
+code 2 (``zkd_jax.cli.errors``); ``--verbose`` or ``ZKD_TRACEBACK=1`` adds the traceback. A run
+that fails (a full disk, NaN) ends with exit code 1; a preempted run (SIGTERM) saves a checkpoint
+at the next step and ends with exit code 75: rerun the same command to resume
+(``zkd_jax.trainer.preemption``). ``--allow_config_change`` lets a resumed run continue with a config
+that differs from its checkpoints' (``zkd_jax.trainer.identity``).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import sys
@@ -52,10 +57,17 @@ def _define_flags() -> None:
     )
     _FLAGS["verbose"] = flags.DEFINE_bool(
         "verbose", False, f"Show the traceback of an error too (as {errors.TRACEBACK_ENV}=1 does).")
+    _FLAGS["allow_config_change"] = flags.DEFINE_bool(
+        "allow_config_change", False,
+        "Resume a run with a config that differs from the one its checkpoints were trained with "
+        "(the change is recorded in summary.json); without it such a resume stops.")
 
 
 def _exit_unknown_field(err: BaseException) -> None:
     name = str(_root_cause(err)).strip("\"'")
+    if "has no attribute 'get_config" in name:  # an empty config file, or one without it
+        errors.fail("zkd-train", "the --config file defines no get_config() function; it must "
+                    "define get_config() returning an ml_collections.ConfigDict.")
     print(f"zkd-train: error: the config has no field {name!r}; check the --config.FIELD "
           "overrides against the config file.", file=sys.stderr)
     sys.exit(2)
@@ -68,13 +80,30 @@ def main(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
     from zkd_jax.cli import runs  # after flag parsing: keeps --help fast
 
-    with errors.reported("zkd-train", verbose=_FLAGS["verbose"].value):
+    from zkd_jax.trainer import faults  # noqa: PLC0415
+
+    verbose = _FLAGS["verbose"].value
+    with errors.reported("zkd-train", verbose=verbose):
         try:
             config = _FLAGS["config"].value
             config.get("suite")  # config_flags loads the file lazily: fail here, not deep inside
         except OSError as err:  # config_flags defers a missing/broken --config file to here
             raise ValueError(f"cannot load the --config file: {_root_cause(err)}") from err
-        runs.run(config, _FLAGS["workdir"].value)
+        except flags.Error as err:  # get_config() returned None
+            raise ValueError(f"the --config file gave no config ({_root_cause(err)}); its "
+                             "get_config() must return an ml_collections.ConfigDict.") from err
+        workdir = _FLAGS["workdir"].value
+        try:
+            with faults.quiet_background_errors(not verbose):
+                runs.run(config, workdir, allow_config_change=_FLAGS["allow_config_change"].value)
+        except OSError as err:
+            if not faults.is_disk_full(err) or err.filename:
+                raise
+            raise OSError(errno.ENOSPC, "No space left on device", workdir) from err
+        except Exception as err:  # e.g. a background write's error that reached the main thread
+            if isinstance(err, errors.user_errors()) or not faults.is_disk_full(err):
+                raise
+            raise OSError(errno.ENOSPC, "No space left on device", workdir) from err
 
 
 def _root_cause(err: BaseException) -> BaseException:
@@ -93,6 +122,10 @@ def _parse_flags(argv: list[str]) -> list[str]:
     """absl's parsing, but a config argument that get_config rejects ends in one line."""
     try:
         return flags.FLAGS(argv)
+    except SyntaxError as err:  # the --config file is not valid Python
+        where = f"{err.filename}, line {err.lineno}" if err.filename else "the --config file"
+        errors.fail("zkd-train", f"cannot load the --config file: {err.msg} ({where}); fix the "
+                    "file.")
     except flags.Error as err:
         cause = _root_cause(err)
         message = str(cause) if isinstance(cause, (ValueError, TypeError)) else str(err)

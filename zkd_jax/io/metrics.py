@@ -4,7 +4,8 @@
   train loss terms (``train_loss``, ``train_ce``, ``train_kd``, ...), ``top1``, ``top5`` (test, %),
   ``images_per_sec`` (training throughput of the epoch), ``epoch_seconds`` (training time of the
   epoch), ``eval_seconds`` (its evaluation) and ``run`` (the run's identity, ``run_identity``).
-* TensorBoard event files (tensorboardX; no TensorFlow) with the same scalars.
+* TensorBoard event files (tensorboardX; no TensorFlow) with the same scalars, rewritten from
+  ``metrics.jsonl`` when a run resumes (``zkd_jax.io.tensorboard``): each point once.
 * ``summary.json``: ``best_top1``, ``best_epoch``, ``last_top1``, ``last_epoch``, the run's
   identity (``run``: dataset, method, teacher, student, seed; also ``seed``), ``wall_seconds``
   (training and evaluation, summed over the epochs of ``metrics.jsonl``), ``images_per_sec``
@@ -23,6 +24,8 @@ from typing import Any
 
 from absl import logging
 from etils import epath
+
+from zkd_jax.io import tensorboard
 
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
@@ -49,10 +52,8 @@ class MetricsWriter:
         if self.path.exists():
             lines = [ln for ln in self.path.read_text().splitlines() if ln.strip()]
             self.records = [r for r in map(json.loads, lines) if r.get("step", 0) <= resume_step]
-        try:
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(str(epath.Path(workdir) / TENSORBOARD))
+        try:  # rewritten from the records kept: no point twice after a fallback (io.tensorboard)
+            self._tb = tensorboard.open_writer(epath.Path(workdir) / TENSORBOARD, self.records)
         except Exception as err:  # pylint: disable=broad-except
             # e.g. gs:// without google-cloud-storage installed: keep training, say so once.
             logging.warning("TensorBoard events are not written (%s); metrics.jsonl still is.", err)
@@ -66,10 +67,7 @@ class MetricsWriter:
         self.records.append(record)
         self.path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in self.records))
         if self._tb is not None:
-            step = int(record["step"])
-            for key, value in record.items():
-                if key not in ("step", "epoch") and isinstance(value, (int, float)):
-                    self._tb.add_scalar(key, value, step)
+            tensorboard.add_record(self._tb, record)
             self._tb.flush()
 
     def close(self) -> None:
