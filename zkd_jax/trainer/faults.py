@@ -55,6 +55,20 @@ def hit(moment: str, step: int) -> None:
         os.kill(os.getpid(), planned[2])
 
 
+def remove_partial_checkpoints(dirs) -> None:
+    """Deletes the temporary directories of checkpoints whose save failed (orbax names them
+    ``<step>.orbax-checkpoint-tmp...``) below each run directory's checkpoint folders."""
+    for run_dir in dirs:
+        for folder in ("checkpoints", "checkpoints_best"):
+            path = run_dir / folder
+            if not path.exists():
+                continue
+            for child in path.iterdir():
+                if ".orbax-checkpoint-tmp" in child.name:
+                    with contextlib.suppress(OSError):
+                        child.rmtree() if child.is_dir() else child.unlink()
+
+
 # --------------------------------------------------------------------------------------------------
 # Background errors
 # --------------------------------------------------------------------------------------------------

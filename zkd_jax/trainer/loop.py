@@ -248,10 +248,15 @@ def run_epochs(
       Preempted: a preemption notice (SIGTERM; ``zkd_jax.trainer.preemption``) stopped the run
         after the next step, once its checkpoint was on disk.
     """
-    with PreemptionWatch() as watch:
-        return _run_epochs(cohort, settings, watch, workdir=workdir, feed=feed,
-                           teacher_variables=teacher_variables, eval_step=eval_step, mesh=mesh,
-                           steps_per_epoch=steps_per_epoch, export=export)
+    try:
+        with PreemptionWatch() as watch:
+            return _run_epochs(cohort, settings, watch, workdir=workdir, feed=feed,
+                               teacher_variables=teacher_variables, eval_step=eval_step,
+                               mesh=mesh, steps_per_epoch=steps_per_epoch, export=export)
+    except Exception:
+        if jax.process_index() == 0:  # a failed save leaves orbax's temporary directory
+            faults.remove_partial_checkpoints(cohort.dirs)
+        raise
 
 
 def _run_epochs(cohort: Cohort, settings: LoopSettings, watch: PreemptionWatch, *, workdir, feed,
@@ -276,6 +281,11 @@ def _run_epochs(cohort: Cohort, settings: LoopSettings, watch: PreemptionWatch, 
     profiler = StepProfiler(workdir / "profile", steps=settings.profile_steps,
                             start=settings.profile_start_step)
     writers = [metrics_io.MetricsWriter(d, enabled=is_main, resume_step=step) for d in dirs]
+    for k in range(num):  # stopped between a checkpoint and metrics.jsonl: the records it holds
+        written = {r.get("step") for r in writers[k].records}
+        for record in cohort.metas[k].get("records", []):
+            if record.get("step") not in written:
+                writers[k].write(record)
     names = [workdir.name] if num == 1 else [f"{workdir.name}/{d.name}" for d in dirs]
     identities = [{"run": metrics_io.run_identity(f["config"])} for f in cohort.summary_fields]
     for ident in identities:
@@ -305,6 +315,7 @@ def _run_epochs(cohort: Cohort, settings: LoopSettings, watch: PreemptionWatch, 
                 "epoch": epoch, "best_top1": best[k]["top1"], "best_epoch": best[k]["epoch"],
                 "last_top1": last[k]["top1"], "last_epoch": last[k]["epoch"],
                 **(trackers[k].state() if trackers is not None else {}), **identity[k],
+                "records": list(held[k]),  # metrics.jsonl's next lines, should a crash lose them
             }, best=is_best[k])
         faults.hit("after_checkpoint_save", step)
 
