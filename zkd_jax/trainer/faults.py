@@ -7,7 +7,8 @@ environment variable ``ZKD_FAULT=<moment>:<step>[:<signal>]`` (e.g.
 ``after_step`` (a call of the train step has returned), ``after_checkpoint_save`` (a checkpoint's
 save has been started; its files are written in the background) and ``after_checkpoint_commit``
 (every checkpoint so far is on disk, before ``metrics.jsonl`` and ``summary.json``). Unset, it
-costs a dictionary lookup.
+costs a dictionary lookup. In a multi-process run, a signal other than ``KILL`` is followed by a
+pause of :data:`NOTICE_WAIT_S` (JAX's SIGTERM listener polls once a second).
 
 :func:`quiet_background_errors` holds, for a run, the tracebacks that orbax's and tensorstore's
 background threads print when a write fails (a full disk makes hundreds of lines): they are
@@ -24,9 +25,13 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator
 
 FAULT_ENV = "ZKD_FAULT"
+#: A multi-process run's injected SIGTERM waits this long after signalling, so that the notice
+#: reaches JAX's preemption service (its listener polls once a second) while the run is young.
+NOTICE_WAIT_S = 2.0
 MOMENTS = ("after_step", "after_checkpoint_save", "after_checkpoint_commit")
 
 
@@ -53,6 +58,13 @@ def hit(moment: str, step: int) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os.kill(os.getpid(), planned[2])
+        if planned[2] != signal.SIGKILL and _processes() > 1:
+            time.sleep(NOTICE_WAIT_S)  # JAX's listener polls for SIGTERM once a second
+
+
+def _processes() -> int:
+    jax = sys.modules.get("jax")
+    return jax.process_count() if jax is not None else 1
 
 
 def remove_partial_checkpoints(dirs) -> None:
