@@ -117,3 +117,15 @@ def test_convert_errors_are_one_line(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("zkd-convert: error: "), err
     assert convert.run(["x.pth", str(tmp_path / "ok"), "--arch", "resnet8"]) == 0
+
+
+@pytest.mark.parametrize("text,pattern", [
+    ("def get_config(:\n    pass\n", r"cannot load the --config file: invalid syntax \(.*bad\.py, line 1\)"),
+    ("def get_config():\n    return None\n", r"gave no config .*must return an ml_collections"),
+    ("", r"the --config file defines no get_config\(\) function"),
+])
+def test_broken_config_files(tmp_path, text, pattern):
+    (tmp_path / "bad.py").write_text(text)
+    proc = _train("--config=bad.py", "--workdir=w", cwd=tmp_path)
+    _one_line(proc, pattern)
+    assert not (tmp_path / "w").exists()
