@@ -26,7 +26,6 @@ same command to resume``. The launch scripts rerun it on 75.
 from __future__ import annotations
 
 import signal
-import sys
 import threading
 from types import FrameType
 
@@ -73,7 +72,7 @@ class PreemptionWatch:
         del signum, frame
         if not self.requested:
             print("SIGTERM received: the run stops after this step, with a checkpoint",
-                  file=sys.stderr, flush=True)
+                  flush=True)
         self.requested = True
 
     def __enter__(self) -> PreemptionWatch:

@@ -179,21 +179,32 @@ def make_step(config, student, teacher, method_list, mesh, steps_per_epoch: int,
                                      form=config.get("students_form") or "loop")
 
 
-def restore_run(checkpointers, states, resume: int, config, *, workdir: epath.Path,
-                allow_config_change: bool) -> tuple[list, list[dict], list[dict]]:
-    """``(states, metas, identities)`` of a run resumed from step ``resume``: the config checked
-    against the checkpoint's (``zkd_jax.trainer.identity``) before any array is read.
+def run_identities(checkpointers, resume: int | None, config, *,
+                   allow_config_change: bool) -> list[dict]:
+    """What each student's checkpoints store as the run's identity (``zkd_jax.trainer.identity``);
+    resuming from step ``resume``, the config is first checked against the checkpoint's, before
+    any model is built or array read.
 
     Raises:
       identity.ConfigChangedError: the config differs in a field that may not change on resume.
-      ValueError: the checkpoint does not fit the models of this config.
     """
-    metas, identities = [], []
+    if resume is None:
+        return [identity_lib.fresh_identity(config.to_dict()) for _ in checkpointers]
+    return [identity_lib.resume_identity(
+        identity_lib.stored_meta(c.last.directory, resume), config.to_dict(), step=resume,
+        workdir=str(c.workdir), allow_change=allow_config_change) for c in checkpointers]
+
+
+def restore_states(checkpointers, states, resume: int, *, workdir: epath.Path
+                   ) -> tuple[list, list[dict]]:
+    """``(states, metas)`` restored from step ``resume``.
+
+    Raises:
+      ValueError: the checkpoint does not fit the models of this config (one line, not orbax's
+        dump of the two trees).
+    """
+    metas = []
     for k, checkpointer in enumerate(checkpointers):
-        stored = identity_lib.stored_meta(checkpointer.last.directory, resume)
-        identities.append(identity_lib.resume_identity(
-            stored, config.to_dict(), step=resume, workdir=str(checkpointer.workdir),
-            allow_change=allow_config_change))
         try:
             states[k], meta = checkpointer.restore(states[k], resume)
         except (ValueError, KeyError, TypeError) as err:  # orbax: a tree dump of the mismatch
@@ -205,7 +216,7 @@ def restore_run(checkpointers, states, resume: int, config, *, workdir: epath.Pa
         metas.append(meta)
     log_main(f"resuming {workdir}" + ("" if len(checkpointers) == 1 else
                                       f" ({len(checkpointers)} students)") + f" from step {resume}")
-    return states, metas, identities
+    return states, metas
 
 
 @lock.holds_workdir(before=prepare_run)
@@ -234,6 +245,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     if jax.process_index() == 0:
         for d in dirs:
             d.mkdir(parents=True, exist_ok=True)
+    checkpointers = [ckpt_lib.Checkpointer(d, keep=config.keep_checkpoints) for d in dirs]
+    try:
+        resume = students_lib.resume_step(checkpointers)
+        identities = run_identities(checkpointers, resume, config,
+                                    allow_config_change=allow_config_change)
+    except Exception:
+        for c in checkpointers:
+            c.close()
+        raise
     mesh = create_mesh()
     feed = make_feed(config, mesh, method_list[0].views)
     info, image_shape, model_dataset, student, teacher, teacher_variables = build_models(
@@ -244,14 +264,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
                                single=single)
     states = create_states(student, method_list, [s.seed for s in specs], tx,
                            input_shape=(1, *image_shape), mesh=mesh)
-    checkpointers = [ckpt_lib.Checkpointer(d, keep=config.keep_checkpoints) for d in dirs]
     metas: list[dict[str, Any]] = [{} for _ in range(num)]
-    identities = [identity_lib.fresh_identity(config.to_dict()) for _ in range(num)]
-    resume = students_lib.resume_step(checkpointers)
     if resume is not None:
-        states, metas, identities = restore_run(checkpointers, states, resume, config,
-                                                workdir=workdir,
-                                                allow_config_change=allow_config_change)
+        states, metas = restore_states(checkpointers, states, resume, workdir=workdir)
     if single:
         cohort = Cohort(
             dirs=dirs, state=states[0], train_step=train_step,
