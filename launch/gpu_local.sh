@@ -18,10 +18,17 @@
 #   --python PYTHON      interpreter that creates the venv, >= 3.11 (default: python3, or python3.13,
 #                        python3.12, python3.11 when python3 is older, as on Ubuntu 22.04)
 #   --no-install         use the venv as it is (skip pip)
+#   --max-restarts N     rerun zkd-train at most N times after it was preempted (default: 50)
 #   --dry-run            print the commands instead of running them
 #   -h, --help           this text
 #
 # Everything after "--" is appended to the zkd-train command line (e.g. -- --config.seed=1).
+#
+# Preemption: zkd-train ends with exit status 75 after SIGTERM, once it has saved a checkpoint at
+# the next step. When zkd-train alone got the signal, this script reruns the same command (it
+# resumes from the workdir), up to --max-restarts times. When this script gets SIGTERM (a GPU
+# scheduler stopping the job), it passes the signal on to zkd-train, waits for its checkpoint and
+# exits with 75 itself, so that the scheduler requeues the job (e.g. Slurm's --requeue).
 set -euo pipefail
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -38,6 +45,7 @@ VENV="$SOURCE_DIR/.venv-cuda"
 PYTHON=""
 INSTALL=1
 DRY_RUN=0
+MAX_RESTARTS=50
 EXTRA=()
 
 die() { echo "gpu_local.sh: $*" >&2; exit 2; }
@@ -71,6 +79,8 @@ while [ $# -gt 0 ]; do
     --python) PYTHON="${2:?--python needs a value}"; shift ;;
     --python=*) PYTHON="${1#*=}" ;;
     --no-install) INSTALL=0 ;;
+    --max-restarts) MAX_RESTARTS="${2:?--max-restarts needs a value}"; shift ;;
+    --max-restarts=*) MAX_RESTARTS="${1#*=}" ;;
     --dry-run) DRY_RUN=1 ;;
     -h | --help) usage; exit 0 ;;
     --) shift; EXTRA=("$@"); break ;;
@@ -83,6 +93,7 @@ done
 [ -n "$WORKDIR" ] || die "give the output directory with --workdir=DIR."
 case "$CUDA" in 12 | 13) ;; *) die "--cuda takes 12 or 13 (the CUDA major version of the JAX build)." ;; esac
 case "$GPUS" in *[!0-9,]*) die "--gpus takes a comma-separated list of GPU indices, e.g. 0,1." ;; esac
+case "$MAX_RESTARTS" in '' | *[!0-9]*) die "--max-restarts takes a number, e.g. 50." ;; esac
 
 py_version() {
   local v
@@ -116,4 +127,35 @@ fi
 
 info "zkd-train on GPU(s) ${GPUS:-all} with jax[cuda$CUDA], workdir $WORKDIR"
 cd "$SOURCE_DIR"
-x env "${ENV_VARS[@]}" "$VENV/bin/zkd-train" "${ARGS[@]}" ${EXTRA[@]+"${EXTRA[@]}"}
+if [ "$DRY_RUN" = 1 ]; then
+  x env "${ENV_VARS[@]}" "$VENV/bin/zkd-train" "${ARGS[@]}" ${EXTRA[@]+"${EXTRA[@]}"}
+  exit 0
+fi
+
+# The recovery loop: exit status 75 (preempted, checkpoint saved) means "run it again".
+STOPPING=0
+CHILD=""
+forward_term() {
+  STOPPING=1
+  if [ -n "$CHILD" ]; then kill -TERM "$CHILD" 2>/dev/null || true; fi
+}
+trap forward_term TERM
+restarts=0
+while :; do
+  env "${ENV_VARS[@]}" "$VENV/bin/zkd-train" "${ARGS[@]}" ${EXTRA[@]+"${EXTRA[@]}"} &
+  CHILD=$!
+  rc=0
+  wait "$CHILD" || rc=$?
+  while kill -0 "$CHILD" 2>/dev/null; do  # the wait was cut short by SIGTERM: wait for the end
+    rc=0
+    wait "$CHILD" || rc=$?
+  done
+  CHILD=""
+  if [ "$rc" != "$PREEMPTED_STATUS" ] || [ "$STOPPING" = 1 ]; then exit "$rc"; fi
+  if [ "$restarts" -ge "$MAX_RESTARTS" ]; then
+    echo "gpu_local.sh: zkd-train was preempted again after --max-restarts=$MAX_RESTARTS restarts; rerun to resume from $WORKDIR." >&2
+    exit 75
+  fi
+  restarts=$((restarts + 1))
+  info "zkd-train was preempted (exit status 75, checkpoint saved); resuming from $WORKDIR (restart $restarts of $MAX_RESTARTS)"
+done

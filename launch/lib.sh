@@ -1,5 +1,9 @@
 # Helpers shared by the launch scripts (sourced, not run). Needs bash 3.2 or later.
 
+# zkd-train's exit status after a preemption notice (SIGTERM): it saved a checkpoint at the next
+# step; rerunning the same command resumes. The launchers' recovery loops rerun it.
+PREEMPTED_STATUS=75
+
 # Print one argument as the shell would read it back (single quotes only where needed).
 q() {
   case "$1" in

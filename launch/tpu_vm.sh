@@ -5,7 +5,8 @@
 #
 #   run (default)  create the VM if needed, install zkd_jax on every worker, start zkd-train on all
 #                  workers at once, stream worker 0's log; a trainer that dies without an exit status
-#                  is restarted; with --spot a preempted VM is recreated and the run resumes from the
+#                  or ends with 75 (preempted: SIGTERM, a checkpoint saved at the next step) is
+#                  restarted; with --spot a preempted VM is recreated and the run resumes from the
 #                  checkpoints in the workdir; with --delete the VM is deleted at the end
 #   create         create the VM                      install   copy zkd_jax to every worker
 #   train          (re)start zkd-train on every worker (the previous job is stopped first)
@@ -379,6 +380,10 @@ run_all() {
       training_status
       case "$TRAIN_RC" in
         0) info "training finished (exit status 0, read after the log stream broke)"; break ;;
+        "$PREEMPTED_STATUS")
+          budget
+          info "zkd-train was preempted on worker 0 (exit status 75: it saved a checkpoint); restarting it, resuming from $WORKDIR"
+          start_training ;;
         running | unknown)
           budget; info "lost the log stream (worker 0: $TRAIN_RC); reconnecting in ${POLL}s"; pause "$POLL" ;;
         gone)

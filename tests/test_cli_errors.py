@@ -173,3 +173,15 @@ def test_convert_on_a_full_disk_and_with_nan_weights(tmp_path, capsys, monkeypat
                    "(1 NaN, 1 inf of 2304); it is damaged or from a run that diverged: use an "
                    "intact checkpoint."], err
     assert not (tmp_path / "nan").exists()
+
+
+@pytest.mark.parametrize("text,pattern", [
+    ("def get_config(:\n    pass\n", r"cannot load the --config file: invalid syntax \(.*bad\.py, line 1\)"),
+    ("def get_config():\n    return None\n", r"gave no config .*must return an ml_collections"),
+    ("", r"the --config file defines no get_config\(\) function"),
+])
+def test_broken_config_files(tmp_path, text, pattern):
+    (tmp_path / "bad.py").write_text(text)
+    proc = _train("--config=bad.py", "--workdir=w", cwd=tmp_path)
+    _one_line(proc, pattern)
+    assert not (tmp_path / "w").exists()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import shutil
 import subprocess
 import sys
@@ -288,6 +289,51 @@ def test_gpu_runs_zkd_train_from_an_existing_venv(tmp_path):
                   "--workdir=out dir")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"{ROOT}|1|--config=c.py:x,y --workdir=out dir"
+
+
+def _gpu_venv(tmp_path: Path, trainer: str) -> Path:
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    fake = venv / "bin" / "zkd-train"
+    fake.write_text("#!/usr/bin/env bash\n" + trainer)
+    fake.chmod(0o755)
+    return venv
+
+
+def test_gpu_reruns_a_preempted_trainer(tmp_path):
+    """Exit status 75 (preempted, checkpoint saved) reruns the same command, within the bound."""
+    starts = tmp_path / "starts"
+    venv = _gpu_venv(tmp_path, f'echo "$*" >> {starts}\n'
+                               f'[ "$(wc -l < {starts})" -ge 3 ] || exit 75\necho done\n')
+    result = _run(GPU, "--no-install", f"--venv={venv}", "--config=c.py", "--workdir=w")
+    assert result.returncode == 0, result.stderr
+    assert starts.read_text().splitlines() == ["--config=c.py --workdir=w"] * 3
+    assert result.stderr.count("preempted (exit status 75, checkpoint saved); resuming") == 2
+    starts.unlink()
+    bounded = _run(GPU, "--no-install", f"--venv={venv}", "--config=c.py", "--workdir=w",
+                   "--max-restarts=1")
+    assert bounded.returncode == 75 and len(starts.read_text().splitlines()) == 2
+    assert "after --max-restarts=1 restarts" in bounded.stderr
+
+
+def test_gpu_passes_sigterm_on_and_exits_75_without_rerunning(tmp_path):
+    """A scheduler's SIGTERM to the script reaches zkd-train; its 75 ends the script (requeue)."""
+    starts, ready = tmp_path / "starts", tmp_path / "ready"
+    venv = _gpu_venv(tmp_path, f'echo start >> {starts}\n'
+                               f'trap \'echo saved; exit 75\' TERM\ntouch {ready}\n'
+                               'for i in $(seq 300); do sleep 0.1; done\nexit 0\n')
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    proc = subprocess.Popen(["bash", str(GPU), "--no-install", f"--venv={venv}", "--config=c.py",
+                             "--workdir=w"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    for _ in range(300):
+        if ready.exists():
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 75, err
+    assert "saved" in out and starts.read_text().splitlines() == ["start"]
 
 
 def _alive(pid: int) -> bool:

@@ -4,7 +4,8 @@ The fake models one TPU VM (``node``), its queued resource (``qr``) and the VM's
 ``home``): ``ssh --command=...`` runs the command there in a real shell, ``scp`` copies into it, a
 preemption or a deletion kills the job and wipes the disk. A fake ``uv`` makes the workers' venv
 from a template whose ``zkd-train`` follows a plan, one line per start: ``ok`` (exit 0 after a
-moment), ``fail`` (exit 3), ``killed`` (the whole job killed, no exit file) or ``sleep``.
+moment), ``fail`` (exit 3), ``preempted`` (exit 75: SIGTERM, a checkpoint saved), ``killed`` (the
+whole job killed, no exit file) or ``sleep``.
 No network, no cloud: what this proves is the launcher's control flow and its remote shell code.
 """
 
@@ -81,6 +82,7 @@ echo "zkd-train start $n: $*" | tee -a "$FAKE_DIR/trainer_args"
 case "$(sed -n "${n}p" "$FAKE_DIR/plan")" in
   killed) kill -KILL -- "-$(ps -o pgid= -p $$ | tr -d ' ')" ;;
   fail) exit 3 ;;
+  preempted) echo "zkd-train: preempted: checkpoint saved at step 7; rerun the same command to resume" >&2; exit 75 ;;
   sleep) exec sleep 30 ;;
   *) sleep 0.2; echo "zkd-train done"; exit 0 ;;
 esac
@@ -190,6 +192,16 @@ def test_a_trainer_killed_without_exit_file_is_restarted(fake, tmp_path):
     assert _calls(tmp_path) == (["tpu-vm:describe", "tpu-vm:create"] + CYCLE
                                 + ["tpu-vm:describe", "tpu-vm:ssh"] + CYCLE)
     assert _starts(tmp_path) == 2
+
+
+def test_a_preempted_trainer_is_restarted_on_the_same_vm(fake, tmp_path):
+    env = fake(plan=("preempted", "preempted", "ok"))
+    result = _launch(env)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("preempted on worker 0 (exit status 75") == 2
+    restart = ["tpu-vm:describe", "tpu-vm:ssh", "tpu-vm:ssh", "tpu-vm:ssh"]  # state, rc, start, log
+    assert _calls(tmp_path) == ["tpu-vm:describe", "tpu-vm:create"] + CYCLE + 2 * restart
+    assert _starts(tmp_path) == 3 and "training finished" in result.stderr
 
 
 def test_restarts_of_a_dying_trainer_are_bounded(fake, tmp_path):

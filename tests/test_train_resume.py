@@ -113,11 +113,13 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(runs, tmp_path, teach
     shutil.copytree(resumed, workdir)
     config = _config(teacher_dir, max_steps=40)
     config.optimizer.lr = 1e30  # blows the parameters up at the first update
+    with pytest.raises(ValueError, match=r"optimizer\.lr \S+ -> 1e\+30"):
+        train_and_evaluate(config, workdir)  # another learning rate: a resume refuses it
     with pytest.raises(NonFiniteLossError,
                        match=r"(training loss is (nan|inf)|the gradient norm is (nan|inf)|a "
                              r"parameter became NaN or inf after the update) at step 3\d .*last "
                              r"good checkpoint \(step 30\) is kept"):
-        train_and_evaluate(config, workdir)
+        train_and_evaluate(config, workdir, allow_config_change=True)
     step, leaves = _final_state(workdir)
     assert step == 30 and all(np.isfinite(x).all() for x in leaves if x.dtype.kind == "f")
 

@@ -24,11 +24,16 @@ def needs_teacher(config: ml_collections.ConfigDict) -> bool:
     return methods.from_config(config.method).needs_teacher
 
 
-def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict:
-    """The suite of ``config.suite``, or one run (after training a missing teacher if asked)."""
+def run(config: ml_collections.ConfigDict, workdir: epath.PathLike, *,
+        allow_config_change: bool = False) -> dict:
+    """The suite of ``config.suite``, or one run (after training a missing teacher if asked).
+
+    ``allow_config_change``: a resumed run may continue with a config that differs from its
+    checkpoints' (``zkd_jax.trainer.identity``; the change is recorded).
+    """
     if len(config.get("suite", {})):
-        return suite.train_suite(config, workdir)
+        return suite.train_suite(config, workdir, allow_config_change=allow_config_change)
     workdir = paths.absolute(workdir)
     if needs_teacher(config):
         config = ensure_teacher(config, workdir)
-    return train_and_evaluate(config, workdir)
+    return train_and_evaluate(config, workdir, allow_config_change=allow_config_change)

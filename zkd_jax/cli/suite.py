@@ -25,7 +25,8 @@ from zkd_jax.trainer.setup import TEACHER_SUBDIR, prepare_run
 
 
 @lock.holds_workdir(before=prepare_run)
-def train_suite(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict[str, dict]:
+def train_suite(config: ml_collections.ConfigDict, workdir: epath.PathLike, *,
+                allow_config_change: bool = False) -> dict[str, dict]:
     """A teacher (``workdir/teacher``) and one student per ``config.suite`` entry (``workdir/NAME``).
 
     Each entry of ``config.suite`` is a method config replacing ``config.method``; every student
@@ -48,7 +49,8 @@ def train_suite(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> d
         run.method = method_config
         run.suite = ml_collections.ConfigDict()
         run.teacher.checkpoint = str(teacher_dir)
-        results[name] = train_and_evaluate(run, workdir / name)
+        results[name] = train_and_evaluate(run, workdir / name,
+                                           allow_config_change=allow_config_change)
     log_main(format_table(config, results))
     if config.get("sweep"):  # K students per entry: the report's mean ± std over them
         from zkd_jax.report import make_report  # pylint: disable=import-outside-toplevel

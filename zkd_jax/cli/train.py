@@ -9,11 +9,16 @@ r"""``zkd-train``: the command line of the trainer (absl flags + ``ml_collection
 What a config runs is ``zkd_jax.cli.runs.run``: the demo suite, or one run of the trainer (after
 training a missing teacher when the config asks for it). A run started in a workdir that holds
 checkpoints resumes. Errors a user can fix end with one line ``zkd-train: error: ...`` and exit
-code 2 (``zkd_jax.cli.errors``); ``--verbose`` or ``ZKD_TRACEBACK=1`` adds the traceback.
+code 2 (``zkd_jax.cli.errors``); ``--verbose`` or ``ZKD_TRACEBACK=1`` adds the traceback. A run
+that fails (a full disk, NaN) ends with exit code 1; a preempted run (SIGTERM) saves a checkpoint
+at the next step and ends with exit code 75: rerun the same command to resume
+(``zkd_jax.trainer.preemption``). ``--allow_config_change`` lets a resumed run continue with a config
+that differs from its checkpoints' (``zkd_jax.trainer.identity``).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import sys
@@ -55,10 +60,17 @@ def _define_flags() -> None:
         "print_config", False, "Print the resolved config, every field with its help, and exit.")
     _FLAGS["verbose"] = flags.DEFINE_bool(
         "verbose", False, f"Show the traceback of an error too (as {errors.TRACEBACK_ENV}=1 does).")
+    _FLAGS["allow_config_change"] = flags.DEFINE_bool(
+        "allow_config_change", False,
+        "Resume a run with a config that differs from the one its checkpoints were trained with "
+        "(the change is recorded in summary.json); without it such a resume stops.")
 
 
 def _exit_unknown_field(err: BaseException) -> None:
     name = str(_root_cause(err)).strip("\"'")
+    if "has no attribute 'get_config" in name:  # an empty config file, or one without it
+        usage.fail("zkd-train", "the --config file defines no get_config() function; it must "
+                   "define get_config() returning an ml_collections.ConfigDict.")
     usage.fail("zkd-train", usage.unknown_field_message(sys.argv[1:], _DEFAULT_CONFIG, name))
 
 
@@ -68,23 +80,38 @@ def main(argv: list[str]) -> None:
                    f"unexpected arguments: {' '.join(argv[1:])} (see zkd-train --help)")
     usage.quiet_logs()  # orbax logs every file it writes at INFO
     from zkd_jax.cli import runs  # after flag parsing: keeps --help fast
+    from zkd_jax.trainer import faults  # noqa: PLC0415
 
-    with errors.reported("zkd-train", verbose=_FLAGS["verbose"].value), \
-            usage.extras_reported("zkd-train"):
+    verbose = _FLAGS["verbose"].value
+    with errors.reported("zkd-train", verbose=verbose), usage.extras_reported("zkd-train"):
         try:
             config = _FLAGS["config"].value
             config.get("suite")  # config_flags loads the file lazily: fail here, not deep inside
         except OSError as err:  # config_flags defers a missing/broken --config file to here
             raise ValueError(f"cannot load the --config file: {_root_cause(err)}") from err
+        except flags.Error as err:  # get_config() returned None
+            raise ValueError(f"the --config file gave no config ({_root_cause(err)}); its "
+                             "get_config() must return an ml_collections.ConfigDict.") from err
         if _FLAGS["print_config"].value:
             from zkd_jax.configs import fields  # noqa: PLC0415
 
             print(fields.describe(config))
             return
-        if not _FLAGS["workdir"].value:
+        workdir = _FLAGS["workdir"].value
+        if not workdir:
             usage.fail("zkd-train", "--workdir is required (a local directory or gs://...); "
                        "see zkd-train --help")
-        runs.run(config, _FLAGS["workdir"].value)
+        try:
+            with faults.quiet_background_errors(not verbose):
+                runs.run(config, workdir, allow_config_change=_FLAGS["allow_config_change"].value)
+        except OSError as err:
+            if not faults.is_disk_full(err) or err.filename:
+                raise
+            raise OSError(errno.ENOSPC, "No space left on device", workdir) from err
+        except Exception as err:  # e.g. a background write's error that reached the main thread
+            if isinstance(err, errors.user_errors()) or not faults.is_disk_full(err):
+                raise
+            raise OSError(errno.ENOSPC, "No space left on device", workdir) from err
 
 
 def _root_cause(err: BaseException) -> BaseException:
@@ -106,6 +133,10 @@ def _parse_flags(argv: list[str]) -> list[str]:
     except flags.UnrecognizedFlagError as err:
         errors.fail("zkd-train", f"unknown flag --{err.flagname}"
                     f"{usage.did_you_mean(err.flagname, list(flags.FLAGS))} (see zkd-train --help)")
+    except SyntaxError as err:  # the --config file is not valid Python
+        where = f"{err.filename}, line {err.lineno}" if err.filename else "the --config file"
+        errors.fail("zkd-train", f"cannot load the --config file: {err.msg} ({where}); fix the "
+                    "file.")
     except flags.Error as err:
         cause = _root_cause(err)
         message = str(cause) if isinstance(cause, (ValueError, TypeError)) else str(err)

@@ -298,14 +298,14 @@ def teacher_directory(path: epath.PathLike) -> epath.Path:
 
 def export_variables(
     workdir: epath.PathLike, variables: Mapping[str, Any], *, arch: str, dataset: str,
-    num_classes: int,
+    num_classes: int, overwrite: bool = False,
 ) -> epath.Path:
-    """Writes ``workdir/export`` with ``zkd_jax.convert.save_variables`` (teacher format), whole:
-    a damaged one is replaced."""
+    """Writes ``workdir/export`` with ``zkd_jax.convert.save_variables`` (teacher format);
+    ``overwrite``: replaces an older or damaged export (a run trained on past it, or a rerun that rebuilds it)."""
     directory = paths.absolute(workdir) / EXPORT
     convert.save_variables(
         directory, jax.device_get(dict(variables)), arch=arch, dataset=dataset,
-        num_classes=num_classes, overwrite=True,
+        num_classes=num_classes, overwrite=overwrite,
     )
     return directory
 

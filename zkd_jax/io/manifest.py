@@ -109,7 +109,10 @@ def saving(what: str, directory: epath.PathLike) -> Iterator[None]:
     except CheckpointSaveError:
         raise
     except Exception as err:  # pylint: disable=broad-except  (tensorstore, OSError, TimeoutError)
-        cause = f"{type(err).__name__}: {err}".strip().splitlines()[0][:300]
+        cause = f"{type(err).__name__}: {err}".strip().splitlines()[0]
+        if "No space left on device" in cause or "os_error_code='28'" in cause:
+            cause = "No space left on device"  # tensorstore says it after 300 characters of paths
+        cause = cause[:300]
         raise CheckpointSaveError(
             f"saving {what} in {directory} failed ({cause}); the run stopped. Free disk space or "
             "fix the directory's permissions, then rerun to resume from the last verified "

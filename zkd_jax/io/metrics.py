@@ -4,7 +4,8 @@
   train loss terms (``train_loss``, ``train_ce``, ``train_kd``, ...), ``top1``, ``top5`` (test, %),
   ``images_per_sec`` (training throughput of the epoch), ``epoch_seconds`` (training time of the
   epoch), ``eval_seconds`` (its evaluation) and ``run`` (the run's identity, ``run_identity``).
-* TensorBoard event files (tensorboardX; no TensorFlow) with the same scalars.
+* TensorBoard event files (tensorboardX; no TensorFlow) with the same scalars, rewritten from
+  ``metrics.jsonl`` when a run resumes (``zkd_jax.io.tensorboard``): each point once.
 * ``summary.json``: ``best_top1``, ``best_epoch``, ``last_top1``, ``last_epoch``, the run's
   identity (``run``: dataset, method, teacher, student, seed; also ``seed``), ``wall_seconds``
   (training and evaluation, summed over the epochs of ``metrics.jsonl``), ``images_per_sec``
@@ -27,7 +28,7 @@ from typing import Any
 from absl import logging
 from etils import epath
 
-from zkd_jax.io import atomic
+from zkd_jax.io import atomic, tensorboard
 
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
@@ -51,12 +52,7 @@ class MetricsWriter:
         self._tb = None
         if not enabled:
             return
-        records, _ = read_records(self.path)  # the trainer names the damage (trainer.records)
-        self.records = [r for r in records if r.get("step", 0) <= resume_step]
-        try:
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(str(epath.Path(workdir) / TENSORBOARD))
+from zkd_jax.io import atomic, tensorboard
         except Exception as err:  # pylint: disable=broad-except
             # e.g. gs:// without google-cloud-storage installed: keep training, say so once.
             logging.warning("TensorBoard events are not written (%s); metrics.jsonl still is.", err)
@@ -71,10 +67,7 @@ class MetricsWriter:
         atomic.write_text(self.path,
                           "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.records))
         if self._tb is not None:
-            step = int(record["step"])
-            for key, value in record.items():
-                if key not in ("step", "epoch") and isinstance(value, (int, float)):
-                    self._tb.add_scalar(key, value, step)
+            tensorboard.add_record(self._tb, record)
             self._tb.flush()
 
     def close(self) -> None:

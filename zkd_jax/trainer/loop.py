@@ -29,6 +29,8 @@ from zkd_jax.io import metrics as metrics_io
 from zkd_jax.parallel import replicate, to_host
 from zkd_jax.step.scan import make_scanned_step
 from zkd_jax.step.state import TrainState, student_variables
+from zkd_jax.trainer import faults
+from zkd_jax.trainer.preemption import Preempted, PreemptionWatch
 from zkd_jax.trainer.profile import StepProfiler
 
 
@@ -150,6 +152,9 @@ class Cohort:
       metas: the restored checkpoint metadata per student (``{}`` on a fresh start).
       summary_fields: extra ``summary.json`` fields per student (its config, seeds).
       write_top_summary: K students: writes ``workdir/summary.json`` from the K summaries.
+      identity: per student, the fields every checkpoint's metadata stores besides the loop's
+        (the run's config and its history of changes: ``zkd_jax.trainer.identity``); its
+        ``config_history`` is shown in ``summary.json`` too.
     """
 
     dirs: list[epath.Path]
@@ -161,6 +166,7 @@ class Cohort:
     metas: list[dict]
     summary_fields: list[dict]
     write_top_summary: Callable[[list[dict], bool, int], None] | None = None
+    identity: list[dict] = dataclasses.field(default_factory=list)
 
     @property
     def size(self) -> int:
@@ -223,15 +229,17 @@ def _non_finite(m: dict) -> str | None:
 
 
 def _refresh_export(directory: epath.Path, export: Callable, variables: Callable,
-                    step: int) -> None:
-    """Writes ``directory/export`` at the end of a run, and again when a rerun of the finished run
-    finds it missing or damaged (``variables()``: the final state's, from the last checkpoint)."""
-    damage = ckpt_lib.export_damage(directory)  # every process: all take part in the write
-    if damage is None:
-        return
-    if damage != "it is missing":
-        log_main(f"{directory / ckpt_lib.EXPORT} is damaged ({damage}); writing it again from "
-                 f"checkpoint {step}")
+                    step: int, *, trained: bool) -> None:
+    """Writes ``directory/export`` at the end of a run: always when this invocation ``trained``
+    (e.g. past an older end: the export is stale), and when a rerun of the finished run finds it
+    missing or damaged (``variables()``: the final state's, from the last checkpoint)."""
+    if not trained:
+        damage = ckpt_lib.export_damage(directory)  # every process: all take part in the write
+        if damage is None:
+            return
+        if damage != "it is missing":
+            log_main(f"{directory / ckpt_lib.EXPORT} is damaged ({damage}); writing it again "
+                     f"from checkpoint {step}")
     export(directory, variables())
 
 
@@ -252,7 +260,23 @@ def run_epochs(
     Raises:
       NonFiniteLossError: a loss became NaN/inf (the last good checkpoints are kept).
       RuntimeError: the feed ended before ``steps_per_epoch`` batches.
+      Preempted: a preemption notice (SIGTERM; ``zkd_jax.trainer.preemption``) stopped the run
+        after the next step, once its checkpoint was on disk.
     """
+    try:
+        with PreemptionWatch() as watch:
+            return _run_epochs(cohort, settings, watch, workdir=workdir, feed=feed,
+                               teacher_variables=teacher_variables, eval_step=eval_step,
+                               mesh=mesh, steps_per_epoch=steps_per_epoch, export=export)
+    except Exception:
+        if jax.process_index() == 0:  # a failed save leaves orbax's temporary directory
+            faults.remove_partial_checkpoints(cohort.dirs)
+        raise
+
+
+def _run_epochs(cohort: Cohort, settings: LoopSettings, watch: PreemptionWatch, *, workdir, feed,
+                teacher_variables, eval_step, mesh, steps_per_epoch: int, export) -> list[dict]:
+    """``run_epochs`` under a :class:`PreemptionWatch`."""
     num, dirs, is_main = cohort.size, cohort.dirs, jax.process_index() == 0
     steps_per_call = plan_lib.check_steps_per_call(settings.steps_per_call, feed.pipeline)
     scanned = None
@@ -261,6 +285,9 @@ def run_epochs(
         scanned = make_scanned_step(cohort.train_step.unjitted, mesh, steps_per_call,
                                     split.batch_size, split.mean, split.std)
     step = int(np.ravel(to_host(cohort.state.step))[0])  # one student, or K at the same step
+    first_step = step
+    identity = cohort.identity or [{} for _ in range(num)]
+    preempted = False
     total_steps = settings.epochs * steps_per_epoch
     stop_at = min(total_steps, settings.max_steps) if settings.max_steps > 0 else total_steps
     best = [{"top1": m.get("best_top1", -1.0), "epoch": m.get("best_epoch", 0)}
@@ -269,6 +296,11 @@ def run_epochs(
     profiler = StepProfiler(workdir / "profile", steps=settings.profile_steps,
                             start=settings.profile_start_step)
     writers = [metrics_io.MetricsWriter(d, enabled=is_main, resume_step=step) for d in dirs]
+    for k in range(num):  # stopped between a checkpoint and metrics.jsonl: the records it holds
+        written = {r.get("step") for r in writers[k].records}
+        for record in cohort.metas[k].get("records", []):
+            if record.get("step") not in written:
+                writers[k].write(record)
     names = [workdir.name] if num == 1 else [f"{workdir.name}/{d.name}" for d in dirs]
     identities = [{"run": metrics_io.run_identity(f["config"])} for f in cohort.summary_fields]
     for ident in identities:
@@ -281,6 +313,8 @@ def run_epochs(
             "last_epoch": last[k]["epoch"], "step": step, "finished": finished,
             "paper_top1": settings.paper_top1, **identities[k],
             **metrics_io.run_totals(writers[k].records), **cohort.summary_fields[k],
+            **({"config_history": identity[k]["config_history"]}
+               if identity[k].get("config_history") else {}),
         } for k in range(num)]
         if is_main:
             for d, s in zip(dirs, out):
@@ -295,8 +329,10 @@ def run_epochs(
             cohort.checkpointers[k].save(cohort.student_state(cohort.state, k), {
                 "epoch": epoch, "best_top1": best[k]["top1"], "best_epoch": best[k]["epoch"],
                 "last_top1": last[k]["top1"], "last_epoch": last[k]["epoch"],
-                **(trackers[k].state() if trackers is not None else {}),
+                **(trackers[k].state() if trackers is not None else {}), **identity[k],
+                "records": list(held[k]),  # metrics.jsonl's next lines, should a crash lose them
             }, best=is_best[k])
+        faults.hit("after_checkpoint_save", step)
 
     held: list[list[dict]] = [[] for _ in range(num)]  # evaluation records awaiting a checkpoint
 
@@ -311,6 +347,7 @@ def run_epochs(
         that summary.json and metrics.jsonl never name a step without a checkpoint."""
         for c in cohort.checkpointers:
             c.wait()
+        faults.hit("after_checkpoint_commit", step)
 
     try:
         while step < stop_at:
@@ -354,6 +391,8 @@ def run_epochs(
                 profiler.after(count, cohort.state)
                 step += count
                 pending.append((count, metrics))
+                faults.hit("after_step", step)
+                preempted = watch.stop_after(count)
                 every = settings.log_every_steps
                 log_now = step // every != (step - count) // every or step == epoch_end
                 ckpt_now = settings.checkpoint_every_steps > 0 and (
@@ -369,11 +408,20 @@ def run_epochs(
                         if "lr" in trackers[0].last:
                             shown["lr"] = trackers[0].last["lr"]
                     progress.update(n_new, **shown, img_s=rate)
-                if ckpt_now and step < epoch_end:
+                if (ckpt_now or preempted) and step < epoch_end:
+                    if preempted and not ckpt_now:
+                        flush()  # the epoch's sums so far go into the checkpoint
                     save(epoch, [False] * num, trackers)
+                if preempted:
+                    break
             flush()
             progress.close()
             seconds = time.perf_counter() - start_time
+            if preempted and step < epoch_end:
+                commit()
+                write_held()
+                summaries(finished=False)
+                raise Preempted(step, str(workdir))
             if step < epoch_end:
                 raise RuntimeError(
                     f"the input pipeline ended after step {step} of epoch {epoch}, before the "
@@ -407,11 +455,13 @@ def run_epochs(
             step_due = settings.checkpoint_every_steps > 0 and (
                 step % settings.checkpoint_every_steps == 0)
             if (epoch % settings.checkpoint_every_epochs == 0 or epoch == settings.epochs
-                    or any(is_best) or step_due or step >= stop_at):
+                    or any(is_best) or step_due or step >= stop_at or preempted):
                 save(epoch, is_best)
                 commit()
                 write_held()
                 summaries(finished=False)
+            if preempted and step < stop_at:
+                raise Preempted(step, str(workdir))
         commit()
         write_held()
         finished = step >= total_steps
@@ -419,7 +469,8 @@ def run_epochs(
         if finished and export is not None:
             for k, d in enumerate(dirs):
                 _refresh_export(d, export, lambda k=k: to_host(
-                    student_variables(cohort.student_state(cohort.state, k))), step)
+                    student_variables(cohort.student_state(cohort.state, k))), step,
+                    trained=step > first_step)
         return results
     finally:
         profiler.stop(cohort.state)

@@ -44,6 +44,7 @@ from zkd_jax.step import (
     make_multi_train_step,
     make_train_step,
 )
+from zkd_jax.trainer import identity as identity_lib
 from zkd_jax.trainer import students as students_lib
 from zkd_jax.trainer.loop import Cohort, LoopSettings, log_main, run_epochs
 
@@ -159,7 +160,7 @@ def export_function(config, model_dataset: str, num_classes: int):
 
     def export(directory, variables):
         ckpt_lib.export_variables(directory, variables, arch=config.student.arch,
-                                  dataset=model_dataset, num_classes=num_classes)
+                                  dataset=model_dataset, num_classes=num_classes, overwrite=True)
 
     return export
 
@@ -179,13 +180,56 @@ def make_step(config, student, teacher, method_list, mesh, steps_per_epoch: int,
                                      form=config.get("students_form") or "loop")
 
 
+def run_identities(checkpointers, resume: int | None, config, *,
+                   allow_config_change: bool) -> list[dict]:
+    """What each student's checkpoints store as the run's identity (``zkd_jax.trainer.identity``);
+    resuming from step ``resume``, the config is first checked against the checkpoint's, before
+    any model is built or array read.
+
+    Raises:
+      identity.ConfigChangedError: the config differs in a field that may not change on resume.
+    """
+    if resume is None:
+        return [identity_lib.fresh_identity(config.to_dict()) for _ in checkpointers]
+    return [identity_lib.resume_identity(
+        identity_lib.stored_meta(c.last.directory, resume), config.to_dict(), step=resume,
+        workdir=str(c.workdir), allow_change=allow_config_change) for c in checkpointers]
+
+
+def restore_states(checkpointers, states, resume: int, *, workdir: epath.Path
+                   ) -> tuple[list, list[dict]]:
+    """``(states, metas)`` restored from step ``resume``.
+
+    Raises:
+      ValueError: the checkpoint does not fit the models of this config (one line, not orbax's
+        dump of the two trees).
+    """
+    metas = []
+    for k, checkpointer in enumerate(checkpointers):
+        try:
+            states[k], meta = checkpointer.restore(states[k], resume)
+        except (ValueError, KeyError, TypeError) as err:  # orbax: a tree dump of the mismatch
+            raise ValueError(
+                f"checkpoint {resume} in {checkpointer.workdir} does not fit the model of this "
+                f"config (another student.arch, dataset or method?); choose another --workdir "
+                f"for a new run ({type(err).__name__}: "
+                f"{' '.join(str(err).split())[:120]}).") from err
+        metas.append(meta)
+    log_main(f"resuming {workdir}" + ("" if len(checkpointers) == 1 else
+                                      f" ({len(checkpointers)} students)") + f" from step {resume}")
+    return states, metas
+
+
 @lock.holds_workdir(before=prepare_run)
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLike, *,
+                       allow_config_change: bool = False) -> dict:
     """Trains the run's K >= 1 students in ``workdir``; returns the summary.
 
     One student: its summary (``summary.json``). K students: ``{"students": [summary, ...]}``.
     The config is checked first and the workdir is locked for the run (``zkd_jax.io.lock``).
-    Resumes from the checkpoints in the workdir when there are some. With ``config.max_steps > 0``
+    Resumes from the checkpoints in the workdir when there are some, if the config is the one they
+    were trained with (but for the fields ``zkd_jax.trainer.identity.MAY_CHANGE`` lists; other
+    changes need ``allow_config_change``, and are recorded). With ``config.max_steps > 0``
     it stops after that many global steps (checkpointing there). Outputs: see
     ``zkd_jax.io.metrics`` and ``zkd_jax.io.checkpoint``.
 
@@ -202,35 +246,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     if jax.process_index() == 0:
         for d in dirs:
             d.mkdir(parents=True, exist_ok=True)
+    checkpointers = [ckpt_lib.Checkpointer(d, keep=config.keep_checkpoints,
+                                           keep_damaged=config.get("keep_damaged_checkpoints", 1))
+                     for d in dirs]
+    steps_per_epoch = data.steps_per_epoch(config.dataset, config.batch_size,
+                                           config.get("train_examples", -1))
+    try:
+        resume = students_lib.resume_step(checkpointers)
+        resume = records.resume_for_records(  # back to where a lost metrics.jsonl record is computed
+            resume, checkpointers, dirs, steps_per_epoch=steps_per_epoch, epochs=config.epochs,
+            eval_every_epochs=config.eval_every_epochs)
+        identities = run_identities(checkpointers, resume, config,
+                                    allow_config_change=allow_config_change)
+    except Exception:
+        for c in checkpointers:
+            c.close()
+        raise
     mesh = create_mesh()
     feed = make_feed(config, mesh, method_list[0].views)
     info, image_shape, model_dataset, student, teacher, teacher_variables = build_models(
         config, method_list[0], mesh)
-    steps_per_epoch = data.steps_per_epoch(config.dataset, config.batch_size,
-                                           config.get("train_examples", -1))
     tx, train_step = make_step(config, student, teacher, method_list, mesh, steps_per_epoch,
                                single=single)
     states = create_states(student, method_list, [s.seed for s in specs], tx,
                            input_shape=(1, *image_shape), mesh=mesh)
-    checkpointers = [ckpt_lib.Checkpointer(d, keep=config.keep_checkpoints,
-                                           keep_damaged=config.get("keep_damaged_checkpoints", 1))
-                     for d in dirs]
     metas: list[dict[str, Any]] = [{} for _ in range(num)]
-    resume = students_lib.resume_step(checkpointers)
-    resume = records.resume_for_records(  # back to where a lost metrics.jsonl record is computed
-        resume, checkpointers, dirs, steps_per_epoch=steps_per_epoch, epochs=config.epochs,
-        eval_every_epochs=config.eval_every_epochs)
     if resume is not None:
-        for k in range(num):
-            states[k], metas[k] = checkpointers[k].restore(states[k], resume)
-        log_main(f"resuming {workdir}" + ("" if single else f" ({num} students)")
-                 + f" from step {resume}")
+        states, metas = restore_states(checkpointers, states, resume, workdir=workdir)
     if single:
         cohort = Cohort(
             dirs=dirs, state=states[0], train_step=train_step,
             student_state=lambda s, k: s, split_metrics=lambda m: [m],
             checkpointers=checkpointers, metas=metas,
-            summary_fields=[{"config": config.to_dict()}],
+            summary_fields=[{"config": config.to_dict()}], identity=identities,
         )
     else:
         stack = StateStack(mesh)
@@ -248,7 +296,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
             summary_fields=[{"student": k, "student_seed": spec.seed, "data_seed": config.seed,
                              "config": students_lib.student_config(config, spec).to_dict()}
                             for k, spec in enumerate(specs)],
-            write_top_summary=write_top_summary,
+            write_top_summary=write_top_summary, identity=identities,
         )
     del states
     results = run_epochs(
