@@ -52,7 +52,10 @@ class MetricsWriter:
         self._tb = None
         if not enabled:
             return
-from zkd_jax.io import atomic, tensorboard
+        records, _ = read_records(self.path)  # the trainer names the damage (trainer.records)
+        self.records = [r for r in records if r.get("step", 0) <= resume_step]
+        try:  # rewritten from the records kept: no point twice after a fallback (io.tensorboard)
+            self._tb = tensorboard.open_writer(epath.Path(workdir) / TENSORBOARD, self.records)
         except Exception as err:  # pylint: disable=broad-except
             # e.g. gs:// without google-cloud-storage installed: keep training, say so once.
             logging.warning("TensorBoard events are not written (%s); metrics.jsonl still is.", err)
