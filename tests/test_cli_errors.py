@@ -146,18 +146,19 @@ def test_convert_on_a_full_disk_and_with_nan_weights(tmp_path, capsys, monkeypat
 
     with monkeypatch.context() as m:
         m.setattr(manifest, "write", full)
-        assert convert.run(["x.pth", str(tmp_path / "out"), "--arch", "resnet8"]) == 2
+        assert convert.run(["x.pth", str(tmp_path / "out"), "--arch", "resnet8"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"zkd-convert: error: No space left on device: {tmp_path / 'out'}; check the "
-                   "paths given (--workdir, config files, checkpoints) and that the disk is "
-                   "writable and not full"], err
+    assert err == [f"zkd-convert: error: No space left on device while writing "
+                   f"{tmp_path / 'out'}; free disk space, then rerun the same command (a "
+                   "training run resumes from its last checkpoint)"], err
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # the staged copy removed
     ocp, real = convert_io._checkpointer()
     monkeypatch.setattr(real, "save", _tensorstore_disk_full)
     monkeypatch.setattr(convert_io, "_checkpointer", lambda: (ocp, real))
-    assert convert.run(["x.pth", str(tmp_path / "out"), "--arch", "resnet8"]) == 2
+    assert convert.run(["x.pth", str(tmp_path / "out"), "--arch", "resnet8"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and f"No space left on device: {tmp_path / 'out'};" in err[0], err
+    assert len(err) == 1 and f"No space left on device while writing {tmp_path / 'out'};" \
+        in err[0], err
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # orbax's temporary removed too
     monkeypatch.undo()
 

@@ -41,9 +41,9 @@ def _flag_values() -> flags.FlagValues:
     return fv
 
 
-def _error(message: str) -> int:
+def _error(message: str, code: int = errors.EXIT_CODE) -> int:
     print(f"{PROG}: error: {message}", file=sys.stderr)
-    return errors.EXIT_CODE
+    return code
 
 
 def run(argv: Sequence[str] | None = None) -> int:
@@ -78,7 +78,8 @@ def run(argv: Sequence[str] | None = None) -> int:
     except errors.user_errors() as err:
         if errors.show_traceback(fv.verbose):
             traceback.print_exc()
-        return _error(errors.one_line(err))
+        return _error(errors.one_line(err), errors.FAILED_RUN_EXIT_CODE if errors.failed_run(err)
+                      else errors.EXIT_CODE)
     n = models.count_params(variables)
     print(f"{PROG}: wrote {fv.arch} ({fv.dataset}, {num_classes} classes, {n:,} parameters) "
           f"to {dst}")

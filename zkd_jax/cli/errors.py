@@ -52,8 +52,8 @@ def one_line(err: BaseException) -> str:
     """The message of ``err`` on one line (an ``OSError`` says what failed on which path)."""
     if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
         where = f" while writing {err.filename}" if err.filename else ""
-        text = f"{err.strerror}{where}; the run stopped: free disk space, then rerun the same " \
-               "command to resume from its last checkpoint"
+        text = f"{err.strerror}{where}; free disk space, then rerun the same command (a " \
+               "training run resumes from its last checkpoint)"
     elif isinstance(err, OSError) and err.strerror:
         where = f": {err.filename}" if err.filename else ""
         text = f"{err.strerror}{where}; check the paths given (--workdir, config files, " \
