@@ -70,11 +70,13 @@ def footer(config: ml_collections.ConfigDict, results: dict[str, dict],
     t_config = teacher.get("config") or {}
     n_train = data.num_train_examples(config.dataset, config.get("train_examples", -1))
     n_test = data.info(config.dataset).num_test
-    text = (f"{config.epochs} epochs on {n_train:,} {config.dataset} training images ({n_test} test "
-            f"images), {n_seeds} seed{'s' if seeds != [1] else ''} per method, every student "
-            f"distilled from one teacher ({config.teacher.arch}")
+    held_out = "validation" if config.dataset.endswith("_val") else "test"
+    text = (f"{config.epochs} epoch{'s' if config.epochs != 1 else ''} on {n_train:,} {config.dataset} training images ({n_test} "
+            f"{held_out} images), {n_seeds} seed{'s' if seeds != [1] else ''} per method, every "
+            f"student distilled from one teacher ({config.teacher.arch}")
     if t_config:
-        text += f", {t_config.get('epochs')} epochs, seed {t_config.get('seed')}"
+        e = t_config.get("epochs")
+        text += f", {e} epoch{'s' if e != 1 else ''}, seed {t_config.get('seed')}"
     text += "). Mean ± sample std over seeds."
     if seeds == [1]:
         text += " With one seed per method a gap between methods is not a result."
@@ -90,6 +92,7 @@ def format_table(config: ml_collections.ConfigDict, results: dict[str, dict]) ->
     rows = method_rows(config, results)
     teacher = results.get(TEACHER_SUBDIR) or {}
     head = ("run", "model", "final top-1", "best top-1", "n")
+    split = "validation" if config.dataset.endswith("_val") else "test"
     lines = [head]
     if teacher.get("last_top1") is not None:
         lines.append((TEACHER_SUBDIR, str(config.teacher.arch), f"{teacher['last_top1']:.2f}",
@@ -106,5 +109,5 @@ def format_table(config: ml_collections.ConfigDict, results: dict[str, dict]) ->
         for r in rows if len(r["final"]) > 1]
     if per_seed:
         text += ["", "per seed (final/best):"] + ["  " + p for p in per_seed]
-    return (f"{config.dataset} test top-1 (%)\n" + "\n".join(text) + "\n\n"
+    return (f"{config.dataset} {split} top-1 (%)\n" + "\n".join(text) + "\n\n"
             + footer(config, results, rows))

@@ -100,8 +100,9 @@ def train_or_reuse_teacher(config: ml_collections.ConfigDict, workdir: epath.Pat
         log_main(f"teacher: reusing {directory} (config key {key}, export verified against its "
                  f"manifest; test top-1 {top1:.2f})")
     else:
-        log_main(f"teacher: training {recipe.student.arch} (seed {recipe.seed}, {recipe.epochs} "
-                 f"epochs) in {directory} (config key {key})")
+        epochs = f"{recipe.epochs} epoch" + ("s" if recipe.epochs != 1 else "")
+        log_main(f"teacher: training {recipe.student.arch} (seed {recipe.seed}, {epochs}) in "
+                 f"{directory} (config key {key})")
         train_and_evaluate(recipe, directory)
     return directory
 

@@ -6,8 +6,10 @@ of every student (``zkd_jax.report.logits``) and writes into ``out``:
 * ``analysis.json``: per model its accuracy and logit moments (raw and Z-scored); per student the
   top-1 agreement with the teacher, KL(teacher || student) at T = 1 on raw and on standardized
   logits and the mean class-correlation difference (``zkd_jax.report.analyze``);
-* ``logit_moments.png``; per student ``hist2d_<name>.png`` and ``corr_diff_<name>.png``;
-  ``tsne.png`` (pooled features of every model);
+* ``logit_moments.png`` (raw logits' per-sample mean and std of every model, one panel); per
+  student ``hist2d_<name>.png`` and ``corr_diff_<name>.png`` (every student's map on one colour
+  scale, ``correlation_difference_vmax``); ``tsne.png`` (pooled features of every model); each
+  figure captioned with what was run (``caption``: split, models, settings, seeds, epochs);
 * ``logits.npz``: the logits, labels and features the numbers were computed from.
 """
 
@@ -107,12 +109,13 @@ def write_analysis(teacher_dir: str, student_dirs: list[str], out: str, *, split
     np.savez_compressed(files[1], labels=labels,
                         **{f"logits/{k}": v for k, v in logits.items()},
                         **{f"features/{k}": v for k, v in features.items()})
+    caption = describe(teacher, students, dataset, split, int(labels.shape[0]))
+    vmax = max(float(analyze.correlation_difference(logits["teacher"], logits[s.name])[0].max())
+               for s in students)  # one colour scale for every student's correlation map
+    stats.update(caption=caption, correlation_difference_vmax=vmax)
     if figures:
-        caption = describe(teacher, students, dataset, split, int(labels.shape[0]))
         files.append(analyze.plot_moments(logits, os.path.join(out, "logit_moments.png"),
                                           caption=caption))
-        vmax = max(float(analyze.correlation_difference(logits["teacher"], logits[s.name])[0]
-                         .max()) for s in students)  # one colour scale for every student's map
         for s in students:
             files.append(analyze.plot_histogram2d(
                 logits["teacher"], logits[s.name], s.name,

@@ -70,10 +70,18 @@ def compare_families(groups: list[Group]) -> list[tuple[list[Group], list[Group]
     return out
 
 
+#: Settings named in the legend (short name, dotted config name), when a group has them.
+LEGEND_SETTINGS = (("T", "method.temperature"), ("kd", "method.kd_weight"),
+                   ("lr", "optimizer.lr"))
+
+
 def group_label(group: Group) -> str:
-    settings = " ".join(f"{k.split('.')[-1]}={v}" for k, v in group.varying.items()
-                        if not k.startswith("method.standardize") and k != "method.name")
-    return (f"{method_title(group.method)}" + (f" ({settings})" if settings else "")
+    """``KD (T=4.0 kd=0.9 lr=0.1), n=3``: the method, its main settings and its number of seeds."""
+    shown = [f"{short}={group.settings[key]}" for short, key in LEGEND_SETTINGS
+             if key in group.settings]
+    shown += [f"{k.split('.')[-1]}={v}" for k, v in group.varying.items()
+              if k not in dict((key, 0) for _, key in LEGEND_SETTINGS)]
+    return (f"{method_title(group.method)}" + (f" ({' '.join(shown)})" if shown else "")
             + f", n={len(group.runs)}")
 
 
