@@ -121,7 +121,8 @@ def _caption(fig, caption: str) -> None:
 
 def _finish(fig, path: str, caption: str) -> str:
     plt = _pyplot()
-    fig.tight_layout(rect=(0, 0.06 if caption else 0, 1, 1))
+    bottom = min(0.25, 0.5 / fig.get_figheight()) if caption else 0.0  # ~3 lines of 7 pt text
+    fig.tight_layout(rect=(0, bottom, 1, 1))
     _caption(fig, caption)
     tmp = f"{path}.tmp.png"  # written whole, then renamed
     fig.savefig(tmp, dpi=80)
