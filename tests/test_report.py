@@ -181,8 +181,10 @@ def test_report_overlays_reference_logs_and_labels_figures(runs_dir, tmp_path):
     (refs / "KD" / "kd,vgg13,vgg8,3,9.txt").write_text(_mdistiller_text([[(1.0, 1.0)]], True))
     out = tmp_path / "report"
     result = make_report([str(root)], str(out), reference_logs=str(refs))
-    pngs = sorted(p for p in result["files"] if p.endswith(".png"))
+    pngs = sorted(p for p in result["files"] if os.path.basename(p).startswith("curves_"))
     assert len(pngs) == 2
+    # KD and KD+LS of one pair: one figure with both (zkd_jax.report.compare).
+    assert len([p for p in result["files"] if os.path.basename(p).startswith("compare_")]) == 1
     for p in pngs:
         data = pathlib.Path(p).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000

@@ -1,12 +1,13 @@
 r"""``zkd-analyze``: the paper's logit figures for a teacher and its students.
 
-    zkd-analyze --teacher=workdir/demo/teacher --student=workdir/demo/kd \
-        --student=workdir/demo/kd_ls --out=workdir/demo/analysis
+    zkd-analyze --teacher=workdir/demo/teacher_<key> --student=workdir/demo/kd/student_0 \
+        --student=workdir/demo/kd_ls/student_0 --out=workdir/demo/analysis
 
 On the test split (``--split``) of the runs' dataset (CIFAR-100, ImageNet or the digits) it writes
 ``analysis.json`` (logit moments raw / Z-scored, top-1 agreement with the teacher, KL(teacher ||
 student) at T = 1 on raw and standardized logits, mean class-correlation difference),
-``logit_moments.png``, ``hist2d_<student>.png``, ``corr_diff_<student>.png``, ``tsne.png`` and
+``logit_moments.png`` (raw logits), ``hist2d_<student>.png``, ``corr_diff_<student>.png`` (one
+colour scale for all students), ``tsne.png``, each captioned with what was run, and
 ``logits.npz`` (``zkd_jax.report.analysis.write_analysis``). A ``--student`` that is a K-student
 workdir stands for all its ``student_<k>``.
 """

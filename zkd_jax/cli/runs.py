@@ -24,6 +24,19 @@ def needs_teacher(config: ml_collections.ConfigDict) -> bool:
     return methods.from_config(config.method).needs_teacher
 
 
+def command_line_overrides() -> list[str]:
+    """The ``--config.FIELD`` names given on the command line (none when flags are not parsed)."""
+    from absl import flags  # pylint: disable=import-outside-toplevel
+    from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+
+    if "config" not in flags.FLAGS or not flags.FLAGS.is_parsed():
+        return []
+    try:
+        return list(config_flags.get_override_values(flags.FLAGS["config"]))
+    except (AttributeError, TypeError):  # not a config_flags flag
+        return []
+
+
 def run(config: ml_collections.ConfigDict, workdir: epath.PathLike, *,
         allow_config_change: bool = False) -> dict:
     """The suite of ``config.suite``, or one run (after training a missing teacher if asked).
@@ -32,6 +45,7 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike, *,
     checkpoints' (``zkd_jax.trainer.identity``; the change is recorded).
     """
     if len(config.get("suite", {})):
+        suite.refuse_replaced_overrides(config, command_line_overrides())
         return suite.train_suite(config, workdir, allow_config_change=allow_config_change)
     workdir = paths.absolute(workdir)
     if needs_teacher(config):

@@ -1,11 +1,14 @@
 """Several runs that share one teacher: ``train_suite(config, workdir)`` (the demo's shape).
 
-``config.suite`` maps a run name to a method config; the teacher is trained (or found) in
-``workdir/teacher`` with ``config.teacher.recipe`` (or read from ``config.teacher.checkpoint``
-when that is set), then each student runs in ``workdir/NAME`` with
-``config.method`` replaced by its entry, and a table of the accuracies is printed. Rerunning in the
-same workdir resumes every run (finished ones just report). With ``config.sweep`` each entry is
-one K-student program (``workdir/NAME/student_<k>``) and the report's table (mean ± std) follows.
+``config.suite`` maps a run name to a method config. The teacher is trained once, or found already
+trained and verified, in ``workdir/teacher_<key>`` (``zkd_jax.cli.teacher``; or read from
+``config.teacher.checkpoint`` when that is set); then each entry runs in ``workdir/NAME`` with
+``config.method`` replaced by it, distilling from that one teacher. With ``config.sweep`` (the
+demo's default: ``seed=0,1,2``) each entry is one K-student program (``workdir/NAME/student_<k>``).
+At the end a table gives, per entry (and per swept setting), the mean ± std over seeds of the final
+and the best test top-1 and the per-seed values, and ``workdir/report`` gets ``zkd-report``'s
+tables and figures (KD and KD+LS on one axes). Rerunning in the same workdir resumes every run
+(finished ones just report).
 """
 
 from __future__ import annotations
@@ -15,88 +18,105 @@ import copy
 import ml_collections
 from etils import epath
 
-from zkd_jax.cli.teacher import teacher_recipe
+from zkd_jax.cli.teacher import train_or_reuse_teacher
 from zkd_jax.io import checkpoint as ckpt_lib
-from zkd_jax.io import metrics as metrics_io
 from zkd_jax.io import lock, paths
+from zkd_jax.io import metrics as metrics_io
 from zkd_jax.trainer import train_and_evaluate
 from zkd_jax.trainer.loop import log_main
 from zkd_jax.trainer.setup import TEACHER_SUBDIR, prepare_run
+
+#: Config fields that each suite entry replaces: an override of them would be ignored.
+REPLACED = ("method", "variant")
+
+
+def refuse_replaced_overrides(config: ml_collections.ConfigDict, overrides) -> None:
+    """Refuses ``--config.method.X`` (and ``--config.variant``; ``--config.optimizer.lr`` where the
+    entries set ``lr``) on a suite config: each entry of ``config.suite`` replaces those fields, so
+    the override would change nothing.
+
+    Raises:
+      ValueError: one line naming the field(s) to use instead, e.g. ``--config.suite.kd.temperature``.
+    """
+    if not len(config.get("suite", {})):
+        return
+    replaced = REPLACED + (("optimizer.lr",) if any("lr" in e for e in config.suite.values())
+                           else ())
+    for name in overrides:
+        head = next((r for r in replaced if name == r or str(name).startswith(r + ".")), None)
+        if head is None:
+            continue
+        rest = str(name)[len(head) + 1:] if head == "method" else ("lr" if "lr" in head else "")
+        fields = [f"--config.suite.{entry}" + (f".{rest}" if rest else "")
+                  for entry in config.suite]
+        hint = (f"use {' or '.join(fields)}" if head != "variant" else
+                "the suite's entry names are the variants; use configs/demo.py:NAME to pick some")
+        raise ValueError(f"--config.{name} is ignored by this config: each entry of config.suite "
+                         f"({', '.join(config.suite)}) replaces config.{head}; {hint}.")
+
+
+def entry_config(config: ml_collections.ConfigDict, name: str, entry,
+                 teacher_dir: epath.Path) -> ml_collections.ConfigDict:
+    """The run of one suite entry: ``config`` with ``method`` replaced by the entry (less its
+    optional ``lr``, which replaces ``optimizer.lr``), distilling from ``teacher_dir``."""
+    method = dict(entry.to_dict() if hasattr(entry, "to_dict") else entry)
+    lr = method.pop("lr", None)
+    run = copy.deepcopy(config)
+    with run.unlocked():
+        run.variant = name
+        run.method = ml_collections.ConfigDict(method)
+        if lr is not None:
+            run.optimizer.lr = float(lr)
+        run.suite = ml_collections.ConfigDict()
+        run.teacher.checkpoint = str(teacher_dir)
+    return run
+
+
+def _refuse_other_teacher(run_dir: epath.Path, teacher_dir: epath.Path) -> None:
+    """Refuses to resume (or report) students of ``run_dir`` distilled from another teacher."""
+    for d in (run_dir, run_dir / "student_0"):
+        summary = metrics_io.read_summary(d) if (d / metrics_io.SUMMARY).exists() else None
+        used = ((summary or {}).get("config") or {}).get("teacher", {}).get("checkpoint")
+        if used and paths.absolute(used) != teacher_dir:
+            raise ValueError(f"{run_dir} holds students distilled from {used}, not from "
+                             f"{teacher_dir} (the teacher config changed); use another --workdir "
+                             f"or delete {run_dir}.")
 
 
 @lock.holds_workdir(before=prepare_run)
 def train_suite(config: ml_collections.ConfigDict, workdir: epath.PathLike, *,
                 allow_config_change: bool = False) -> dict[str, dict]:
-    """A teacher (``workdir/teacher``) and one student per ``config.suite`` entry (``workdir/NAME``).
+    """The teacher (once) and one student (or K-student program) per ``config.suite`` entry.
 
-    Each entry of ``config.suite`` is a method config replacing ``config.method``; every student
-    distills from the same teacher. Prints a table of the accuracies; returns the summaries.
+    ``allow_config_change``: the students' runs may resume with a changed config (recorded).
+
+    Prints the table of ``format_table``; returns ``{"teacher": summary, NAME: summary, ...}``.
     """
     workdir = paths.absolute(workdir)
-    # A given teacher checkpoint (a run's workdir) is used as it is; else workdir/teacher.
-    teacher_dir = (paths.absolute(config.teacher.checkpoint) if config.teacher.get("checkpoint")
-                   else workdir / TEACHER_SUBDIR)
-    if config.teacher.get("checkpoint"):
+    if config.teacher.get("checkpoint"):  # a given teacher (a run's workdir or an export) as it is
+        teacher_dir = paths.absolute(config.teacher.checkpoint)
         if not ckpt_lib.teacher_directory(teacher_dir).exists():
             raise ValueError(f"config.teacher.checkpoint {str(teacher_dir)!r} does not exist; "
                              "point it at a teacher run's workdir or unset it to train one.")
-    elif ckpt_lib.export_damage(teacher_dir) is not None:  # missing or damaged: (re)built
-        train_and_evaluate(teacher_recipe(config), teacher_dir)
+    else:
+        teacher_dir = train_or_reuse_teacher(config, workdir)
     results = {TEACHER_SUBDIR: metrics_io.read_summary(teacher_dir) or {}}
-    for name, method_config in config.suite.items():
-        run = copy.deepcopy(config)
-        run.variant = name
-        run.method = method_config
-        run.suite = ml_collections.ConfigDict()
-        run.teacher.checkpoint = str(teacher_dir)
-        results[name] = train_and_evaluate(run, workdir / name,
+    for name, entry in config.suite.items():
+        _refuse_other_teacher(workdir / name, teacher_dir)
+        results[name] = train_and_evaluate(entry_config(config, name, entry, teacher_dir),
+                                           workdir / name,
                                            allow_config_change=allow_config_change)
-    log_main(format_table(config, results))
-    if config.get("sweep"):  # K students per entry: the report's mean ± std over them
-        from zkd_jax.report import make_report  # pylint: disable=import-outside-toplevel
+    from zkd_jax.cli import suite_table  # pylint: disable=import-outside-toplevel
 
-        report = make_report([str(workdir)], str(workdir / "report"), figures=False)
+    log_main(suite_table.format_table(config, results))
+    from zkd_jax.report import make_report  # pylint: disable=import-outside-toplevel
+
+    dirs = [str(workdir / name) for name in config.suite]
+    if (teacher_dir / metrics_io.SUMMARY).exists():
+        dirs.insert(0, str(teacher_dir))
+    report = make_report(dirs, str(workdir / "report"))
+    if suite_table.sweeps_settings(config):  # a grid: zkd-report's table of every point
         log_main(report["text"])
+    figures = [p.rsplit("/", 1)[-1] for p in report["files"] if p.endswith(".png")]
+    log_main(f"report: {workdir / 'report'} ({', '.join(figures)})")
     return results
-
-
-#: The footer of the digits demo's table: what its numbers can and cannot show.
-DIGITS_NOTE = (
-    "5 epochs on 1,500 digit images (297 test images): this shows that training, distillation and "
-    "logit standardization run end to end, not which method is better. With one seed per method a "
-    "gap between KD and KD+LS is not a result (this run does not measure the spread over seeds); "
-    "the paper's claim is about CIFAR-100 "
-    "and ImageNet after 240 / 100 epochs, mean of 4 runs. Over seeds: --config.sweep='seed=0,1,2' "
-    "(one K-student program per method), then zkd-report WORKDIR.")
-
-
-def format_table(config: ml_collections.ConfigDict, results: dict[str, dict]) -> str:
-    """A small text table: run, model, best top-1 (epoch), last top-1."""
-    rows = [("run", "model", "best top-1 (epoch)", "last top-1")]
-    for name, s in results.items():
-        model = config.teacher.arch if name == TEACHER_SUBDIR else (
-            f"{config.student.arch} <- {config.teacher.arch}")
-        if s.get("students"):  # a K-student program (config.sweep): mean over its students
-            best = _mean_text([x.get("best_top1") for x in s["students"]])
-            last_top1 = _mean_text([x.get("last_top1") for x in s["students"]])
-            rows.append((name, model, best, last_top1))
-            continue
-        best = "-" if s.get("best_top1") is None else f"{s['best_top1']:.2f} ({s['best_epoch']})"
-        last_top1 = "-" if s.get("last_top1") is None else f"{s['last_top1']:.2f}"
-        rows.append((name, model, best, last_top1))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    note = "\n\n" + DIGITS_NOTE if config.dataset == "digits" else ""
-    return f"{config.dataset} test accuracy (%)\n" + "\n".join(lines) + note
-
-
-def _mean_text(values: list) -> str:
-    """``mean ± sample std (n=K)`` of the students' numbers (``-`` when none)."""
-    import numpy as np  # pylint: disable=import-outside-toplevel
-
-    v = [float(x) for x in values if x is not None]
-    if not v:
-        return "-"
-    std = f" ± {np.std(v, ddof=1):.2f}" if len(v) > 1 else ""
-    return f"{np.mean(v):.2f}{std} (n={len(v)})"

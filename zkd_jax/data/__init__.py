@@ -66,6 +66,10 @@ _INFOS = {
     "digits": DatasetInfo(
         "digits", 10, 32, _digits.NUM_TRAIN, _digits.NUM_TEST, _digits.MEAN, _digits.STD
     ),
+    # digits' train split carved into train and validation ("test") for choosing settings.
+    _digits.VAL_NAME: DatasetInfo(
+        _digits.VAL_NAME, 10, 32, _digits.VAL_TRAIN, _digits.VAL_TEST, _digits.MEAN, _digits.STD
+    ),
     # Random images of CIFAR-100's shapes, for timing where the data is not (zkd_jax.data.synthetic).
     _synthetic.NAME: DatasetInfo(
         _synthetic.NAME, _synthetic.NUM_CLASSES, _synthetic.IMAGE_SIZE, _synthetic.NUM_TRAIN,
@@ -130,8 +134,8 @@ def _check_vit_dataset(name: str, augmentation: str) -> None:
 
 
 def _arrays(name: str, split: str, data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
-    if name == "digits":
-        return _digits.load_digits_arrays(split)
+    if name in ("digits", _digits.VAL_NAME):
+        return _digits.load_split(name, split)
     if name == _synthetic.NAME:
         return _synthetic.load_synthetic_arrays(split)
     from zkd_jax.data.cifar import load_cifar100  # pylint: disable=import-outside-toplevel

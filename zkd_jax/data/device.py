@@ -50,10 +50,10 @@ def load_device_arrays(name: str, split: str, data_dir: str | None = None) -> tu
     ``ValueError`` saying where to put the data if it is missing); "imagenet2012" does not fit in
     device memory and raises ``ValueError``.
     """
-    if name == "digits":
-        from zkd_jax.data.digits import load_digits_arrays  # pylint: disable=import-outside-toplevel
+    if name in ("digits", "digits_val"):
+        from zkd_jax.data.digits import load_split  # pylint: disable=import-outside-toplevel
 
-        return load_digits_arrays(split)
+        return load_split(name, split)
     if name == "cifar100":
         from zkd_jax.data.cifar import load_cifar100  # pylint: disable=import-outside-toplevel
 

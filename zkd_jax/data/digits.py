@@ -23,6 +23,11 @@ from zkd_jax.data import seeding
 NUM_EXAMPLES = 1797
 NUM_TRAIN = 1500
 NUM_TEST = NUM_EXAMPLES - NUM_TRAIN
+#: "digits_val": the train split carved in two for choosing settings, the test split untouched:
+#: its "train" is the first VAL_TRAIN train images, its "test" the other NUM_TRAIN - VAL_TRAIN.
+VAL_NAME = "digits_val"
+VAL_TRAIN = 1200
+VAL_TEST = NUM_TRAIN - VAL_TRAIN
 UPSAMPLE = 4
 MEAN = (0.305585, 0.305585, 0.305585)
 STD = (0.376027, 0.376027, 0.376027)
@@ -53,6 +58,20 @@ def load_digits_arrays(split: str) -> tuple[np.ndarray, np.ndarray]:
     for array in out:
         array.flags.writeable = False
     return out
+
+
+def load_split(name: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """``split`` of "digits" or of "digits_val" (the validation carve-out of digits' train split:
+    train = its first ``VAL_TRAIN`` images, test = the other ``VAL_TEST``; the test split unused)."""
+    if name == "digits":
+        return load_digits_arrays(split)
+    if name != VAL_NAME:
+        raise ValueError(f"not a digits dataset: {name!r}; use 'digits' or {VAL_NAME!r}.")
+    if split not in ("train", "test"):
+        raise ValueError(f"{VAL_NAME} has splits 'train' and 'test', not {split!r}.")
+    images, labels = load_digits_arrays("train")
+    part = slice(0, VAL_TRAIN) if split == "train" else slice(VAL_TRAIN, NUM_TRAIN)
+    return images[part], labels[part]
 
 
 def compute_mean_std() -> tuple[np.ndarray, np.ndarray]:

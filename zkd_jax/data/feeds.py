@@ -71,7 +71,7 @@ class Feed:
 
 
 # Splits small enough to hold on every device.
-DEVICE_DATASETS = ("cifar100", "digits", "synthetic_cifar100")
+DEVICE_DATASETS = ("cifar100", "digits", "digits_val", "synthetic_cifar100")
 
 
 def check_pipeline(pipeline: str, views: Sequence[str], dataset: str,

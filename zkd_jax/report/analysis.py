@@ -6,8 +6,10 @@ of every student (``zkd_jax.report.logits``) and writes into ``out``:
 * ``analysis.json``: per model its accuracy and logit moments (raw and Z-scored); per student the
   top-1 agreement with the teacher, KL(teacher || student) at T = 1 on raw and on standardized
   logits and the mean class-correlation difference (``zkd_jax.report.analyze``);
-* ``logit_moments.png``; per student ``hist2d_<name>.png`` and ``corr_diff_<name>.png``;
-  ``tsne.png`` (pooled features of every model);
+* ``logit_moments.png`` (raw logits' per-sample mean and std of every model, one panel); per
+  student ``hist2d_<name>.png`` and ``corr_diff_<name>.png`` (every student's map on one colour
+  scale, ``correlation_difference_vmax``); ``tsne.png`` (pooled features of every model); each
+  figure captioned with what was run (``caption``: split, models, settings, seeds, epochs);
 * ``logits.npz``: the logits, labels and features the numbers were computed from.
 """
 
@@ -50,6 +52,33 @@ def statistics(teacher: np.ndarray, students: dict[str, np.ndarray],
     return out
 
 
+def _run_text(path: str) -> str:
+    """``kd_ls, T=2.0, kd weight 9.0, seed 1, 5 epochs`` from the run's summary.json ('' without)."""
+    for candidate in (path, os.path.dirname(os.path.normpath(path))):
+        summary = os.path.join(candidate, "summary.json")
+        if os.path.isfile(summary):
+            with open(summary, encoding="utf-8") as f:
+                s = json.load(f)
+            config = s.get("config") or {}
+            m = config.get("method") or {}
+            parts = [str((s.get("run") or {}).get("method") or m.get("name"))]
+            if m.get("name") != "ce":
+                parts += [f"T={m.get('temperature')}", f"kd weight {m.get('kd_weight')}"]
+            parts += [f"seed {s.get('seed', config.get('seed'))}", f"{config.get('epochs')} epochs"]
+            return ", ".join(parts)
+    return ""
+
+
+def describe(teacher, students, dataset: str, split: str, n: int) -> str:
+    """What was run: the split and, per model, its name, architecture and settings."""
+    models = [teacher, *students]
+    parts = []
+    for m in models:
+        text = _run_text(m.path) if getattr(m, "path", None) else ""
+        parts.append(f"{m.name} = {m.arch}" + (f" ({text})" if text else ""))
+    return f"{dataset} {split} split, {n} images. " + "; ".join(parts)
+
+
 def write_analysis(teacher_dir: str, student_dirs: list[str], out: str, *, split: str = "test",
                    dataset: str | None = None, tsne_samples: int = 2000, limit: int = 0,
                    figures: bool = True) -> dict[str, Any]:
@@ -80,21 +109,27 @@ def write_analysis(teacher_dir: str, student_dirs: list[str], out: str, *, split
     np.savez_compressed(files[1], labels=labels,
                         **{f"logits/{k}": v for k, v in logits.items()},
                         **{f"features/{k}": v for k, v in features.items()})
+    caption = describe(teacher, students, dataset, split, int(labels.shape[0]))
+    vmax = max(float(analyze.correlation_difference(logits["teacher"], logits[s.name])[0].max())
+               for s in students)  # one colour scale for every student's correlation map
+    stats.update(caption=caption, correlation_difference_vmax=vmax)
     if figures:
-        files.append(analyze.plot_moments(logits, os.path.join(out, "logit_moments.png")))
+        files.append(analyze.plot_moments(logits, os.path.join(out, "logit_moments.png"),
+                                          caption=caption))
         for s in students:
             files.append(analyze.plot_histogram2d(
                 logits["teacher"], logits[s.name], s.name,
-                os.path.join(out, f"hist2d_{_slug(s.name)}.png")))
+                os.path.join(out, f"hist2d_{_slug(s.name)}.png"), caption=caption))
             files.append(analyze.plot_correlation_difference(
                 logits["teacher"], logits[s.name], s.name,
-                os.path.join(out, f"corr_diff_{_slug(s.name)}.png")))
+                os.path.join(out, f"corr_diff_{_slug(s.name)}.png"), vmax=vmax, caption=caption))
         rng = np.random.default_rng(0)
         n = labels.shape[0]
         pick = np.sort(rng.choice(n, tsne_samples, replace=False)) if 0 < tsne_samples < n \
             else np.arange(n)
         embeddings = {k: analyze.tsne(v[pick]) for k, v in features.items()}
-        files.append(analyze.plot_tsne(embeddings, labels[pick], os.path.join(out, "tsne.png")))
+        files.append(analyze.plot_tsne(embeddings, labels[pick], os.path.join(out, "tsne.png"),
+                                       caption=caption + f"; t-SNE of {pick.size} images"))
     stats["files"] = [os.path.basename(f) for f in files]
     with open(files[0], "w", encoding="utf-8") as f:
         json.dump(stats, f, indent=2)

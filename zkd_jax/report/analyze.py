@@ -18,6 +18,7 @@ paper's logit standardization, ``zkd_jax.losses.standardize``):
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -112,29 +113,47 @@ def _pyplot():
     return plt
 
 
-def plot_moments(logits: dict[str, np.ndarray], path: str) -> str:
-    """Per-sample logit mean vs std of every model, raw and standardized (two panels)."""
+def _caption(fig, caption: str) -> None:
+    """``caption`` (what was run) under the figure's panels."""
+    if caption:
+        fig.text(0.01, 0.005, caption, fontsize=7, ha="left", va="bottom", wrap=True)
+
+
+def _finish(fig, path: str, caption: str) -> str:
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    for ax, title, fn in ((axes[0], "raw logits", np.asarray), (axes[1], "Z-scored", standardize)):
-        for i, (name, x) in enumerate(logits.items()):
-            m = logit_moments(fn(x))
-            ax.scatter(m["mean"], m["std"], s=4, alpha=0.5, color=f"C{i}", label=name)
-        ax.set_xlabel("per-sample logit mean")
-        ax.set_ylabel("per-sample logit std")
-        if fn is standardize:  # every sample at (0, 1) up to rounding: show it on a unit scale
-            ax.set_xlim(-1.0, 1.0)
-            ax.set_ylim(0.0, 2.0)
-        ax.set_title(title, fontsize=9)
-        ax.legend(fontsize=7, markerscale=3)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    bottom = min(0.25, 0.5 / fig.get_figheight()) if caption else 0.0  # ~3 lines of 7 pt text
+    fig.tight_layout(rect=(0, bottom, 1, 1))
+    _caption(fig, caption)
+    tmp = f"{path}.tmp.png"  # written whole, then renamed
+    fig.savefig(tmp, dpi=80)
     plt.close(fig)
+    os.replace(tmp, path)
     return path
 
 
-def plot_histogram2d(t: np.ndarray, s: np.ndarray, name: str, path: str, bins: int = 60) -> str:
+def plot_moments(logits: dict[str, np.ndarray], path: str, caption: str = "") -> str:
+    """Per-sample mean vs std of every model's raw logits in one panel (teacher and students).
+
+    Standardized logits are not drawn: every row of ``Z(x)`` has mean 0 and std 1 by construction.
+    Where the students' points lie against the teacher's shows whether a student copies the
+    teacher's logit scale (KD) or only its relations (an LS student's scale is free).
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for i, (name, x) in enumerate(logits.items()):
+        m = logit_moments(x)
+        ax.scatter(m["mean"], m["std"], s=4, alpha=0.5, color=f"C{i}",
+                   label=f"{name} (mean std {m['mean_of_std']:.2f})")
+    ax.set_xlabel("per-sample logit mean")
+    ax.set_ylabel("per-sample logit std")
+    ax.set_title("raw logits: per-sample mean and std", fontsize=9)
+    ax.legend(fontsize=7, markerscale=3)
+    ax.grid(alpha=0.3)
+    return _finish(fig, path, caption)
+
+
+def plot_histogram2d(t: np.ndarray, s: np.ndarray, name: str, path: str, bins: int = 60,
+                     caption: str = "") -> str:
     """Teacher vs student logits as 2-D histograms (raw, standardized), log-scaled counts."""
     plt = _pyplot()
     from matplotlib.colors import LogNorm  # pylint: disable=import-outside-toplevel
@@ -153,26 +172,25 @@ def plot_histogram2d(t: np.ndarray, s: np.ndarray, name: str, path: str, bins: i
         ax.set_title(title, fontsize=9)
         ax.legend(fontsize=7, loc="upper left")
         fig.colorbar(image, ax=ax, label="count")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return _finish(fig, path, caption)
 
 
-def plot_correlation_difference(t: np.ndarray, s: np.ndarray, name: str, path: str) -> str:
-    """Heat map of ``|corr(teacher) - corr(student)|`` with its off-diagonal mean in the title."""
+def plot_correlation_difference(t: np.ndarray, s: np.ndarray, name: str, path: str,
+                                vmax: float | None = None, caption: str = "") -> str:
+    """Heat map of ``|corr(teacher) - corr(student)|`` with its off-diagonal mean in the title.
+
+    ``vmax``: the top of the colour scale; pass the largest difference over the students compared
+    (``write_analysis`` does) so that every student's map uses the same scale.
+    """
     plt = _pyplot()
     diff, mean = correlation_difference(t, s)
-    fig, ax = plt.subplots(figsize=(4.6, 3.8))
-    image = ax.imshow(diff, cmap="PuBuGn", vmin=0.0)
+    fig, ax = plt.subplots(figsize=(4.8, 4.2))
+    image = ax.imshow(diff, cmap="PuBuGn", vmin=0.0, vmax=vmax)
     ax.set_xlabel("class")
     ax.set_ylabel("class")
     ax.set_title(f"|corr(teacher) - corr({name})|, mean {mean:.3f}", fontsize=9)
     fig.colorbar(image, ax=ax, label="|difference|")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return _finish(fig, path, caption)
 
 
 def tsne(features: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -187,7 +205,8 @@ def tsne(features: np.ndarray, seed: int = 0) -> np.ndarray:
                 ).fit_transform(np.asarray(features, np.float64))
 
 
-def plot_tsne(embeddings: dict[str, np.ndarray], labels: np.ndarray, path: str) -> str:
+def plot_tsne(embeddings: dict[str, np.ndarray], labels: np.ndarray, path: str,
+              caption: str = "") -> str:
     """One panel per model: its t-SNE points coloured by class."""
     plt = _pyplot()
     k = len(embeddings)
@@ -203,7 +222,4 @@ def plot_tsne(embeddings: dict[str, np.ndarray], labels: np.ndarray, path: str) 
         ax.set_ylabel("t-SNE 2")
     axes[0][-1].legend(fontsize=6, markerscale=3, title="class", title_fontsize=6,
                        loc="center left", bbox_to_anchor=(1.0, 0.5))
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return _finish(fig, path, caption)

@@ -2,8 +2,9 @@
 
 Finds the runs under ``paths`` (``runs.find_runs``), groups them (``table.group_runs``) and writes
 into ``out``: ``table.md`` / ``table.csv`` / ``table.json``, one ``curves_<i>.png`` per group,
-and one ``sweep_<i>.png`` heat map per sweep (groups of one method and pair that differ in one or
-two settings). Reads files only.
+one ``sweep_<i>.png`` heat map per sweep (groups of one method and pair that differ in one or
+two settings) and one ``compare_<i>.png`` per dataset and pair with several methods (KD and KD+LS
+on one axes with the teacher's accuracy, ``zkd_jax.report.compare``). Reads files only.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 import re
 from typing import Any
 
-from zkd_jax.report import curves, table
+from zkd_jax.report import compare, curves, table
 from zkd_jax.report.runs import find_runs
 from zkd_jax.report.worklog import read_worklogs
 
@@ -57,5 +58,8 @@ def make_report(paths: list[str], out: str, *, reference_logs: str | None = None
         for i, family in enumerate(curves.sweep_families(groups)):
             name = _slug(f"sweep_{i}_{family[0].method}_{family[0].pair}")
             files.append(curves.plot_sweep(family, os.path.join(out, name + ".png")))
+        for i, (students, teachers) in enumerate(compare.compare_families(groups)):
+            name = _slug(f"compare_{i}_{students[0].dataset}_{students[0].pair}") + ".png"
+            files.append(compare.plot_compare(students, teachers, os.path.join(out, name)))
     return {"rows": rows, "problems": problems, "files": files, "overlays": overlays,
             "text": table.format_text(rows, problems, note)}
