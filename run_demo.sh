@@ -4,7 +4,7 @@
 # mean ± std of the final and best test top-1 with the per-seed values (docs/demo.md).
 #   bash run_demo.sh                  # workdir/demo; a second call reuses the teacher / just reports
 #   WORKDIR=/tmp/d bash run_demo.sh --config.sweep='seed=0,1,2,3,4'
-# Creates ./.venv and installs zkd_jax with its data extra when they are missing; once installed it
+# Creates ./.venv and installs zkd_jax with its data and report extras when missing; once installed it
 # needs no network.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -13,11 +13,11 @@ if [ ! -x .venv/bin/python ]; then
 fi
 if ! .venv/bin/python - <<'PY' 2>/dev/null
 import importlib.util, sys
-needed = ("zkd_jax", "jax", "flax", "optax", "orbax.checkpoint", "sklearn", "tensorflow")
+needed = ("zkd_jax", "jax", "flax", "optax", "orbax.checkpoint", "sklearn", "tensorflow", "matplotlib")
 sys.exit(0 if all(importlib.util.find_spec(m) for m in needed) else 1)
 PY
 then
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e '.[data]'
+  .venv/bin/python -m pip install -q -e '.[data,report]'
 fi
 exec .venv/bin/zkd-train --config=configs/demo.py --workdir="${WORKDIR:-workdir/demo}" "$@"
