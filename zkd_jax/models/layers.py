@@ -146,8 +146,8 @@ _FOLDED_BN: contextvars.ContextVar[bool] = contextvars.ContextVar("zkd_folded_bn
 
 @contextlib.contextmanager
 def folded_batchnorm(enabled: bool = True):
-    """Within the block, :class:`BatchNorm` in eval mode computes ``y = x + bias`` in its
-    ``dtype``: the form of variables whose BatchNorms were folded into the convolutions before
+    """Within the block, :class:`BatchNorm` in eval mode computes ``y = x + bias`` (in float32,
+    cast to its ``dtype``, as the unfolded form computes): the form of variables whose BatchNorms were folded into the convolutions before
     them (``zkd_jax.models.fold.fold_batchnorm``: the scale is in the conv kernel, the shift in
     ``bias``). Read when a model is traced, like :func:`conv_implementation`; train mode is
     unaffected."""
@@ -250,7 +250,7 @@ class BatchNorm(nn.Module):
         ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
         if not train and _FOLDED_BN.get():  # folded: the conv before holds the scale
-            return x.astype(self.dtype) + bias.astype(self.dtype)
+            return (x.astype(jnp.float32) + bias).astype(self.dtype)
         xf = x.astype(jnp.float32)
         if train:
             axes = tuple(range(x.ndim - 1))
