@@ -13,7 +13,9 @@ reads XLA's ``cost_analysis()`` (bytes accessed and FLOPs per chip) and ``memory
 * ``finite_checks``: the step's gradient norm and finiteness metrics alone;
 * ``input_host``: the device half of the host feed (uint8 batch -> normalized float32);
 * ``input_device``: one on-device batch (gather, crop, flip, normalize) from the ``[N, 3072]``
-  split.
+  split;
+* ``scanned_device``: two steps in one program, each building its batch from the split on the
+  device (``input_pipeline=device``, ``steps_per_call``): its temporaries beside ``step``'s.
 
 Inside the step's own program every top-level HLO instruction is attributed, by the
 ``op_name`` metadata of the step's named scopes (``teacher``, ``student`` forward and
@@ -74,8 +76,15 @@ _FREE = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "afte
          "opt-barrier"}
 
 
+COPIES = "HBM <-> VMEM copies (XLA's, no op_name)"
+
+
 def category(op_name: str) -> str:
-    """The part of the step an instruction belongs to, from its ``op_name`` (named scopes)."""
+    """The part of the step an instruction belongs to, from its ``op_name`` (named scopes).
+    Instructions without one are XLA's own: almost all asynchronous copies of activations and
+    weights between HBM and VMEM (memory-space assignment)."""
+    if not op_name:
+        return COPIES
     if "teacher" in op_name:
         return "teacher forward"
     if "optimizer" in op_name:
@@ -275,11 +284,20 @@ def compile_all(topology: str, per_chip: int, config_arg: str, parts=None) -> di
         jax.ShapeDtypeStruct((n, 3072), jnp.uint8, sharding=rep),
         jax.ShapeDtypeStruct((n,), jnp.int32, sharding=rep), key, scalar, scalar,
         order=jax.ShapeDtypeStruct((n,), jnp.int32, sharding=rep)))
+    from zkd_jax.step import scan as scan_lib  # pylint: disable=import-outside-toplevel
+
+    scanned = scan_lib.make_scanned_step(step.unjitted, mesh, 2, b, info.mean, info.std)
+    record("scanned_device", lambda: scanned.lower(
+        state, folded_t, jax.ShapeDtypeStruct((n, 3072), jnp.uint8, sharding=rep),
+        jax.ShapeDtypeStruct((n,), jnp.int32, sharding=rep), key, scalar, scalar,
+        jax.ShapeDtypeStruct((n,), jnp.int32, sharding=rep)))
     del plain_step
     return out
 
 
 def _yardstick_category(op_name: str) -> str:
+    if not op_name:
+        return COPIES
     if "jvp(" in op_name or "transpose(" in op_name:
         return category(op_name.replace("jvp(", "student/jvp("))
     if "ResNet" in op_name:

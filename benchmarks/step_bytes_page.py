@@ -16,6 +16,7 @@ PROGRAMS = [
     ("finite_checks", "grad norm and finiteness metrics alone"),
     ("input_host", "host feed's device part (uint8 -> normalized float32)"),
     ("input_device", "one on-device batch from the `[N, 3072]` split"),
+    ("scanned_device", "2 scanned steps fed from the split on device (loop body counted once)"),
 ]
 
 
@@ -36,8 +37,8 @@ def _programs(topology: str, stats: dict, reference: dict) -> list[str]:
         s = stats.get(name) or reference.get(name)
         if not s:
             continue
-        ratio = f"{s['bytes'] / yard:.3f}" if yard else ""
-        mark = "" if name in stats else " (first run)"
+        ratio = f"{s['bytes'] / yard:.3f}" if yard and not name.startswith("input") else ""
+        mark = "" if name in stats else " (an earlier compile the same day)"
         lines.append(f"| `{name}`: {what}{mark} | {_gb(s['bytes'])} | {ratio} | "
                      f"{s['flops'] / 1e9:.1f} | {_mb(s['temp_bytes'])} | "
                      f"{s.get('compile_seconds', '')} |")
