@@ -103,13 +103,15 @@ class Built(NamedTuple):
     step: Any
     state: Any
     teacher: Any
-    teacher_variables: Any
+    teacher_variables: Any  # as the step reads them (BatchNorm folded where the family folds)
     method: Any
     student: Any
     mesh: Any
     steps_per_epoch: int
     info: Any
     image_shape: tuple
+    raw_teacher_variables: Any = None  # as loaded: what the yardstick reads
+    teacher_call: Any = None
 
 
 def build(config, num_students: int) -> Built:
@@ -136,13 +138,14 @@ def build(config, num_students: int) -> Built:
     specs, single = students.run_students(config)
     method_list = students.build_methods(specs)
     method = method_list[0]
-    teacher, teacher_variables = None, {}
+    teacher, teacher_variables, raw_teacher_variables = None, {}, {}
     if method.needs_teacher:
         teacher = models.create(config.teacher.arch, num_classes=info.num_classes,
                                 dataset=recipe.teacher_model_dataset(config, model_dataset),
                                 dtype=dtype)
-        teacher_variables = init_variables(teacher, jax.random.PRNGKey(123),
-                                           (1, *images.teacher_shape), mesh=mesh)
+        raw_teacher_variables = init_variables(teacher, jax.random.PRNGKey(123),
+                                               (1, *images.teacher_shape), mesh=mesh)
+        teacher_variables = setup.step_teacher_variables(config, teacher, raw_teacher_variables)
     steps_per_epoch = data.steps_per_epoch(config.dataset, config.batch_size,
                                            config.get("train_examples", -1))
     tx, step = setup.make_step(config, student, teacher, method_list, mesh, steps_per_epoch,
@@ -151,7 +154,7 @@ def build(config, num_students: int) -> Built:
                            input_shape=(1, *image_shape), mesh=mesh)
     state = states[0] if single else StateStack(mesh).stack(states)
     return Built(step, state, teacher, teacher_variables, method, student, mesh, steps_per_epoch,
-                 info, image_shape)
+                 info, image_shape, raw_teacher_variables, setup.teacher_call(config, teacher))
 
 
 def _eval_ms_per_batch(student, state, num_students, mesh, eval_batch, image_shape, info,
@@ -174,7 +177,8 @@ def _eval_ms_per_batch(student, state, num_students, mesh, eval_batch, image_sha
     return 1e3 * statistics.median(times) / calls
 
 
-def _teacher_ms_per_step(teacher, method, mesh, teacher_variables, batch, repeats) -> float:
+def _teacher_ms_per_step(teacher, method, mesh, teacher_variables, batch, repeats,
+                         call=None) -> float:
     """Median ms of the step's teacher part alone (eval-mode forward of every view), jitted with
     the step's shardings: what K students in one program share."""
     from zkd_jax.parallel import batch_sharding, replicated
@@ -182,7 +186,8 @@ def _teacher_ms_per_step(teacher, method, mesh, teacher_variables, batch, repeat
     from zkd_jax.views import images_of
 
     forward = jax.jit(
-        lambda v, b: teacher_forward(teacher, v, images_of(b, method.views), method),
+        lambda v, b: teacher_forward(teacher, v, images_of(b, method.views), method,
+                                     *([call] if call is not None else [])),
         in_shardings=(replicated(mesh), batch_sharding(mesh)), out_shardings=replicated(mesh))
     jax.block_until_ready(forward(teacher_variables, batch))
     calls = 10
@@ -266,14 +271,14 @@ def run(config, *, num_students: int, steps: int, repeats: int, projection: bool
         raise ValueError("--yardstick times one student; drop --students or --yardstick.")
     built = build(config, num_students)
     (step, state, teacher, teacher_variables, method, student, mesh, steps_per_epoch, info,
-     image_shape) = built
+     image_shape) = built[:10]
     batch = _synthetic_batch(method.views, config.batch_size, image_shape, info.num_classes, mesh)
     epoch = jax.device_put(np.int32(1))
     args = (teacher_variables, batch, epoch)
     yard_box, yard_loss = [], None
     if yardstick:  # from a copy of the same student variables, before the step donates them
         init, yard_step = make_yardstick(built, config)
-        yard_args = (teacher_variables, batch["image"], batch["label"])
+        yard_args = (built.raw_teacher_variables, batch["image"], batch["label"])
         yard_state = init(*jax.tree.map(jnp.copy, (state.params["student"], state.batch_stats)))
         yard_state, yard_loss, _ = _warm(yard_step, yard_state, yard_args)
         yard_box.append(yard_state)
@@ -330,7 +335,8 @@ def run(config, *, num_students: int, steps: int, repeats: int, projection: bool
     if projection:
         if method.needs_teacher:
             result["teacher_ms_per_step"] = round(_teacher_ms_per_step(
-                teacher, method, mesh, teacher_variables, batch, repeats), 4)
+                teacher, method, mesh, teacher_variables, batch, repeats,
+                built.teacher_call), 4)
         eval_batch = eval_batch or config.eval_batch_size
         eval_ms = _eval_ms_per_batch(student, box[0], num_students, mesh, eval_batch,
                                      image_shape, info, repeats)

@@ -7,7 +7,7 @@ step. All functions below except :func:`load_device_arrays` are pure and jittabl
 Usage (one epoch, global batch B, ``steps = N // B`` as in the tf.data path)::
 
     images, labels = load_device_arrays("cifar100", "train")          # NumPy, once
-    images = jax.device_put(images, replicated)                         # e.g. NamedSharding(mesh, P())
+    images = jax.device_put(flat_images(images), replicated)            # e.g. NamedSharding(mesh, P())
     labels = jax.device_put(labels, replicated)
     info = zkd_jax.data.info("cifar100")
     order = epoch_permutation(data_key, epoch, images.shape[0])         # once per epoch (or inside)
@@ -27,10 +27,19 @@ normalization reads the float32 table of ``normalization.table``, which the tf.d
 so :func:`device_eval_batch` gives the tf.data eval images bit for bit. With a multi-device mesh,
 the batch is the global batch; shard it with ``jax.lax.with_sharding_constraint`` (e.g.
 ``NamedSharding(mesh, P("data"))``) inside the jitted step.
+
+Layout on the devices: the split is held as ``[N, H * W * C]`` uint8 (:func:`flat_images`), one
+row per image, and each batch is reshaped to ``[B, H, W, C]`` after its rows are gathered. The
+batch functions take either form and give the same batches bit for bit; the flat form is what the
+feeds place. Why: XLA:TPU lays a uint8 ``[N, 32, 32, 3]`` array out with its last two dimensions
+padded to tiles (3 channels in a 128-lane tile), so a program that gathers rows from it copies the
+whole split into another layout on every call (615 MB for CIFAR-100, a dataset-sized temporary and
+about a millisecond of HBM traffic per batch on v5e); a ``[N, 3072]`` array needs no relayout.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Mapping, Sequence
 
 import jax
@@ -67,6 +76,26 @@ def load_device_arrays(name: str, split: str, data_dir: str | None = None) -> tu
         f"not {name!r}; "
         "use zkd_jax.data.train_batches for it."
     )
+
+
+def flat_images(images):
+    """``[N, H, W, C] -> [N, H * W * C]`` (NumPy or JAX, same dtype): the layout the devices hold a
+    split in (module docstring); row ``i`` is image ``i`` in row-major (h, w, c) order."""
+    return images.reshape(images.shape[0], -1)
+
+
+def _rows_as_images(rows: jax.Array, image_shape: Sequence[int] | None) -> jax.Array:
+    """Gathered rows ``[B, H * W * C]`` (or already ``[B, H, W, C]``) -> ``[B, H, W, C]``; a flat
+    row of ``3 s^2`` bytes is an ``s x s`` RGB image unless ``image_shape`` says otherwise."""
+    if rows.ndim == 4:
+        return rows
+    if image_shape is None:
+        side = int(round((rows.shape[1] / 3) ** 0.5))
+        image_shape = (side, side, 3)
+    if math.prod(image_shape) != rows.shape[1]:
+        raise ValueError(f"flat images of {rows.shape[1]} values are not {tuple(image_shape)}; "
+                         "pass image_shape=(H, W, C).")
+    return rows.reshape(rows.shape[0], *image_shape)
 
 
 def normalize(images: jax.Array, mean: Sequence[float], std: Sequence[float]) -> jax.Array:
@@ -132,19 +161,22 @@ def device_train_batch(
     std: Sequence[float],
     order: jax.Array | None = None,
     pad: int = CIFAR_PAD,
+    image_shape: Sequence[int] | None = None,
 ) -> dict[str, jax.Array]:
     """Global training batch ``step`` (0-based, < N // batch_size) of ``epoch``; pure and jittable.
 
-    images uint8 [N,H,W,3] and labels int32 [N] on device; returns {"image": float32 [B,H,W,3]
-    normalized, "label": int32 [B]}. ``order`` (from :func:`epoch_permutation` with the same key
-    and epoch) may be passed to avoid recomputing the permutation every step.
+    images uint8 [N,H,W,3], or [N, H*W*3] (:func:`flat_images`, the layout the feeds place; then
+    ``image_shape`` (static) gives (H, W, C), default square RGB), and labels int32 [N] on device;
+    returns {"image": float32 [B,H,W,3] normalized, "label": int32 [B]}, the same for both
+    layouts. ``order`` (from :func:`epoch_permutation` with the same key and epoch) may be passed
+    to avoid recomputing the permutation every step.
     """
     n = images.shape[0]
     if order is None:
         order = epoch_permutation(key, epoch, n)
     rows = jax.lax.dynamic_slice_in_dim(order, step * batch_size, batch_size)
     k = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, epoch), 1), step)
-    x = pad_crop_flip(jnp.take(images, rows, axis=0), k, pad)
+    x = pad_crop_flip(_rows_as_images(jnp.take(images, rows, axis=0), image_shape), k, pad)
     return {"image": normalize(x, mean, std), "label": jnp.take(labels, rows, axis=0).astype(jnp.int32)}
 
 
@@ -161,8 +193,11 @@ def device_eval_batch(
     batch_size: int,
     mean: Sequence[float],
     std: Sequence[float],
+    image_shape: Sequence[int] | None = None,
 ) -> dict[str, jax.Array]:
     """Eval batch ``index``: rows ``[index B, (index + 1) B)`` of the split, padded; jittable.
+
+    ``images``: [N,H,W,3] or flat [N, H*W*3] as in :func:`device_train_batch`.
 
     Returns {"image": (x / 255 - mean) / std float32 [B,H,W,3], "label": int32 [B], "mask": bool
     [B]}; rows past the end are zero images, label 0, mask False. Identical to
@@ -172,7 +207,7 @@ def device_eval_batch(
     idx = index * batch_size + jnp.arange(batch_size)
     mask = idx < n
     safe = jnp.minimum(idx, n - 1)
-    x = normalize(jnp.take(images, safe, axis=0), mean, std)
+    x = normalize(_rows_as_images(jnp.take(images, safe, axis=0), image_shape), mean, std)
     return {
         "image": jnp.where(mask[:, None, None, None], x, jnp.zeros_like(x)),
         "label": jnp.where(mask, jnp.take(labels, safe, axis=0), 0).astype(jnp.int32),

@@ -42,7 +42,7 @@ Batch = dict[str, jax.Array]
 @dataclasses.dataclass(frozen=True)
 class DeviceSplit:
     """The on-device training split, for programs that build their own batches
-    (``zkd_jax.step.scan``): uint8 images, labels, the data key (replicated), the static batch
+    (``zkd_jax.step.scan``): uint8 images (flat, ``[N, H * W * C]``: ``device.flat_images``), labels, the data key (replicated), the static batch
     parameters, and host helpers: ``order(epoch_arr)`` (the epoch's permutation),
     ``batch(epoch_arr, order, step)`` (global batch ``step``, as ``Feed.train`` yields it) and
     ``put(value)`` (a host scalar -> replicated int32 array)."""
@@ -201,7 +201,10 @@ def _device_feed(dataset, mesh, seed, batch_size, eval_batch_size, data_dir, num
         return jax.make_array_from_process_local_data(rep, np.asarray(x))
 
     def on_devices(split: str, count: int | None = None) -> tuple[jax.Array, jax.Array]:
-        return tuple(put(x[:count]) for x in device.load_device_arrays(dataset, split, data_dir))
+        # Images as [N, H * W * C] (device.flat_images): a layout TPUs gather from without
+        # copying the whole split into another one on every call.
+        images, labels = device.load_device_arrays(dataset, split, data_dir)
+        return put(device.flat_images(images[:count])), put(labels[:count])
 
     train_images, train_labels = on_devices("train", num_train)
     test_images, test_labels = on_devices("test")

@@ -36,6 +36,7 @@ __all__ = [
     "classifier_normal",
     "conv2d",
     "conv_implementation",
+    "folded_batchnorm",
     "global_avg_pool",
     "he_normal_fan_out",
     "max_pool",
@@ -137,6 +138,27 @@ def _conv2d_matmul(x: Array, kernel: Array, stride: int, padding: int) -> Array:
 
 
 # --------------------------------------------------------------------------------------------------
+# BatchNorm folded into the preceding convolution (inference only)
+# --------------------------------------------------------------------------------------------------
+
+_FOLDED_BN: contextvars.ContextVar[bool] = contextvars.ContextVar("zkd_folded_bn", default=False)
+
+
+@contextlib.contextmanager
+def folded_batchnorm(enabled: bool = True):
+    """Within the block, :class:`BatchNorm` in eval mode computes ``y = x + bias`` (in float32,
+    cast to its ``dtype``, as the unfolded form computes): the form of variables whose BatchNorms were folded into the convolutions before
+    them (``zkd_jax.models.fold.fold_batchnorm``: the scale is in the conv kernel, the shift in
+    ``bias``). Read when a model is traced, like :func:`conv_implementation`; train mode is
+    unaffected."""
+    token = _FOLDED_BN.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _FOLDED_BN.reset(token)
+
+
+# --------------------------------------------------------------------------------------------------
 # Layers
 # --------------------------------------------------------------------------------------------------
 
@@ -227,6 +249,8 @@ class BatchNorm(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
         ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+        if not train and _FOLDED_BN.get():  # folded: the conv before holds the scale
+            return (x.astype(jnp.float32) + bias).astype(self.dtype)
         xf = x.astype(jnp.float32)
         if train:
             axes = tuple(range(x.ndim - 1))

@@ -55,9 +55,10 @@ def make_scanned_step(step_fn: Callable, mesh: Mesh, n: int, batch_size: int,
 
     def scanned(state, teacher_variables, images, labels, key, epoch, first, order):
         def body(carry, i):
-            batch = device.device_train_batch(images, labels, key, epoch, first + i,
-                                              batch_size=batch_size, mean=mean, std=std,
-                                              order=order)
+            with jax.named_scope("input"):  # images: [N, H*W*C] as the feed holds them, or NHWC
+                batch = device.device_train_batch(images, labels, key, epoch, first + i,
+                                                  batch_size=batch_size, mean=mean, std=std,
+                                                  order=order)
             batch = jax.lax.with_sharding_constraint(batch, sharded)
             return step_fn(carry, teacher_variables, batch, epoch)
 

@@ -35,6 +35,7 @@ from flax import linen as nn
 from jax.sharding import Mesh
 
 from zkd_jax.methods import Method, head_logits, wants_heads
+from zkd_jax.models.layers import folded_batchnorm
 from zkd_jax.models.vit_layers import teacher_input
 from zkd_jax.parallel import batch_sharding, replicated
 from zkd_jax.step.state import TrainState, model_variables
@@ -57,10 +58,14 @@ class TeacherCall:
       batch_stats: False: eval mode (running statistics); True: train mode, BatchNorm normalizing
         with the batch's statistics and the updated running averages discarded (the ViT reference
         runs its teacher under ``model.train()``).
+      folded: the teacher variables have their BatchNorms folded into the convolutions
+        (``zkd_jax.models.fold.fold_batchnorm``; eval mode only): the teacher runs under
+        ``folded_batchnorm()``, each BatchNorm a bias add.
     """
 
     image_size: int | None = None
     batch_stats: bool = False
+    folded: bool = False
 
 
 def teacher_forward(teacher, teacher_variables, images: Mapping[str, Any], method: Method,
@@ -70,16 +75,21 @@ def teacher_forward(teacher, teacher_variables, images: Mapping[str, Any], metho
     if not method.needs_teacher:
         return None
 
+    if call.folded and call.batch_stats:
+        raise ValueError("a folded teacher runs in eval mode only (TeacherCall.batch_stats=False).")
+
     def run(x):
         if call.image_size is not None:
             x = teacher_input(x, call.image_size)
         if call.batch_stats:
             logits, _ = teacher.apply(teacher_variables, x, train=True, mutable=["batch_stats"])
         else:
-            logits = teacher.apply(teacher_variables, x, train=False)
+            with folded_batchnorm(call.folded):
+                logits = teacher.apply(teacher_variables, x, train=False)
         return jax.lax.stop_gradient(logits.astype(jnp.float32))
 
-    return {view: run(x) for view, x in images.items()}
+    with jax.named_scope("teacher"):
+        return {view: run(x) for view, x in images.items()}
 
 
 def finite_checks(teacher_logits, grads, params) -> dict[str, jax.Array]:
@@ -134,18 +144,24 @@ def make_student_update(
                     student_logits.update(head_logits(view, _float32(logits)))
                 else:
                     student_logits[view] = logits.astype(jnp.float32)
-            loss, terms = objective(params["method"], student_logits, teacher_logits, labels, epoch)
+            with jax.named_scope("objective"):
+                loss, terms = objective(params["method"], student_logits, teacher_logits, labels,
+                                        epoch)
             return loss, (terms, batch_stats)
 
-        (loss, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params
-        )
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        with jax.named_scope("student"):
+            (loss, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                state.params
+            )
+        with jax.named_scope("optimizer"):
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
         new_state = state.replace(
             step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
         )
-        metrics = {"loss": loss, **terms, **finite_checks(teacher_logits, grads, params)}
+        with jax.named_scope("finite_checks"):
+            checks = finite_checks(teacher_logits, grads, params)
+        metrics = {"loss": loss, **terms, **checks}
         if learning_rate_fn is not None:
             metrics["lr"] = learning_rate_fn(state.step)
         return new_state, _float32(metrics)

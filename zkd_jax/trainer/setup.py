@@ -21,6 +21,7 @@ level above, by ``zkd_jax.cli.runs``.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -30,6 +31,7 @@ from etils import epath
 
 import zkd_jax.data as data
 from zkd_jax import models
+from zkd_jax.models import fold
 from zkd_jax.trainer import recipe, records, validate
 from zkd_jax.data import feeds as feed_lib
 from zkd_jax.data import plan as plan_lib
@@ -39,6 +41,7 @@ from zkd_jax.io import lock, paths
 from zkd_jax.parallel import create_mesh, distributed, replicate
 from zkd_jax.step import (
     StateStack,
+    TeacherCall,
     create_states,
     make_eval_step,
     make_multi_train_step,
@@ -111,8 +114,29 @@ def build_models(config: ml_collections.ConfigDict, method, mesh):
             config.teacher.arch, num_classes=info.num_classes, dtype=dtype,
             dataset=recipe.teacher_model_dataset(config, model_dataset),
         )
-        teacher_variables = replicate(load_teacher(config, teacher, images.teacher_shape), mesh)
+        variables = load_teacher(config, teacher, images.teacher_shape)
+        teacher_variables = replicate(step_teacher_variables(config, teacher, variables), mesh)
     return info, images.student_shape, model_dataset, student, teacher, teacher_variables
+
+
+def teacher_call(config: ml_collections.ConfigDict, teacher) -> TeacherCall:
+    """How the run's step calls its teacher (``recipe.images``), with ``folded=True`` when the
+    teacher runs in eval mode and its family folds (``zkd_jax.models.fold``)."""
+    call = recipe.images(config, data.info(config.dataset).image_size).teacher_call
+    if teacher is not None and not call.batch_stats and fold.can_fold(teacher):
+        call = dataclasses.replace(call, folded=True)
+    return call
+
+
+def step_teacher_variables(config: ml_collections.ConfigDict, teacher, variables):
+    """The teacher variables the step reads: BatchNorm folded into the convolutions and the
+    folded kernels in the compute dtype when :func:`teacher_call` says ``folded`` (a pure
+    function of the loaded variables, applied once; works under ``jax.eval_shape``); else
+    ``variables``. Only the step sees them: checkpoints and exports hold the unfolded teacher."""
+    if not teacher_call(config, teacher).folded:
+        return variables
+    side = recipe.images(config, data.info(config.dataset).image_size).teacher_shape[0]
+    return fold.fold_batchnorm(teacher, variables, image_hw=(side, side))
 
 
 def load_teacher(config, module, input_shape) -> dict:
@@ -171,7 +195,7 @@ def make_step(config, student, teacher, method_list, mesh, steps_per_epoch: int,
     (``single``) or of the K students of ``method_list`` (``config.students_form``). The
     benchmarks time this very step."""
     schedule, tx = recipe.make_optimizer(config.optimizer, steps_per_epoch, config.epochs)
-    call = recipe.images(config, data.info(config.dataset).image_size).teacher_call
+    call = teacher_call(config, teacher)
     if single:
         return tx, make_train_step(student, teacher, method_list[0], tx, mesh,
                                    learning_rate_fn=schedule, teacher_call=call)
