@@ -39,6 +39,7 @@ from zkd_jax.io import lock, paths
 from zkd_jax.parallel import create_mesh, distributed, replicate
 from zkd_jax.step import (
     StateStack,
+    abstract_variables,
     create_states,
     make_eval_step,
     make_multi_train_step,
@@ -89,11 +90,12 @@ def loop_settings(config: ml_collections.ConfigDict) -> LoopSettings:
     )
 
 
-def build_models(config: ml_collections.ConfigDict, method, mesh):
+def build_models(config: ml_collections.ConfigDict, method, mesh, *, abstract: bool = False):
     """(info, image_shape, model_dataset, student, teacher, teacher_variables) of a run; the
     teacher is None (variables ``{}``) for a method without teacher. ``image_shape`` is the
     students' (``recipe.images``: the ViT students' size); the teacher is of its own family and
-    size where ``config.vit`` says so."""
+    size where ``config.vit`` says so. ``abstract`` (compiling only, ``zkd_jax.trainer.programs``):
+    the teacher's variables are ``ShapeDtypeStruct``s of its architecture, no checkpoint read."""
     info = data.info(config.dataset)
     images = recipe.images(config, info.image_size)
     model_dataset = _model_dataset(config)
@@ -110,7 +112,11 @@ def build_models(config: ml_collections.ConfigDict, method, mesh):
             config.teacher.arch, num_classes=info.num_classes, dtype=dtype,
             dataset=recipe.teacher_model_dataset(config, model_dataset),
         )
-        teacher_variables = replicate(load_teacher(config, teacher, images.teacher_shape), mesh)
+        if abstract:
+            teacher_variables = abstract_variables(teacher, (1, *images.teacher_shape), mesh)
+        else:
+            teacher_variables = replicate(load_teacher(config, teacher, images.teacher_shape),
+                                          mesh)
     return info, images.student_shape, model_dataset, student, teacher, teacher_variables
 
 
@@ -201,7 +207,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     if jax.process_index() == 0:
         for d in dirs:
             d.mkdir(parents=True, exist_ok=True)
-    mesh = create_mesh()
+    mesh = create_mesh(jax.devices())
     feed = make_feed(config, mesh, method_list[0].views)
     info, image_shape, model_dataset, student, teacher, teacher_variables = build_models(
         config, method_list[0], mesh)
