@@ -1,0 +1,130 @@
+"""zkd-compile (``zkd_jax.aot``): the trainer's programs compiled for a TPU topology without a TPU.
+
+The compiles run in a child process (``zkd_jax.aot.worker``) that inherits this suite's
+environment (its compile options and cache); TPU topologies need libtpu (the ``tpu`` extra) and
+are skipped without it. Nothing here runs a program on a device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+from zkd_jax import aot  # noqa: E402
+from zkd_jax.aot import chips  # noqa: E402
+from zkd_jax.configs import cifar100  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = "kd_ls,resnet8,resnet8"
+needs_libtpu = pytest.mark.skipif(not aot.libtpu_installed(),
+                                  reason="libtpu not installed (pip install 'zkd_jax[tpu]')")
+
+
+def _cli(*args: str, cwd, prelude: str = "") -> subprocess.CompletedProcess:
+    code = (f"{prelude}\nimport sys\nsys.argv = ['zkd-compile', *{list(args)!r}]\n"
+            "from zkd_jax.cli.compile import run\nrun()")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (
+        str(ROOT), os.environ.get("PYTHONPATH")))))
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=600, check=False)
+
+
+def test_cpu_topology_end_to_end_prints_one_json_object_per_program(tmp_path):
+    result = _cli(f"--config={ROOT}/configs/cifar100.py:{SMALL}", "--topology=cpu:2",
+                  "--per_chip_batch=2", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["program"] for r in records] == ["train_step", "eval_step"]
+    for r in records:
+        assert tuple(r) == aot.KEYS and r["status"] == "ok"
+        assert r["chips"] == 2 and r["topology"] == "cpu:2" and r["libtpu_version"] is None
+        assert r["total_bytes"] == (r["argument_bytes"] + r["output_bytes"] - r["alias_bytes"]
+                                    + r["temp_bytes"] + r["code_bytes"]) > 0
+        assert r["flops_per_step"] > 0 and r["bytes_per_step"] > 0
+        assert r["hbm_fraction"] is None and r["images_per_sec_per_chip"] is None  # no chip
+    train = records[0]
+    assert train["per_chip_batch"] == 2 and train["global_batch"] == 4
+    assert train["alias_bytes"] > 0  # the donated state
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+@needs_libtpu
+@pytest.mark.parametrize("topology,chips_,kind", [("v5e:2x2", 4, "TPU v5 lite"),
+                                                 ("v5p:2x2x1", 4, "TPU v5")])
+def test_a_small_cifar_step_compiles_for_tpu(topology, chips_, kind):
+    report = aot.compile_config(cifar100.get_config(SMALL), topology, per_chip_batch=2,
+                                only=["train_step"])
+    (r,) = report.records
+    assert r["status"] == "ok", r["error"]
+    assert set(aot.KEYS) <= set(r) and r["device_kind"] == kind and r["chips"] == chips_
+    chip = chips.CHIPS[topology.split(":")[0]]
+    assert r["hbm_bytes"] == chip.hbm_bytes and 0 < r["hbm_fraction"] < 0.05
+    assert r["bound"] in ("memory", "compute") and r["images_per_sec_per_chip"] > 0
+    assert r["images_per_sec_slice"] == pytest.approx(chips_ * r["images_per_sec_per_chip"])
+    # An epoch: 50,000 // 8 steps of 2 images per chip.
+    assert r["epoch_seconds"] == pytest.approx(
+        50_000 // 8 * 2 / r["images_per_sec_per_chip"])
+    assert r["libtpu_version"] and report.plan["programs"] == ["train_step"]
+
+
+def test_unknown_topology_lists_the_known_ones(tmp_path):
+    result = _cli("--topology=v9:2x2", cwd=tmp_path)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("zkd-compile: error: --topology='v9:2x2' is not a known topology")
+    for name in ("v5e:2x2", "v5p:2x2x1", "v5p:2x2x2", "v6e:2x2", "cpu"):
+        assert name in line
+
+
+def test_without_libtpu_one_line_names_the_extra(tmp_path):
+    hide = ("import importlib.util as u\n_find = u.find_spec\n"
+            "u.find_spec = lambda n, *a: None if n == 'libtpu' else _find(n, *a)")
+    result = _cli("--topology=v5e:2x2", cwd=tmp_path, prelude=hide)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert "needs libtpu" in line and "pip install 'zkd_jax[tpu]'" in line
+
+
+def test_a_program_that_does_not_fit_is_refused_in_one_line():
+    """The refusal names the bytes needed, the chip's HBM and a per-chip batch that fits."""
+    record = {"program": "train_step", "status": "does_not_fit", "total_bytes": 40 * 2**30,
+              "fixed_bytes": 2**30, "per_chip_batch": 8192, "compiler_limit_bytes": None}
+    with pytest.raises(aot.DoesNotFitError) as err:
+        aot._refuse_if_too_big([record], chips.CHIPS["v5e"])  # pylint: disable=protected-access
+    message = str(err.value)
+    assert "\n" not in message
+    assert "train_step needs 40.00 GiB of HBM per chip at 8192 images per chip" in message
+    assert "a v5e chip has 16 GiB" in message
+    # (0.9 * 16 - 1) / 39 GiB of batch-dependent bytes: 2815 images -> a power of two below.
+    assert "--per_chip_batch=2048 should fit" in message
+    state_only = dict(record, fixed_bytes=20 * 2**30)
+    with pytest.raises(aot.DoesNotFitError, match="no batch fits: the state and teacher alone"):
+        aot._refuse_if_too_big([state_only], chips.CHIPS["v5e"])  # pylint: disable=protected-access
+
+
+def test_the_tpu_compilers_out_of_memory_message_is_read():
+    from zkd_jax.aot.figures import out_of_memory
+
+    text = ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory "
+            "space hbm. Used 20.50G of 15.75G hbm. Exceeded hbm capacity by 4.75G.")
+    assert out_of_memory(text) == (int(20.5 * 2**30), int(15.75 * 2**30))
+    assert out_of_memory("INVALID_ARGUMENT: something else") is None
+
+
+def test_topologies_parse_and_chip_figures_are_sane():
+    assert chips.parse_topology("v5p:2x2x2").chip.name == "v5p"
+    assert chips.parse_topology("cpu:8").cpu_devices == 8
+    for bad in ("v5e", "v5e:2", "tpu:2x2", "v7x:2x2"):
+        with pytest.raises(ValueError, match="not a known topology"):
+            chips.parse_topology(bad)
+    for chip in chips.CHIPS.values():
+        assert chip.source.startswith("https://cloud.google.com/tpu/docs/")
+        # Every TPU generation here is memory-bound below ~100-600 FLOP per HBM byte.
+        assert 100 < chip.peak_flops / chip.hbm_bandwidth < 600
