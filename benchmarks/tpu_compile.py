@@ -34,7 +34,10 @@ sys.path.insert(0, str(ROOT))
 
 _OUT = flags.DEFINE_string("out", "benchmarks/results/tpu_compile.jsonl", "JSON lines to append.")
 _TABLE = flags.DEFINE_string("table", "benchmarks/results/tpu_compile.md", "Markdown table.")
-_CASES = flags.DEFINE_enum("cases", "all", ["all", "quick"], "quick: v5e and v5p bf16 CIFAR.")
+_CASES = flags.DEFINE_enum(
+    "cases", "all", ["all", "quick", "coverage"],
+    "quick: v5e and v5p bf16 CIFAR; coverage: every method, a ViT student, ImageNet, K students "
+    "and a two-host slice with small models, every program (train and eval steps).")
 _YARD = flags.DEFINE_string("yardstick_case", None, "Internal: compile one yardstick case.")
 
 CIFAR = "kd_ls,resnet32x4,resnet8x4"
@@ -44,21 +47,39 @@ K = 4
 
 def cases(which: str) -> list[dict]:
     """Most telling first (a slow machine may stop early; the table keeps what finished)."""
-    out = []
     chips = {"v5e": "v5e:2x2", "v5p": "v5p:2x2x1", "v6e": "v6e:2x2", "v4": "v4:2x2x1"}
-    for chip in ("v5e", "v5p", "v6e"):
-        for batch in (64, 512):
-            out.append(dict(chip=chips[chip], file="cifar100", arg=CIFAR, batch=batch, bf16=True))
+
+    def cifar(chip, batch, bf16=True, **kw):
+        return dict(chip=chips[chip], file="cifar100", arg=CIFAR, batch=batch, bf16=bf16, **kw)
+
+    out = [cifar("v5e", 64), cifar("v5p", 64), cifar("v5e", 512), cifar("v5p", 512)]
     if which == "quick":
-        return [c for c in out if not c["chip"].startswith("v6e")]
-    for chip in ("v5e", "v5p", "v6e"):
-        for batch in (64, 512):
-            out.append(dict(chip=chips[chip], file="cifar100", arg=CIFAR, batch=batch, bf16=False))
-    for chip in ("v5p", "v5e", "v6e"):
-        out.append(dict(chip=chips[chip], file="imagenet", arg=IMAGENET, batch=256, bf16=True))
-    out.append(dict(chip=chips["v5e"], file="cifar100", arg=CIFAR, batch=64, bf16=True,
-                    students=K))
-    out.append(dict(chip=chips["v4"], file="cifar100", arg=CIFAR, batch=64, bf16=True))
+        return out
+    out += [dict(chip=chips["v5p"], file="imagenet", arg=IMAGENET, batch=256, bf16=True),
+            cifar("v6e", 64), cifar("v5e", 64, students=K)]
+    out += [cifar(c, b, bf16=False) for c in ("v5e", "v5p") for b in (64, 512)]
+    out += [cifar("v6e", 512), cifar("v4", 64)]
+    out += [cifar("v6e", b, bf16=False) for b in (64, 512)]
+    out += [dict(chip=chips[c], file="imagenet", arg=IMAGENET, batch=256, bf16=True)
+            for c in ("v5e", "v6e")]
+    return out
+
+
+def coverage() -> list[dict]:
+    """Every method +/- LS, a ViT student, ImageNet, K students, a multi-host slice: small
+    models and batches (the point is that every program compiles), every program."""
+    small = "resnet8,resnet8"
+    out = [dict(chip="v5e:2x2", file="cifar100", arg=f"{m},{small}", batch=8, bf16=True,
+                full=True) for m in ("kd", "kd_ls", "dkd", "dkd_ls", "mlkd", "mlkd_ls", "ctkd",
+                                     "ctkd_ls")]
+    out += [dict(chip="v5e:2x2", file="cifar100", arg=f"kd_ls,{small}", batch=8, bf16=True,
+                 full=True, students=2),
+            dict(chip="v5p:2x2x2", file="cifar100", arg=f"kd_ls,{small}", batch=8, bf16=True,
+                 full=True),
+            dict(chip="v5e:2x2", file="cifar100_vit", arg="kd_ls,resnet56,deit_ti", batch=2,
+                 bf16=True, full=True),
+            dict(chip="v5p:2x2x1", file="imagenet", arg=IMAGENET, batch=8, bf16=True,
+                 full=True)]
     return out
 
 
@@ -148,6 +169,11 @@ def run_case(c: dict) -> list[dict]:
 
     config = load_config(c)
     students = c.get("students", 1)
+    if c.get("full"):
+        try:
+            return aot.compile_config(config, c["chip"], per_chip_batch=c["batch"]).records
+        except aot.DoesNotFitError as err:
+            return [{"program": "train_step", "status": "does_not_fit", "error": str(err)}]
     try:
         report = aot.compile_config(config, c["chip"], per_chip_batch=c["batch"],
                                     all_forms=students > 1,
@@ -205,7 +231,7 @@ def main(argv) -> None:
     out = pathlib.Path(_OUT.value)
     rows = [json.loads(ln) for ln in out.read_text().splitlines()] if out.exists() else []
     done = {r["case"] for r in rows}
-    for c in cases(_CASES.value):
+    for c in coverage() if _CASES.value == "coverage" else cases(_CASES.value):
         cid = case_id(c)
         if cid in done:
             continue

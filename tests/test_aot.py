@@ -92,6 +92,18 @@ def test_without_libtpu_one_line_names_the_extra(tmp_path):
     assert "needs libtpu" in line and "pip install 'zkd_jax[tpu]'" in line
 
 
+@needs_libtpu
+def test_a_config_that_does_not_fit_exits_1_in_one_line(tmp_path):
+    result = _cli(f"--config={ROOT}/configs/cifar100.py:kd,resnet8x4,resnet8x4",
+                  "--topology=v5e:2x2", "--per_chip_batch=12000", cwd=tmp_path)
+    assert result.returncode == 1, result.stderr[-2000:]
+    (line,) = [ln for ln in result.stderr.splitlines() if ln.startswith("zkd-compile")]
+    assert line.startswith("zkd-compile: error: train_step needs ")
+    assert "GiB of HBM per chip at 12000 images per chip, a v5e chip has 16 GiB" in line
+    assert "--per_chip_batch=" in line and "should fit" in line
+    assert result.stdout == "" and list(tmp_path.iterdir()) == []
+
+
 def test_a_program_that_does_not_fit_is_refused_in_one_line():
     """The refusal names the bytes needed, the chip's HBM and a per-chip batch that fits."""
     record = {"program": "train_step", "status": "does_not_fit", "total_bytes": 40 * 2**30,
@@ -115,6 +127,9 @@ def test_the_tpu_compilers_out_of_memory_message_is_read():
     text = ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory "
             "space hbm. Used 20.50G of 15.75G hbm. Exceeded hbm capacity by 4.75G.")
     assert out_of_memory(text) == (int(20.5 * 2**30), int(15.75 * 2**30))
+    other = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+             "temporaries (19.27G) exceeds available HBM (15.75G).")
+    assert out_of_memory(other) == (int(19.27 * 2**30), int(15.75 * 2**30))
     assert out_of_memory("INVALID_ARGUMENT: something else") is None
 
 

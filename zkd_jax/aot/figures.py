@@ -71,16 +71,23 @@ def roofline(chip: Chip | None, *, flops: float, bytes_: float, per_chip_images:
             "epoch_seconds": seconds * steps_per_epoch}
 
 
-_OOM = re.compile(r"Used\s+([\d.]+)([KMGT]?)\s+of\s+([\d.]+)([KMGT]?)\s+hbm", re.IGNORECASE)
+_OOM = (  # libtpu's two wordings: "Used X of Y hbm", "temporaries (X) exceeds available HBM (Y)"
+    re.compile(r"Used\s+([\d.]+)([KMGT]?)i?B?\s+of\s+([\d.]+)([KMGT]?)i?B?\s+hbm",
+               re.IGNORECASE),
+    re.compile(r"temporaries\s+\(([\d.]+)([KMGT]?)i?B?\)\s+exceeds\s+available\s+HBM\s+"
+               r"\(([\d.]+)([KMGT]?)i?B?\)", re.IGNORECASE),
+)
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
 def out_of_memory(message: str) -> tuple[int, int] | None:
-    """``(needed, limit)`` bytes of the TPU compiler's "Ran out of memory in memory space hbm.
-    Used X of Y hbm" refusal (None: another error)."""
+    """``(needed, limit)`` bytes of the TPU compiler's out-of-memory refusal ("Ran out of memory
+    in memory space hbm. Used X of Y hbm", or "... the total memory required for HLO temporaries
+    (X) exceeds available HBM (Y)": then X counts the temporaries only); ``(0, 0)`` for one
+    without numbers, None for another error."""
     if "RESOURCE_EXHAUSTED" not in message and "out of memory" not in message.lower():
         return None
-    found = _OOM.search(message)
+    found = _OOM[0].search(message) or _OOM[1].search(message)
     if not found:
         return (0, 0)
     used, used_unit, limit, limit_unit = found.groups()

@@ -80,7 +80,10 @@ def _compile(program, record: dict, counts: dict) -> dict:
                       error=" ".join(message.split())[:600],
                       compile_seconds=time.perf_counter() - start)
         if oom:
-            record["total_bytes"], record["compiler_limit_bytes"] = oom
+            needed, record["compiler_limit_bytes"] = oom
+            if "temporaries" in message:  # the compiler counted the temporaries only
+                needed += record["fixed_bytes"]
+            record["total_bytes"] = needed
         return record
     record["compile_seconds"] = time.perf_counter() - start
     dpc = counts["devices_per_chip"]
