@@ -107,8 +107,8 @@ def main(argv: list[str]) -> None:
             report = aot.compile_config(config, _FLAGS["topology"].value,
                                         per_chip_batch=_FLAGS["per_chip_batch"].value,
                                         all_forms=_FLAGS["all_forms"].value)
-        except aot.DoesNotFitError as err:
-            print(f"{PROG}: error: {err}", file=sys.stderr, flush=True)
+        except (aot.DoesNotFitError, RuntimeError) as err:  # does not fit; the child died
+            print(f"{PROG}: error: {errors.one_line(err)}", file=sys.stderr, flush=True)
             sys.exit(1)
     if _FLAGS["json"].value:
         for r in report.records:
