@@ -143,3 +143,29 @@ def test_topologies_parse_and_chip_figures_are_sane():
         assert chip.source.startswith("https://cloud.google.com/tpu/docs/")
         # Every TPU generation here is memory-bound below ~100-600 FLOP per HBM byte.
         assert 100 < chip.peak_flops / chip.hbm_bandwidth < 600
+
+
+def test_the_plan_holds_every_program_zkd_train_runs_with_abstract_arguments():
+    """Scanned steps, K-student forms, eval: built by the trainer's setup, nothing executed."""
+    import jax
+
+    from zkd_jax.parallel import create_mesh
+    from zkd_jax.trainer.programs import compile_plan
+
+    config = cifar100.get_config(SMALL)
+    config.batch_size, config.input_pipeline, config.steps_per_call = 4, "device", 2
+    config.students = ({"seed": 0}, {"seed": 1, "temperature": 2.0})
+    plan = compile_plan(config, create_mesh(jax.devices("cpu")[:1]), all_forms=True)
+    assert [p.name for p in plan.programs] == [
+        "train_step[loop]", "scanned_steps", "train_step[vmap]", "train_step[vmap_matmul]",
+        "eval_step"]
+    assert [p.runs for p in plan.programs] == [True, True, False, False, True]
+    assert all(isinstance(x, jax.ShapeDtypeStruct)
+               for x in jax.tree.leaves([p.args for p in plan.programs]))
+    state, teacher, batch, _ = plan.programs[0].args
+    assert state.step.shape == (2,) and batch["image"].shape == (4, 32, 32, 3)
+    assert teacher["params"] and plan.programs[1].steps == 2 and plan.students == 2
+    images = plan.programs[1].args[2]
+    assert images.shape == (50_000, 32, 32, 3) and images.dtype == "uint8"
+    assert plan.steps_per_epoch == 12_500 and plan.programs[-1].args[1]["mask"].shape[0] == \
+        plan.eval_batch
