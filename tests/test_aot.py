@@ -169,3 +169,33 @@ def test_the_plan_holds_every_program_zkd_train_runs_with_abstract_arguments():
     assert images.shape == (50_000, 32, 32, 3) and images.dtype == "uint8"
     assert plan.steps_per_epoch == 12_500 and plan.programs[-1].args[1]["mask"].shape[0] == \
         plan.eval_batch
+
+
+FAKE_WORKER = '''
+import json, os, pickle, signal, sys
+request = pickle.load(sys.stdin.buffer)
+def emit(event, **f):
+    print("ZKD_AOT " + json.dumps({"event": event, **f}), flush=True)
+emit("plan", programs=["train_step", "eval_step"], topology="v6e:2x2", chips=4,
+     libtpu_version="0.0.42.1", jax_version="0.10.2")
+for name in ("train_step", "eval_step"):
+    if name in request["skip"]:
+        continue
+    emit("start", program=name)
+    if name == "train_step":
+        os.kill(os.getpid(), signal.SIGSEGV)
+    emit("program", program=name, status="ok", error=None)
+'''
+
+
+def test_a_compiler_crash_becomes_one_line_and_the_other_programs_still_compile(tmp_path):
+    """A child that dies while compiling: its program's row says so, a fresh child goes on."""
+    fake = tmp_path / "python"
+    fake.write_text(f"#!{sys.executable}\n{FAKE_WORKER}")
+    fake.chmod(0o755)
+    report = aot.compile_config(cifar100.get_config(SMALL), "cpu", python=str(fake))
+    crashed, evaluated = report.records
+    assert crashed["status"] == "crashed" and evaluated["status"] == "ok"
+    assert crashed["error"] == ("the compiler crashed (SIGSEGV) compiling train_step for cpu "
+                                "(libtpu 0.0.42.1, jax 0.10.2)")
+    assert [r["program"] for r in report.failed] == ["train_step"]
