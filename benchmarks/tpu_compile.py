@@ -208,8 +208,9 @@ def table(rows: list[dict]) -> str:
         y = yard.get(case)
         ratio = (f"{r['bytes_per_step'] / y['bytes_per_step']:.2f}x"
                  if y and r["program"] != "yardstick" else "")
+        per_chip = float(r.get("per_chip_batch") or parts[2])
         lines.append(
-            f"| {parts[0]} | {parts[1]} {parts[4]} | {parts[2]} | {parts[3]} | {r['program']} | "
+            f"| {parts[0]} | {parts[1]} {parts[4]} | {per_chip:g} | {parts[3]} | {r['program']} | "
             f"{r['total_bytes'] / 2**30:.3f} ({100 * r['hbm_fraction']:.1f} %) | "
             f"{r['flops_per_step'] / 1e9:.1f} | {r['bytes_per_step'] / 1e9:.2f} | {r['bound']} | "
             f"{r['images_per_sec_per_chip']:,.0f} | {ratio} |")
