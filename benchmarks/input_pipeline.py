@@ -166,7 +166,7 @@ def _feed_batches(dataset: str, batch: int, after: bool):
     from zkd_jax.data import feeds
     from zkd_jax.parallel import create_mesh, host_to_global
 
-    mesh = create_mesh()
+    mesh = create_mesh(jax.devices())
     if after:
         feed = feeds.make_feed("tfdata", dataset=dataset, mesh=mesh, seed=0, views=("weak",),
                                batch_size=batch, eval_batch_size=batch)

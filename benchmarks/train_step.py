@@ -121,7 +121,7 @@ def build(config, num_students: int) -> Built:
     from zkd_jax.step import StateStack, create_states, init_variables
     from zkd_jax.trainer import recipe, setup, students
 
-    mesh = create_mesh()
+    mesh = create_mesh(jax.devices())
     check_batch_size(config.batch_size, mesh)
     info = data.info(config.dataset)
     images = recipe.images(config, info.image_size)  # the students' and the teacher's sizes

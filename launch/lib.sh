@@ -63,6 +63,29 @@ tpu_device_kind() {
   esac
 }
 
+# The zkd-compile topology of a TPU accelerator type (v5litepod-4 -> v5e:2x2, v5p-16 -> v5p:2x2x2,
+# v4-8 -> v4:2x2x1, v6e-8 -> v6e:2x4), or nothing where zkd-compile has no topology for it (v2, v3,
+# one chip, or a slice larger than the table).
+tpu_topology() {
+  local chips
+  chips="$(tpu_devices "$1")"
+  case "$(tpu_generation "$1")" in
+    v4 | v5p)
+      case "$chips" in
+        4) echo "$(tpu_generation "$1"):2x2x1" ;; 8) echo "$(tpu_generation "$1"):2x2x2" ;;
+        16) echo "$(tpu_generation "$1"):2x2x4" ;; 32) echo "$(tpu_generation "$1"):2x4x4" ;;
+        64) echo "$(tpu_generation "$1"):4x4x4" ;;
+      esac ;;
+    v5e | v6e)
+      case "$chips" in
+        4) echo "$(tpu_generation "$1"):2x2" ;; 8) echo "$(tpu_generation "$1"):2x4" ;;
+        16) echo "$(tpu_generation "$1"):4x4" ;; 32) echo "$(tpu_generation "$1"):4x8" ;;
+        64) echo "$(tpu_generation "$1"):8x8" ;; 128) echo "$(tpu_generation "$1"):8x16" ;;
+        256) echo "$(tpu_generation "$1"):16x16" ;;
+      esac ;;
+  esac
+}
+
 # --- Python: whether an interpreter is 3.11 or newer; the first such of python3, python3.13,
 # python3.12, python3.11 (printed), or nothing.
 python_ok() { "$1" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' >/dev/null 2>&1; }

@@ -32,6 +32,10 @@
 #   --create-retries N        attempts to create the VM when capacity is short (default: 20, spaced
 #                             by $ZKD_TPU_RETRY_SLEEP seconds, default 60)
 #   --delete                  delete the VM when the run has finished (run only)
+#   --no-preflight            skip the preflight: before asking for capacity, run compiles the config
+#                             for the accelerator type on this machine, without a TPU (zkd-compile, the
+#                             "tpu" extra: pip install -e '.[tpu]'; $ZKD_COMPILE names another command),
+#                             and stops when it does not fit the chips' memory or fails to compile
 #   --dry-run                 print every gcloud command instead of running it (nothing is created)
 #   -h, --help                this text
 #
@@ -63,6 +67,7 @@ MAX_RESTARTS=50
 CREATE_RETRIES=20
 DELETE_AT_END=0
 DRY_RUN=0
+PREFLIGHT=1
 EXTRA=()
 # Seconds: between create attempts, between state polls / reconnections, between the remote log
 # loop's liveness checks, and before a job that ignores SIGTERM is killed.
@@ -109,6 +114,7 @@ while [ $# -gt 0 ]; do
     --max-restarts) MAX_RESTARTS="${2:?--max-restarts needs a value}"; shift ;;
     --create-retries) CREATE_RETRIES="${2:?--create-retries needs a value}"; shift ;;
     --delete) DELETE_AT_END=1 ;;
+    --no-preflight) PREFLIGHT=0 ;;
     --dry-run) DRY_RUN=1 ;;
     -h | --help) usage; exit 0 ;;
     *) die "unknown argument '$1'; see --help." ;;
@@ -367,8 +373,32 @@ budget() {
   [ "$RESTARTS" -le "$MAX_RESTARTS" ] || die "gave up after $MAX_RESTARTS restarts; rerun to resume from $WORKDIR."
 }
 
+# The preflight (before any capacity is asked for): zkd-compile, here and without a TPU, compiles
+# the run's programs for the slice's topology with the run's config overrides; a config that does
+# not fit the chips' HBM (or does not compile) ends the script with zkd-compile's one line.
+preflight() {
+  local topology a cmd rc=0
+  [ "$PREFLIGHT" = 1 ] || { info "preflight skipped (--no-preflight)"; return 0; }
+  topology="$(tpu_topology "$ACCELERATOR_TYPE")"
+  if [ -z "$topology" ]; then
+    info "no zkd-compile topology for $ACCELERATOR_TYPE; preflight skipped"; return 0
+  fi
+  read -r -a cmd <<< "${ZKD_COMPILE:-zkd-compile}"
+  cmd+=("--config=$CONFIG" "--topology=$topology")
+  for a in ${EXTRA[@]+"${EXTRA[@]}"}; do
+    case "$a" in --config.*) cmd+=("$a") ;; esac
+  done
+  info "preflight: compiling $CONFIG for $topology ($ACCELERATOR_TYPE) without a TPU"
+  if [ "$DRY_RUN" = 1 ]; then show "${cmd[@]}"; return 0; fi
+  command -v "${cmd[0]}" >/dev/null 2>&1 ||
+    die "${cmd[0]} not found for the preflight; pip install -e '$SOURCE_DIR[tpu]' here, or pass --no-preflight."
+  (cd "$SOURCE_DIR" && "${cmd[@]}") >&2 || rc=$?
+  [ "$rc" = 0 ] || die "preflight: zkd-compile refused the config for $topology (exit status $rc, its message above); nothing was created. Fix the config or pass --no-preflight."
+}
+
 run_all() {
   local rc
+  preflight
   ensure_vm
   install_workers
   start_training

@@ -62,6 +62,7 @@ if "jax" in sys.modules:  # a plugin imported JAX before this file: set it there
 LONG_MODULES = (  # longest first, from --durations of a whole run
     "test_demo.py",
     "test_models_golden.py",
+    "test_aot.py",  # TPU compiles (libtpu) in child processes
     "test_vit_train.py",
     "test_losses.py",
     "test_report_runs.py",

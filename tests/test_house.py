@@ -25,6 +25,7 @@ LAYERS: dict[str, int] = {
     "zkd_jax.step": 3,
     "zkd_jax.io": 4,
     "zkd_jax.trainer": 5,
+    "zkd_jax.aot": 6,  # compile-only programs for a TPU topology (zkd-compile): above the trainer
     "zkd_jax.report": 6,
     "zkd_jax.cli": 7,
     # thin public modules kept where users import them

@@ -78,7 +78,7 @@ def _tpu_dry_run(accelerator: str, *extra: str, env: dict[str, str] | None = Non
                   *extra, env=env)
     assert result.returncode == 0, result.stderr
     cmds = _commands(result.stdout)
-    assert all(c[0] in ("gcloud", "tar") for c in cmds), result.stdout
+    assert all(c[0] in ("gcloud", "tar", "zkd-compile") for c in cmds), result.stdout
     return cmds
 
 
@@ -431,3 +431,40 @@ def test_gpu_picks_a_python_of_at_least_3_11_or_refuses(tmp_path, pythons, expec
                           f"--venv={tmp_path / 'venv'}", "--python=python3"], capture_output=True,
                          text=True, env=env, timeout=30, check=False)
     assert (old.returncode == 2) == (pythons[0][1] < "3.11")
+
+
+@pytest.mark.parametrize("accelerator,topology", [
+    ("v4-8", "v4:2x2x1"), ("v5p-16", "v5p:2x2x2"), ("v5litepod-4", "v5e:2x2"), ("v6e-8", "v6e:2x4")])
+def test_tpu_preflight_compiles_for_the_slice_before_asking_for_capacity(accelerator, topology):
+    cmds = _tpu_dry_run(accelerator, "--", "--config.seed=3", "--config.mixed_precision=True",
+                        "--verbose")
+    assert cmds[0] == ["zkd-compile", f"--config={CONFIG}", f"--topology={topology}",
+                       "--config.seed=3", "--config.mixed_precision=True"]
+    assert [c[0] for c in cmds].count("zkd-compile") == 1
+    skipped = _tpu_dry_run(accelerator, "--no-preflight")
+    assert skipped[0][0] == "gcloud" and all(c[0] != "zkd-compile" for c in skipped)
+
+
+def test_tpu_preflight_is_skipped_where_zkd_compile_has_no_topology():
+    result = _run(TPU, "run", "--dry-run", "--zone=z", "--accelerator-type=v3-8",
+                  f"--config={CONFIG}", "--workdir=gs://b/w")
+    assert result.returncode == 0, result.stderr
+    assert "no zkd-compile topology for v3-8" in result.stderr
+    assert all(c[0] != "zkd-compile" for c in _commands(result.stdout))
+
+
+def test_tpu_a_refused_preflight_creates_nothing(tmp_path):
+    """A config zkd-compile refuses ends the script before gcloud is ever called."""
+    log = tmp_path / "gcloud.log"
+    (tmp_path / "gcloud").write_text(f"#!/bin/sh\necho \"$*\" >> {log}\n")
+    (tmp_path / "refuse").write_text(
+        "#!/bin/sh\necho \"zkd-compile: error: train_step needs 20.00 GiB\" >&2\nexit 1\n")
+    for f in ("gcloud", "refuse"):
+        (tmp_path / f).chmod(0o755)
+    env = {"PATH": f"{tmp_path}:{os.environ['PATH']}", "ZKD_COMPILE": str(tmp_path / "refuse")}
+    result = _run(TPU, "run", "--zone=z", "--accelerator-type=v5litepod-4", f"--config={CONFIG}",
+                  "--workdir=gs://b/w", env=env)
+    assert result.returncode == 2
+    assert "train_step needs 20.00 GiB" in result.stderr
+    assert "preflight: zkd-compile refused the config for v5e:2x2 (exit status 1" in result.stderr
+    assert not log.exists()

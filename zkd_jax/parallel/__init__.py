@@ -5,6 +5,7 @@ Imports JAX only (no files, no training loop).
 
 from zkd_jax.parallel.mesh import (
     DATA_AXIS,
+    abstract_batch,
     batch_sharding,
     check_batch_size,
     create_mesh,
@@ -15,5 +16,5 @@ from zkd_jax.parallel.mesh import (
     to_host,
 )
 
-__all__ = ["DATA_AXIS", "batch_sharding", "check_batch_size", "create_mesh", "host_to_global",
+__all__ = ["DATA_AXIS", "abstract_batch", "batch_sharding", "check_batch_size", "create_mesh", "host_to_global",
            "prefetch_to_mesh", "replicate", "replicated", "to_host"]

@@ -20,9 +20,45 @@ DATA_AXIS = "data"
 
 
 def create_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A 1-D mesh with axis ``"data"`` over ``devices`` (default: all devices of all processes)."""
+    """A 1-D mesh with axis ``"data"`` over ``devices``.
+
+    Pass the devices explicitly (the trainer passes ``jax.devices()``, ``zkd-compile`` a TPU
+    topology's devices): the default, ``jax.devices()``, is the default backend's, which is the
+    CPU on a machine without accelerators whatever the program is meant for.
+
+    Raises:
+      ValueError: ``devices`` is empty.
+    """
     devices = jax.devices() if devices is None else list(devices)
+    if not devices:
+        raise ValueError("create_mesh needs at least one device; pass jax.devices() or the "
+                         "devices of a TPU topology.")
     return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def abstract_batch(shapes: Mapping[str, tuple[tuple[int, ...], Any]],
+                   mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
+    """``{key: (global shape, dtype)}`` -> ``ShapeDtypeStruct``s sharded like
+    :func:`host_to_global`'s output (leading axis over ``"data"``): a compile-only program's
+    batch, where ``host_to_global`` cannot run (no device, or a compile-only TPU client).
+
+    Raises:
+      ValueError: a leading axis that does not split evenly over the mesh's devices.
+
+    >>> m = create_mesh(jax.devices("cpu")[:1])
+    >>> abstract_batch({"label": ((8,), np.int32)}, m)["label"].shape
+    (8,)
+    """
+    sharding = batch_sharding(mesh)
+    n = mesh.devices.size
+    out = {}
+    for key, (shape, dtype) in shapes.items():
+        if shape[0] % n:
+            raise ValueError(
+                f"batch entry {key!r} has {shape[0]} rows, which is not divisible by the {n} "
+                f"devices of the mesh; use a global batch size that is a multiple of {n}.")
+        out[key] = jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding)
+    return out
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -132,5 +168,5 @@ def to_host(tree: Any) -> Any:
     return jax.tree.map(np.asarray, jax.tree.map(local, tree))
 
 
-__all__ = ["DATA_AXIS", "batch_sharding", "check_batch_size", "create_mesh", "host_to_global",
+__all__ = ["DATA_AXIS", "abstract_batch", "batch_sharding", "check_batch_size", "create_mesh", "host_to_global",
            "replicate", "replicated", "to_host"]

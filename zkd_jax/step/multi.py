@@ -40,7 +40,13 @@ from jax.sharding import Mesh
 from zkd_jax.methods import Method, wants_heads
 from zkd_jax.models.layers import conv_implementation
 from zkd_jax.parallel import replicated
-from zkd_jax.step.state import TrainState, create_train_state, make_initializer
+from zkd_jax.step.state import (
+    TrainState,
+    abstract_train_state,
+    create_train_state,
+    make_initializer,
+    replicated_shapes,
+)
 from zkd_jax.step.train import TeacherCall, jit_train_step, make_student_update, teacher_forward
 from zkd_jax.views import images_of
 
@@ -98,6 +104,21 @@ def create_states(
             step_rng=jax.random.fold_in(root, 1), input_shape=input_shape, mesh=mesh, init=init,
         ))
     return states
+
+
+def abstract_states(
+    student: nn.Module, method_list: Sequence[Method], tx: optax.GradientTransformation, *,
+    input_shape: tuple[int, ...], mesh: Mesh, stacked: bool,
+) -> TrainState:
+    """The shapes (``jax.ShapeDtypeStruct``, replicated over ``mesh``) of the state a run's step
+    takes: one student's (``stacked=False``) or the K students' stacked on a leading axis, as
+    :func:`create_states` then :class:`StateStack` build it. Nothing runs on a device."""
+    one = abstract_train_state(student, method_list[0], tx, input_shape=input_shape, mesh=mesh)
+    if not stacked:
+        return one
+    k = len(method_list)
+    return replicated_shapes(
+        jax.tree.map(lambda x: jax.ShapeDtypeStruct((k, *x.shape), x.dtype), one), mesh)
 
 
 FORMS = ("loop", "vmap", "vmap_matmul")
@@ -202,6 +223,6 @@ def make_multi_train_step(
 
 
 __all__ = [
-    "FORMS", "StateStack", "create_states", "make_multi_train_step", "stack_states",
+    "FORMS", "StateStack", "abstract_states", "create_states", "make_multi_train_step", "stack_states",
     "students_update", "unstack_state",
 ]

@@ -13,6 +13,7 @@ so that a resumed run draws the same numbers.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -39,6 +40,15 @@ class TrainState:
     buffers: Any = flax.struct.field(default_factory=dict)
 
 
+def _init_function(module: nn.Module, input_shape: tuple[int, ...]) -> Callable[[jax.Array], dict]:
+    """``init(rng)``: ``module.init`` on zeros of ``input_shape`` in eval mode (not jitted)."""
+
+    def init(rng):
+        return module.init(rng, jnp.zeros(tuple(input_shape), jnp.float32), train=False)
+
+    return init
+
+
 def make_initializer(
     module: nn.Module, input_shape: tuple[int, ...], *, mesh: Mesh | None = None
 ) -> Callable[[jax.Array], dict]:
@@ -46,11 +56,7 @@ def make_initializer(
     (replicated over ``mesh``); reuse it for several seeds of one model (XLA takes seconds to
     compile a model's init)."""
     sharding = None if mesh is None else NamedSharding(mesh, PartitionSpec())
-
-    def init(rng):
-        return module.init(rng, jnp.zeros(tuple(input_shape), jnp.float32), train=False)
-
-    jitted = jax.jit(init, out_shardings=sharding)
+    jitted = jax.jit(_init_function(module, input_shape), out_shardings=sharding)
 
     def call(rng):
         # The non-partitionable threefry compiles ~4x faster on CPU (the initial state is computed
@@ -97,20 +103,56 @@ def create_train_state(
     """
     init = init or make_initializer(student, input_shape, mesh=mesh)
     variables = init(init_rng)
-
-    def assemble(variables, step_rng) -> TrainState:
-        params = {"student": variables["params"], "method": method.init_params()}
-        return TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            batch_stats=variables.get("batch_stats", {}),
-            opt_state=tx.init(params),
-            rng=step_rng,
-            buffers=variables.get("buffers", {}),
-        )
-
     sharding = None if mesh is None else NamedSharding(mesh, PartitionSpec())
+    assemble = functools.partial(_assemble_state, method=method, tx=tx)
     return jax.jit(assemble, out_shardings=sharding)(variables, step_rng)
+
+
+def _assemble_state(variables: dict, step_rng: jax.Array, *, method: Method,
+                    tx: optax.GradientTransformation) -> TrainState:
+    """The train state at step 0 of a student's initial ``variables``."""
+    params = {"student": variables["params"], "method": method.init_params()}
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state=tx.init(params),
+        rng=step_rng,
+        buffers=variables.get("buffers", {}),
+    )
+
+
+def replicated_shapes(tree: Any, mesh: Mesh) -> Any:
+    """``tree`` (arrays or ``jax.ShapeDtypeStruct``) as ``ShapeDtypeStruct``s replicated over
+    ``mesh``: what a compile-only program takes for a replicated argument."""
+    sharding = NamedSharding(mesh, PartitionSpec())
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+def abstract_variables(module: nn.Module, input_shape: tuple[int, ...], mesh: Mesh) -> dict:
+    """The shapes of :func:`init_variables` (``jax.eval_shape``: nothing runs on a device),
+    replicated over ``mesh``.
+
+    >>> import flax.linen as nn, jax
+    >>> from zkd_jax.parallel import create_mesh
+    >>> v = abstract_variables(nn.Dense(3), (1, 5), create_mesh(jax.devices("cpu")[:1]))
+    >>> v["params"]["kernel"].shape
+    (5, 3)
+    """
+    return replicated_shapes(
+        jax.eval_shape(_init_function(module, input_shape), jax.random.PRNGKey(0)), mesh)
+
+
+def abstract_train_state(student: nn.Module, method: Method, tx: optax.GradientTransformation,
+                         *, input_shape: tuple[int, ...], mesh: Mesh) -> TrainState:
+    """The shapes of :func:`create_train_state` (the same code under ``jax.eval_shape``; nothing
+    runs on a device), replicated over ``mesh``: a compile-only program's state argument."""
+
+    def create(rng):
+        variables = _init_function(student, input_shape)(rng)
+        return _assemble_state(variables, rng, method=method, tx=tx)
+
+    return replicated_shapes(jax.eval_shape(create, jax.random.PRNGKey(0)), mesh)
 
 
 def model_variables(params: Any, batch_stats: Any, buffers: Any) -> dict:

@@ -42,11 +42,13 @@ from zkd_jax.parallel import create_mesh, distributed, replicate
 from zkd_jax.step import (
     StateStack,
     TeacherCall,
+    abstract_variables,
     create_states,
     make_eval_step,
     make_multi_train_step,
     make_train_step,
 )
+from zkd_jax.step.state import replicated_shapes
 from zkd_jax.trainer import identity as identity_lib
 from zkd_jax.trainer import students as students_lib
 from zkd_jax.trainer.loop import Cohort, LoopSettings, log_main, run_epochs
@@ -93,11 +95,12 @@ def loop_settings(config: ml_collections.ConfigDict) -> LoopSettings:
     )
 
 
-def build_models(config: ml_collections.ConfigDict, method, mesh):
+def build_models(config: ml_collections.ConfigDict, method, mesh, *, abstract: bool = False):
     """(info, image_shape, model_dataset, student, teacher, teacher_variables) of a run; the
     teacher is None (variables ``{}``) for a method without teacher. ``image_shape`` is the
     students' (``recipe.images``: the ViT students' size); the teacher is of its own family and
-    size where ``config.vit`` says so."""
+    size where ``config.vit`` says so. ``abstract`` (compiling only, ``zkd_jax.trainer.programs``):
+    the teacher's variables are ``ShapeDtypeStruct``s of its architecture, no checkpoint read."""
     info = data.info(config.dataset)
     images = recipe.images(config, info.image_size)
     model_dataset = _model_dataset(config)
@@ -114,8 +117,13 @@ def build_models(config: ml_collections.ConfigDict, method, mesh):
             config.teacher.arch, num_classes=info.num_classes, dtype=dtype,
             dataset=recipe.teacher_model_dataset(config, model_dataset),
         )
-        variables = load_teacher(config, teacher, images.teacher_shape)
-        teacher_variables = replicate(step_teacher_variables(config, teacher, variables), mesh)
+        if abstract:  # shapes only (zkd-compile): nothing is loaded or run on a device
+            teacher_variables = replicated_shapes(jax.eval_shape(
+                lambda v: step_teacher_variables(config, teacher, v),
+                abstract_variables(teacher, (1, *images.teacher_shape), mesh)), mesh)
+        else:
+            variables = load_teacher(config, teacher, images.teacher_shape)
+            teacher_variables = replicate(step_teacher_variables(config, teacher, variables), mesh)
     return info, images.student_shape, model_dataset, student, teacher, teacher_variables
 
 
@@ -286,7 +294,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
         for c in checkpointers:
             c.close()
         raise
-    mesh = create_mesh()
+    mesh = create_mesh(jax.devices())
     feed = make_feed(config, mesh, method_list[0].views)
     info, image_shape, model_dataset, student, teacher, teacher_variables = build_models(
         config, method_list[0], mesh)
