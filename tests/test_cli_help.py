@@ -43,6 +43,7 @@ def _one_error_line(proc, prog: str) -> str:
     ("zkd_jax.cli.convert", "zkd-convert", ["--arch", "--dataset", "--num-classes", "--force"]),
     ("zkd_jax.cli.report", "zkd-report", ["--out", "--layout", "--reference-logs", "--figures"]),
     ("zkd_jax.cli.analyze", "zkd-analyze", ["--teacher", "--student", "--out", "--split"]),
+    ("zkd_jax.cli.compile", "zkd-compile", ["--config", "--topology", "--per_chip_batch", "--json"]),
 ])
 def test_help_lists_the_commands_own_flags(module, prog, flags):
     proc = _run(module, "--help")
@@ -66,6 +67,9 @@ def test_misspelled_config_field_suggests_the_closest():
     nested = _one_error_line(_run("zkd_jax.cli.train", CIFAR, "--config.optimizer.lrr=1",
                                   "--workdir=w"), "zkd-train")
     assert "'optimizer.lrr'" in nested and "did you mean 'optimizer.lr'" in nested
+    line = _one_error_line(_run("zkd_jax.cli.compile", "--config.sed=1", "--topology=cpu"),
+                           "zkd-compile")
+    assert "did you mean 'seed'?" in line
 
 
 def test_misspelled_flag_and_missing_arguments_exit_2():

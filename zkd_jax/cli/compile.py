@@ -19,10 +19,10 @@ from __future__ import annotations
 import json
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from zkd_jax.cli import errors
+from zkd_jax.cli import errors, usage
 from zkd_jax.cli.train import _DEFAULT_CONFIG, _root_cause
 
 PROG = "zkd-compile"
@@ -38,8 +38,7 @@ def _define_flags() -> None:
             "Config file and argument, as zkd-train takes it. Override fields with "
             "--config.FIELD=VALUE.", lock_config=True)
     except (AttributeError, KeyError) as err:
-        errors.fail(PROG, f"the config has no field {str(_root_cause(err))!r}; check the "
-                    "--config.FIELD overrides against the config file.")
+        _exit_unknown_field(err)
     _FLAGS["topology"] = flags.DEFINE_string(
         "topology", None, "TPU slice to compile for, e.g. v5e:2x2, v5p:2x2x1, v5p:2x2x2, v6e:2x2; "
         "'cpu' or 'cpu:N' compiles for this machine's CPU devices.", required=True)
@@ -50,6 +49,11 @@ def _define_flags() -> None:
     _FLAGS["all_forms"] = flags.DEFINE_bool(
         "all_forms", False, "K students: compile every form of the K-student step.")
     _FLAGS["verbose"] = flags.DEFINE_bool("verbose", False, "Show tracebacks of errors.")
+
+
+def _exit_unknown_field(err: BaseException) -> None:
+    name = str(_root_cause(err)).strip("\"'")
+    usage.fail(PROG, usage.unknown_field_message(sys.argv[1:], _DEFAULT_CONFIG, name))
 
 
 def _gib(n) -> str:
@@ -92,9 +96,8 @@ def format_table(report) -> str:
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
+        usage.fail(PROG, f"unexpected arguments: {' '.join(argv[1:])} (see {PROG} --help)")
+    usage.quiet_logs()
     from zkd_jax import aot  # noqa: PLC0415
 
     with errors.reported(PROG, verbose=_FLAGS["verbose"].value):
@@ -124,17 +127,23 @@ def main(argv: list[str]) -> None:
 def _parse_flags(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
+    except flags.UnrecognizedFlagError as err:
+        errors.fail(PROG, f"unknown flag --{err.flagname}"
+                    f"{usage.did_you_mean(err.flagname, list(flags.FLAGS))} (see {PROG} --help)")
     except flags.Error as err:
         cause = _root_cause(err)
         errors.fail(PROG, str(cause) if isinstance(cause, (ValueError, TypeError)) else str(err))
     except (AttributeError, KeyError) as err:
-        errors.fail(PROG, f"the config has no field {str(_root_cause(err))!r}; check the "
-                    "--config.FIELD overrides against the config file.")
+        _exit_unknown_field(err)
 
 
 def run() -> None:
     """The ``zkd-compile`` entry point."""
     _define_flags()
+    usage.print_help_if_asked(
+        PROG, __doc__, __name__,
+        usage=f"{PROG} [--config=FILE[:ARG]] --topology=TOPOLOGY [--per_chip_batch=N] [--json]",
+        extra=["  --config.FIELD=VALUE: override a config field, as with zkd-train"])
     app.run(main, flags_parser=_parse_flags)
 
 
