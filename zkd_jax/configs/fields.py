@@ -32,6 +32,7 @@ FIELDS: dict[str, str] = {
     "teacher.arch": "the teacher's architecture; None for a teacher run",
     "teacher.checkpoint": "directory of the teacher's variables (zkd-convert or a run's export/)",
     "teacher.train_if_missing": "train the teacher with teacher.recipe first when no checkpoint",
+    "teacher.allow_unverified": "load a teacher export that has no zkd_manifest.json (made elsewhere)",
     "train_examples": "> 0: train on the first N examples only (smoke runs); -1: the whole split",
     # the solver
     "batch_size": "global batch size, over all processes and devices (divisible by their count)",
@@ -87,6 +88,7 @@ FIELDS: dict[str, str] = {
     "checkpoint_every_epochs": "checkpoint every this many epochs (the last epoch always)",
     "checkpoint_every_steps": "> 0: also checkpoint every this many global steps",
     "keep_checkpoints": "how many recent checkpoints are kept (the best is kept apart)",
+    "keep_damaged_checkpoints": "how many damaged checkpoints checkpoints_damaged/ keeps (0: none)",
     "max_steps": "> 0: stop after this many global steps, with a checkpoint there",
     "log_every_steps": "steps between host syncs: progress bar and NaN/inf check",
     "progress_bar": "show a progress bar per epoch",
@@ -118,6 +120,8 @@ def help_for(name: str) -> str | None:
         return FIELDS[name]
     if name.startswith("suite."):
         rest = _REPEATED.sub("", name)
+        if rest == "lr":  # a suite entry's own learning rate replaces optimizer.lr
+            return FIELDS["optimizer.lr"] + " (this suite entry's; replaces optimizer.lr)"
         return FIELDS.get(rest) or FIELDS.get(f"method.{rest}")
     stripped = _REPEATED.sub("", name)
     return FIELDS.get(stripped) if stripped != name else None
