@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -246,8 +245,9 @@ class Checkpointer:
 
 def _remove_unfinished(directory: epath.Path) -> None:
     """Removes orbax's temporary directories of saves a crash cut short (the workdir's lock
-    guarantees that no other run is writing one)."""
-    if directory.exists():
+    guarantees that no other run is writing one). Local workdirs only: on ``gs://`` orbax commits
+    a step with a marker file, not by renaming a temporary directory."""
+    if not paths.is_url(directory) and directory.exists():
         for path in directory.glob("*.orbax-checkpoint-tmp*"):
             path.rmtree()
 
@@ -265,15 +265,25 @@ def _human(size: int) -> str:
     raise AssertionError("unreachable")
 
 
+#: A file written into a damaged checkpoint when it is set aside: its time orders the copies.
+SET_ASIDE = "zkd_set_aside"
+
+
 def _touch(directory: epath.Path) -> None:
-    """Sets ``directory``'s time to now (local): the order in which damaged copies arrived."""
+    """Marks the time ``directory`` was set aside (a file written now; local and ``gs://``)."""
     with contextlib.suppress(OSError, NotImplementedError):
-        os.utime(os.fspath(directory))
+        (directory / SET_ASIDE).write_text("")
+
+
+def _arrived(entry: epath.Path) -> float:
+    """When ``entry`` was set aside (its mark's time, else its own)."""
+    mark = entry / SET_ASIDE
+    return (mark if entry.is_dir() and mark.exists() else entry).stat().mtime
 
 
 def _prune(damaged: epath.Path, keep: int) -> int:
     """Deletes all but the newest ``keep`` entries of ``damaged``; returns how many it deleted."""
-    entries = sorted(damaged.iterdir(), key=lambda p: (p.stat().mtime, p.name))
+    entries = sorted(damaged.iterdir(), key=lambda p: (_arrived(p), p.name))
     old = entries[:max(len(entries) - keep, 0)]
     for entry in old:
         if entry.is_dir():

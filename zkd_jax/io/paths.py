@@ -15,6 +15,11 @@ def absolute(path: epath.PathLike) -> epath.Path:
     the current directory; a URL (``gs://...``) is kept as it is.
     """
     text = os.fspath(path)
-    if "://" in text:
+    if is_url(text):
         return epath.Path(text)
     return epath.Path(os.path.abspath(text))
+
+
+def is_url(path: epath.PathLike) -> bool:
+    """Whether ``path`` names a remote location (``gs://...``) rather than a local file."""
+    return "://" in os.fspath(path)
