@@ -15,14 +15,18 @@ checks that
   starts it, so that the global count is the pod's.
 
 Exit status: 0 when everything matches, 1 otherwise (the message on stderr, one line), 2 for bad
-arguments.
+arguments. What the accelerator's runtime itself prints while it starts (libtpu writes its
+initialisation errors straight to the process's stderr) goes to a log file that the line names.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
 
 PROG = "zkd-check-devices"
 EXIT_CODES = ("exit codes: 0 the devices are as expected, 1 they are not, 2 usage error "
@@ -75,29 +79,56 @@ def problem(devices: Sequence, local: Sequence, *, platform: str, count: int,
     return None
 
 
+@contextlib.contextmanager
+def _native_stderr_to(path: str) -> Iterator[None]:
+    """Sends what is written to file descriptor 2 (native code included) to ``path`` meanwhile."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(path, "wb") as sink:
+            os.dup2(sink.fileno(), 2)
+            yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _runtime_log(path: str) -> str:
+    """`` (the runtime's own messages: PATH)`` when it printed something, else ``""``."""
+    if os.path.getsize(path):
+        return f" (the runtime's own messages: {path})"
+    os.unlink(path)
+    return ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parses the flags, starts JAX (and, on a pod, its multi-process runtime), checks the devices."""
     args = _parser().parse_args(argv)
     if args.count < 1 or (args.per_host is not None and args.per_host < 1):
         print(f"{PROG}: --count and --per-host take a positive number.", file=sys.stderr)
         return 2
+    log = os.path.join(tempfile.gettempdir(), f"{PROG}-{os.getpid()}.log")
     try:
-        import jax
+        with _native_stderr_to(log):
+            import jax
 
-        from zkd_jax.parallel import distributed
+            from zkd_jax.parallel import distributed
 
-        distributed.initialize()
-        devices, local = jax.devices(), jax.local_devices()
+            distributed.initialize()
+            devices, local = jax.devices(), jax.local_devices()
     except Exception as err:  # noqa: BLE001 - any backend failure is reported the same way
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        print(f"{PROG}: JAX could not start the {args.platform.upper()} backend: {first}",
-              file=sys.stderr)
+        print(f"{PROG}: JAX could not start the {args.platform.upper()} backend: {first}"
+              f"{_runtime_log(log)}", file=sys.stderr)
         return 1
     message = problem(devices, local, platform=args.platform.lower(), count=args.count,
                       per_host=args.per_host, kind=args.kind)
     if message is not None:
-        print(f"{PROG}: {message}", file=sys.stderr)
+        print(f"{PROG}: {message}{_runtime_log(log)}", file=sys.stderr)
         return 1
+    with contextlib.suppress(OSError):
+        os.unlink(log)
     print(f"{PROG}: {len(devices)} {args.platform.upper()} devices "
           f"({local[0].device_kind}), {len(local)} on this host")
     return 0
