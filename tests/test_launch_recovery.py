@@ -127,9 +127,10 @@ def fake(tmp_path):
 def _launch(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("ZKD_")}
     full_env.update(env)
+    # --no-preflight: recovery is this file's subject; test_launch.py covers the preflight.
     return subprocess.run(["bash", str(TPU), "--zone=z", f"--config={CONFIG}", "--workdir=gs://b/w",
-                           *args], capture_output=True, text=True, env=full_env, timeout=60,
-                          check=False)
+                           "--no-preflight", *args], capture_output=True, text=True, env=full_env,
+                          timeout=60, check=False)
 
 
 def _calls(tmp_path: Path) -> list[str]:
