@@ -19,10 +19,14 @@ import sys
 import traceback
 from collections.abc import Iterator
 
+# One ``fail`` (``prog: error: message``, then the exit code) and one table of exit codes for every
+# command: cli.usage's.
+from zkd_jax.cli.usage import EXIT_FAILED as FAILED_RUN_EXIT_CODE
+from zkd_jax.cli.usage import EXIT_PREEMPTED as PREEMPTED_EXIT_CODE
+from zkd_jax.cli.usage import EXIT_USAGE as EXIT_CODE
+from zkd_jax.cli.usage import fail
+
 TRACEBACK_ENV = "ZKD_TRACEBACK"
-EXIT_CODE = 2
-FAILED_RUN_EXIT_CODE = 1
-PREEMPTED_EXIT_CODE = 75
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -64,10 +68,6 @@ def one_line(err: BaseException) -> str:
     return text if len(text) <= 1000 else text[:997] + "..."
 
 
-def fail(prog: str, message: str, code: int = EXIT_CODE) -> None:
-    """Prints ``prog: error: message`` and exits with ``code`` (default 2)."""
-    print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
-    sys.exit(code)
 
 
 @contextlib.contextmanager
