@@ -56,13 +56,20 @@ train.run()
 '''
 
 
+def write_config(root):
+    """``(root/tiny_config.py, teacher)``: the tiny run's config file, distilling from a teacher
+    saved in ``root/teacher``."""
+    teacher = tiny_runs.save_teacher(root / "teacher")
+    config_file = root / "tiny_config.py"
+    config_file.write_text(CONFIG.format(tests=str(ROOT / "tests"), teacher=teacher))
+    return config_file, teacher
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """(config file, the uninterrupted run's workdir)."""
     root = tmp_path_factory.mktemp("faults")
-    teacher = tiny_runs.save_teacher(root / "teacher")
-    config_file = root / "tiny_config.py"
-    config_file.write_text(CONFIG.format(tests=str(ROOT / "tests"), teacher=teacher))
+    config_file, teacher = write_config(root)
     config = tiny_runs.config(teacher)
     config.input_pipeline = "device"
     train_and_evaluate(config, root / "straight")

@@ -19,7 +19,7 @@ import pytest
 
 import tiny_runs
 from cpu_devices import with_devices
-from test_faults import CONFIG, ROOT, TIMING
+from test_faults import ROOT, TIMING, write_config
 from zkd_jax.io import checkpoint
 from zkd_jax.io import metrics as metrics_io
 from test_multihost import SUITE_JAX_SETTINGS, _free_port
@@ -85,11 +85,7 @@ def _assert_same_run(straight, workdir) -> None:
 
 @pytest.fixture(scope="module")
 def config_file(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults_multihost")
-    teacher = tiny_runs.save_teacher(root / "teacher")
-    path = root / "tiny_config.py"
-    path.write_text(CONFIG.format(tests=str(ROOT / "tests"), teacher=teacher))
-    return path
+    return write_config(tmp_path_factory.mktemp("faults_multihost"))[0]
 
 
 @pytest.mark.xfail(strict=False, raises=subprocess.TimeoutExpired, reason=(

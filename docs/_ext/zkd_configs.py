@@ -44,23 +44,23 @@ _HEADER = ("| config argument | method settings | lr | epochs | batch | paper to
            "| --- | --- | ---: | ---: | ---: | ---: | --- |")
 
 
-def cifar100_table() -> str:
-    """Every CIFAR-100 pair of the paper's table with every method."""
+def _pairs_table(pairs, module) -> str:
+    """Every (teacher, student) pair of ``pairs`` with every method, from ``module.get_config``."""
     rows = [_HEADER]
-    for teacher, student in common.CIFAR100_PAIRS:
+    for teacher, student in pairs:
         for variant in common.METHODS:
             arg = f"{variant},{teacher},{student}"
-            rows.append(_row(cifar100.get_config(arg), arg))
+            rows.append(_row(module.get_config(arg), arg))
     return "\n".join(rows)
+
+
+def cifar100_table() -> str:
+    """Every CIFAR-100 pair of the paper's table with every method."""
+    return _pairs_table(common.CIFAR100_PAIRS, cifar100)
 
 
 def imagenet_table() -> str:
-    rows = [_HEADER]
-    for teacher, student in common.IMAGENET_PAIRS:
-        for variant in common.METHODS:
-            arg = f"{variant},{teacher},{student}"
-            rows.append(_row(imagenet.get_config(arg), arg))
-    return "\n".join(rows)
+    return _pairs_table(common.IMAGENET_PAIRS, imagenet)
 
 
 def vit_table() -> str:
