@@ -180,7 +180,7 @@ def compile_all(topology: str, per_chip: int, config_arg: str, parts=None) -> di
     from zkd_jax.data import device
     from zkd_jax.parallel import create_mesh
     from zkd_jax.step import create_states, init_variables
-    from zkd_jax.step.train import TeacherCall, finite_checks, teacher_forward
+    from zkd_jax.step.train_step import TeacherCall, finite_checks, teacher_forward
     from zkd_jax.trainer import recipe, setup, students
 
     devices = topologies.get_topology_desc(topology_name=topology, platform="tpu").devices

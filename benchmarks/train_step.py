@@ -182,7 +182,7 @@ def _teacher_ms_per_step(teacher, method, mesh, teacher_variables, batch, repeat
     """Median ms of the step's teacher part alone (eval-mode forward of every view), jitted with
     the step's shardings: what K students in one program share."""
     from zkd_jax.parallel import batch_sharding, replicated
-    from zkd_jax.step.train import teacher_forward
+    from zkd_jax.step.train_step import teacher_forward
     from zkd_jax.views import images_of
 
     forward = jax.jit(

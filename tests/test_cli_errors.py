@@ -114,7 +114,7 @@ def test_convert_errors_are_one_line(tmp_path, capsys, monkeypatch):
     assert convert.run([str(tmp_path), str(tmp_path / "out"), "--arch", "resnet8"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("zkd-convert: error: Is a directory"), err
-    from zkd_jax.io import convert as convert_io
+    from zkd_jax.io import torch_weights as convert_io
 
     monkeypatch.setattr(convert_io, "load_torch_checkpoint", _fake_state_dict)
     (tmp_path / "file").write_text("")
@@ -136,7 +136,7 @@ def test_convert_on_a_full_disk_and_with_nan_weights(tmp_path, capsys, monkeypat
     """Disk full (an injected ENOSPC, after orbax wrote its files; and TensorStore's form of it):
     one line naming DST and "No space left on device", no temporary left. NaN/inf weights: refused
     naming the tensor."""
-    from zkd_jax.io import convert as convert_io
+    from zkd_jax.io import torch_weights as convert_io
     from zkd_jax.io import manifest
 
     monkeypatch.setattr(convert_io, "load_torch_checkpoint", _fake_state_dict)

@@ -118,12 +118,12 @@ def test_no_import_cycles():
 
 def test_the_rule_catches_an_upward_import_and_a_cycle(tmp_path, monkeypatch):
     """The checks above would fail on a bad house (a step importing the trainer, a 2-cycle)."""
-    monkeypatch.setitem(GRAPH, "zkd_jax.step.train", GRAPH["zkd_jax.step.train"] | {
+    monkeypatch.setitem(GRAPH, "zkd_jax.step.train_step", GRAPH["zkd_jax.step.train_step"] | {
         "zkd_jax.trainer.setup"})
     with pytest.raises(AssertionError, match="imports higher layers"):
-        test_imports_point_down("zkd_jax.step.train")
+        test_imports_point_down("zkd_jax.step.train_step")
     monkeypatch.setitem(GRAPH, "zkd_jax.trainer.setup", GRAPH["zkd_jax.trainer.setup"] | {
-        "zkd_jax.step.train"})
+        "zkd_jax.step.train_step"})
     with pytest.raises(AssertionError, match="import cycle"):
         test_no_import_cycles()
 

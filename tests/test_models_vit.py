@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from zkd_jax import models
-from zkd_jax.io import convert
+from zkd_jax.io import torch_weights as convert
 from zkd_jax.models.vit_layers import DropPath
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"

@@ -19,7 +19,7 @@ import pytest
 
 from zkd_jax.configs import sweep
 from zkd_jax.report import curves, make_report, read_worklog, table
-from zkd_jax.report.runs import find_runs
+from zkd_jax.report.discover import find_runs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PAPER = {"kd": 73.33, "kd_ls": 76.62}

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from zkd_jax import models, optim
-from zkd_jax.io import convert
+from zkd_jax.io import torch_weights as convert
 from zkd_jax.models.vit_layers import teacher_input
 from zkd_jax.step import TeacherCall
 

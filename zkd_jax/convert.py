@@ -1,11 +1,11 @@
 """Public entry of teacher conversion, kept where users import it (``zkd_jax.convert``).
 
-The functions live in ``zkd_jax.io.convert``; ``run`` is the ``zkd-convert`` command line
+The functions live in ``zkd_jax.io.torch_weights``; ``run`` is the ``zkd-convert`` command line
 (``zkd_jax.cli.convert``).
 """
 
 from zkd_jax.cli.convert import run
-from zkd_jax.io.convert import (
+from zkd_jax.io.torch_weights import (
     UnsafeCheckpointError,
     from_torch_state_dict,
     infer_num_classes,

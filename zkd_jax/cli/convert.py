@@ -19,7 +19,7 @@ from absl import flags
 
 from zkd_jax import models
 from zkd_jax.cli import errors, usage
-from zkd_jax.io import convert, staging
+from zkd_jax.io import staging, torch_weights
 
 PROG = "zkd-convert"
 USAGE_LINE = f"{PROG} SRC DST --arch NAME [--dataset DATASET] [--num-classes N] [--force]"
@@ -68,12 +68,12 @@ def run(argv: Sequence[str] | None = None) -> int:
     src, dst = positional
     num_classes = fv["num-classes"].value
     try:
-        sd = convert.load_torch_checkpoint(src)
+        sd = torch_weights.load_torch_checkpoint(src)
         staging.check_finite(sd, what=src)
-        num_classes = num_classes or convert.infer_num_classes(sd, fv.arch)
-        variables = convert.from_torch_state_dict(fv.arch, sd, dataset=fv.dataset,
+        num_classes = num_classes or torch_weights.infer_num_classes(sd, fv.arch)
+        variables = torch_weights.from_torch_state_dict(fv.arch, sd, dataset=fv.dataset,
                                                   num_classes=num_classes)
-        convert.save_variables(dst, variables, arch=fv.arch, dataset=fv.dataset,
+        torch_weights.save_variables(dst, variables, arch=fv.arch, dataset=fv.dataset,
                                num_classes=num_classes, overwrite=fv.force)
     except errors.user_errors() as err:
         if errors.show_traceback(fv.verbose):

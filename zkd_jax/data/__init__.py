@@ -194,7 +194,7 @@ def train_batches(
         normalize=normalized,
     )
     if name == "imagenet2012":
-        from zkd_jax.data.imagenet import imagenet_train_dataset  # pylint: disable=import-outside-toplevel
+        from zkd_jax.data.imagenet_tfdata import imagenet_train_dataset  # pylint: disable=import-outside-toplevel
 
         ds = imagenet_train_dataset(data_dir=data_dir, **kwargs)
     else:
@@ -247,7 +247,7 @@ def eval_dataset(
         normalize=normalized,
     )
     if name == "imagenet2012":
-        from zkd_jax.data.imagenet import imagenet_eval_dataset  # pylint: disable=import-outside-toplevel
+        from zkd_jax.data.imagenet_tfdata import imagenet_eval_dataset  # pylint: disable=import-outside-toplevel
 
         ds = imagenet_eval_dataset(data_dir=data_dir, **kwargs)
     else:

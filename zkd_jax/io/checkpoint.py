@@ -10,7 +10,7 @@ Layout of a workdir (local or ``gs://``; every path goes through ``etils.epath``
   files are written in the background while training goes on (the next ``save`` and ``close``
   wait for them), so a checkpoint per epoch costs a device-to-host copy, not the file writes.
 * ``checkpoints_best/<step>/``: the checkpoint of the best evaluation so far (one).
-* ``export/``: the final student variables in ``zkd_jax.io.convert.save_variables`` format: what
+* ``export/``: the final student variables in ``zkd_jax.io.torch_weights.save_variables`` format: what
   ``config.teacher.checkpoint`` points at when this run's model is used as a teacher (zkd-convert
   writes the same format from a PyTorch ``.pth``).
 
@@ -44,7 +44,7 @@ from etils import epath
 from flax import linen as nn
 
 from zkd_jax import models
-from zkd_jax.io import convert, manifest, paths
+from zkd_jax.io import manifest, paths, torch_weights
 from zkd_jax.step.state import TrainState
 
 CHECKPOINTS = "checkpoints"
@@ -310,10 +310,10 @@ def export_variables(
     workdir: epath.PathLike, variables: Mapping[str, Any], *, arch: str, dataset: str,
     num_classes: int, overwrite: bool = False,
 ) -> epath.Path:
-    """Writes ``workdir/export`` with ``zkd_jax.convert.save_variables`` (teacher format);
+    """Writes ``workdir/export`` with ``zkd_jax.torch_weights.save_variables`` (teacher format);
     ``overwrite``: replaces an older or damaged export (a run trained on past it, or a rerun that rebuilds it)."""
     directory = paths.absolute(workdir) / EXPORT
-    convert.save_variables(
+    torch_weights.save_variables(
         directory, jax.device_get(dict(variables)), arch=arch, dataset=dataset,
         num_classes=num_classes, overwrite=overwrite,
     )
@@ -332,7 +332,7 @@ def load_teacher(
       arch: the architecture ``config.teacher.arch`` names.
       input_shape: ``(1, H, W, C)``, to build the expected variable shapes (``jax.eval_shape``).
       allow_unverified: load a directory without manifest (variables written by other tools);
-        otherwise it is refused (``zkd_jax.io.convert.load_variables``).
+        otherwise it is refused (``zkd_jax.io.torch_weights.load_variables``).
 
     Raises:
       ValueError: the directory is missing, unverified or damaged, or holds another architecture
@@ -344,7 +344,7 @@ def load_teacher(
             f"teacher checkpoint {str(path)!r} does not exist; convert the published teacher with "
             "zkd-convert, or set config.teacher.train_if_missing=True to train one."
         )
-    variables, metadata = convert.load_variables(directory, allow_unverified=allow_unverified)
+    variables, metadata = torch_weights.load_variables(directory, allow_unverified=allow_unverified)
     stored_arch = (metadata or {}).get("arch")
     if stored_arch is not None and stored_arch != arch:
         raise ValueError(

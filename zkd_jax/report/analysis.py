@@ -5,7 +5,7 @@ of every student (``zkd_jax.report.logits``) and writes into ``out``:
 
 * ``analysis.json``: per model its accuracy and logit moments (raw and Z-scored); per student the
   top-1 agreement with the teacher, KL(teacher || student) at T = 1 on raw and on standardized
-  logits and the mean class-correlation difference (``zkd_jax.report.analyze``);
+  logits and the mean class-correlation difference (``zkd_jax.report.logit_stats``);
 * ``logit_moments.png`` (raw logits' per-sample mean and std of every model, one panel); per
   student ``hist2d_<name>.png`` and ``corr_diff_<name>.png`` (every student's map on one colour
   scale, ``correlation_difference_vmax``); ``tsne.png`` (pooled features of every model); each
@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from zkd_jax.report import analyze
+from zkd_jax.report import logit_stats
 from zkd_jax.report.logits import forward, load_model, load_split, model_dirs
 
 
@@ -43,12 +43,12 @@ def statistics(teacher: np.ndarray, students: dict[str, np.ndarray],
     models = {"teacher": teacher, **students}
     out: dict[str, Any] = {"models": {}, "students": {}}
     for name, x in models.items():
-        entry = {"moments": analyze.moments_summary(x)}
+        entry = {"moments": logit_stats.moments_summary(x)}
         if labels is not None:
-            entry["top1"] = analyze.accuracy(x, labels)
+            entry["top1"] = logit_stats.accuracy(x, labels)
         out["models"][name] = entry
     for name, s in students.items():
-        out["students"][name] = analyze.compare(teacher, s)
+        out["students"][name] = logit_stats.compare(teacher, s)
     return out
 
 
@@ -110,25 +110,25 @@ def write_analysis(teacher_dir: str, student_dirs: list[str], out: str, *, split
                         **{f"logits/{k}": v for k, v in logits.items()},
                         **{f"features/{k}": v for k, v in features.items()})
     caption = describe(teacher, students, dataset, split, int(labels.shape[0]))
-    vmax = max(float(analyze.correlation_difference(logits["teacher"], logits[s.name])[0].max())
+    vmax = max(float(logit_stats.correlation_difference(logits["teacher"], logits[s.name])[0].max())
                for s in students)  # one colour scale for every student's correlation map
     stats.update(caption=caption, correlation_difference_vmax=vmax)
     if figures:
-        files.append(analyze.plot_moments(logits, os.path.join(out, "logit_moments.png"),
+        files.append(logit_stats.plot_moments(logits, os.path.join(out, "logit_moments.png"),
                                           caption=caption))
         for s in students:
-            files.append(analyze.plot_histogram2d(
+            files.append(logit_stats.plot_histogram2d(
                 logits["teacher"], logits[s.name], s.name,
                 os.path.join(out, f"hist2d_{_slug(s.name)}.png"), caption=caption))
-            files.append(analyze.plot_correlation_difference(
+            files.append(logit_stats.plot_correlation_difference(
                 logits["teacher"], logits[s.name], s.name,
                 os.path.join(out, f"corr_diff_{_slug(s.name)}.png"), vmax=vmax, caption=caption))
         rng = np.random.default_rng(0)
         n = labels.shape[0]
         pick = np.sort(rng.choice(n, tsne_samples, replace=False)) if 0 < tsne_samples < n \
             else np.arange(n)
-        embeddings = {k: analyze.tsne(v[pick]) for k, v in features.items()}
-        files.append(analyze.plot_tsne(embeddings, labels[pick], os.path.join(out, "tsne.png"),
+        embeddings = {k: logit_stats.tsne(v[pick]) for k, v in features.items()}
+        files.append(logit_stats.plot_tsne(embeddings, labels[pick], os.path.join(out, "tsne.png"),
                                        caption=caption + f"; t-SNE of {pick.size} images"))
     stats["files"] = [os.path.basename(f) for f in files]
     with open(files[0], "w", encoding="utf-8") as f:

@@ -14,7 +14,7 @@ import re
 from typing import Any
 
 from zkd_jax.report import compare, curves, table
-from zkd_jax.report.runs import find_runs
+from zkd_jax.report.discover import find_runs
 from zkd_jax.report.worklog import read_worklogs
 
 

@@ -1,6 +1,6 @@
 """Logits and pooled features of exported models on a split (zkd-analyze's inputs; JAX).
 
-``load_model(run_dir)`` reads ``run_dir/export`` (``zkd_jax.convert.load_variables``) and builds
+``load_model(run_dir)`` reads ``run_dir/export`` (``zkd_jax.torch_weights.load_variables``) and builds
 its module (``zkd_jax.models.create``); ``load_split(dataset, split)`` gives the normalized images
 (``zkd_jax.data.load_device_arrays`` + ``zkd_jax.data.normalization``: the digits need
 scikit-learn, CIFAR-100 TFDS); ``forward`` returns the logits ``[N, C]`` and the pooled features
@@ -55,9 +55,9 @@ def _run_dataset(path: str) -> str | None:
 def load_model(path: str, name: str | None = None) -> Model:
     """The exported model of run directory ``path`` (``path/export``)."""
     from zkd_jax import models  # pylint: disable=import-outside-toplevel
-    from zkd_jax.io import convert  # pylint: disable=import-outside-toplevel
+    from zkd_jax.io import torch_weights  # pylint: disable=import-outside-toplevel
 
-    variables, meta = convert.load_variables(os.path.join(path, "export"))
+    variables, meta = torch_weights.load_variables(os.path.join(path, "export"))
     module = models.create(meta["arch"], num_classes=int(meta["num_classes"]),
                            dataset=meta.get("dataset") or "cifar100")
     return Model(name=name or os.path.basename(os.path.normpath(path)), path=path, module=module,

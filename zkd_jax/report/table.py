@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from zkd_jax.report.runs import Run, identity
+from zkd_jax.report.discover import Run, identity
 
 #: Row order of the paper's tables.
 METHOD_ORDER = ("teacher", "kd", "kd_ls", "ctkd", "ctkd_ls", "dkd", "dkd_ls", "mlkd", "mlkd_ls")

@@ -20,7 +20,7 @@ from zkd_jax.step.state import (
     make_initializer,
     student_variables,
 )
-from zkd_jax.step.train import (
+from zkd_jax.step.train_step import (
     TeacherCall,
     TrainStep,
     jit_train_step,

@@ -47,7 +47,7 @@ from zkd_jax.step.state import (
     make_initializer,
     replicated_shapes,
 )
-from zkd_jax.step.train import TeacherCall, jit_train_step, make_student_update, teacher_forward
+from zkd_jax.step.train_step import TeacherCall, jit_train_step, make_student_update, teacher_forward
 from zkd_jax.views import images_of
 
 StudentsUpdate = Callable[..., tuple[TrainState, dict]]
@@ -187,7 +187,7 @@ def make_multi_train_step(
 ) -> Callable[[TrainState, Any, Mapping[str, Any], Any], tuple[TrainState, dict]]:
     """The jitted ``train_step(stacked_state, teacher_variables, batch, epoch)`` of K students.
 
-    Same contract as ``zkd_jax.step.train.make_train_step`` (state donated, batch sharded on "data",
+    Same contract as ``zkd_jax.step.train_step.make_train_step`` (state donated, batch sharded on "data",
     the rest replicated, ``teacher_call`` how the teacher sees the batch) except that the state and
     every metric carry a leading K axis.
     ``form`` picks the ``students_update`` implementation ("vmap" or "loop").
