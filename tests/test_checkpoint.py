@@ -128,3 +128,16 @@ def test_damaged_checkpoints_kept_at_most_keep_damaged(tmp_path, capsys):
     none.close()
     assert "passed over (deleted, " in capsys.readouterr().out
     assert not (tmp_path / "zero" / checkpoint.DAMAGED).exists()
+
+
+def test_the_two_managers_name_their_barriers_apart(tmp_path):
+    """orbax names the barrier of its "save in progress" flag alike in every manager; with
+    several processes, one manager's background commit and the other's save met in it (a hang,
+    or "Barrier ... is already ongoing"). Each manager's barriers carry their own prefix."""
+    ckpt = checkpoint.Checkpointer(tmp_path)
+    try:
+        prefixes = [m._multiprocessing_options.barrier_sync_key_prefix  # pylint: disable=protected-access
+                    for m in (ckpt.last, ckpt.best)]
+    finally:
+        ckpt.close()
+    assert all(prefixes) and len(set(prefixes)) == 2, prefixes

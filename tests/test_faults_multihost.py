@@ -88,10 +88,6 @@ def config_file(tmp_path_factory):
     return write_config(tmp_path_factory.mktemp("faults_multihost"))[0]
 
 
-@pytest.mark.xfail(strict=False, raises=subprocess.TimeoutExpired, reason=(
-    "known intermittent hang, not yet understood: in 2 of 6 runs (both with the machine loaded), the 2-process "
-    "resume after the preemption did not finish (process 1 silent after connecting); the "
-    "preemption itself (both processes at one step, exit 75) passed"))
 def test_sigterm_on_one_process_stops_both_at_one_step_and_resumes(config_file, tmp_path):
     straight = tmp_path / "straight"
     log = tmp_path / "straight.log"

@@ -65,10 +65,15 @@ class Checkpointer:
         self._committing: dict[str, int] = {}  # manager name -> step of the save in flight
 
         def manager(directory: epath.Path, max_to_keep: int) -> ocp.CheckpointManager:
+            # Each manager's barriers get their own names: orbax names the barrier of its "save
+            # in progress" flag the same in every manager, and with several processes the main
+            # thread's next save and the other manager's background commit could meet in it.
             options = ocp.CheckpointManagerOptions(
                 max_to_keep=max_to_keep, create=True, enable_async_checkpointing=True,
                 async_options=ocp.AsyncOptions(
                     post_finalization_callback=self._manifest_callback(directory)),
+                multiprocessing_options=ocp.options.MultiprocessingOptions(
+                    barrier_sync_key_prefix=f"zkd_{directory.name}"),
             )
             return ocp.CheckpointManager(directory, options=options)
 
@@ -157,9 +162,12 @@ class Checkpointer:
         meta = dict(meta, step=step)
         self.wait()  # the previous save has committed (its manifest written, its errors raised)
         managers = [self.last] + ([self.best] if best else [])
-        for mngr in managers:
+        for i, mngr in enumerate(managers):
             if step in mngr.all_steps():
                 continue  # the same state was written already (e.g. before a restart)
+            if i and jax.process_count() > 1:  # one background commit at a time across processes
+                with self._saving(f"checkpoint {step}", managers[i - 1]):
+                    managers[i - 1].wait_until_finished()
             self._committing[epath.Path(mngr.directory).name] = step
             with self._saving(f"checkpoint {step}", mngr):
                 mngr.save(
