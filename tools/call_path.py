@@ -217,12 +217,36 @@ def _flags(module, **values):
         module._FLAGS.update(saved)  # pylint: disable=protected-access
 
 
+@contextlib.contextmanager
+def _logging_restored():
+    """The log levels ``zkd-train`` quiets (``cli.usage.quiet_logs``) put back after the run, so
+    that measuring in a test process leaves the other tests' logging as it was."""
+    import logging  # pylint: disable=import-outside-toplevel
+    import os  # pylint: disable=import-outside-toplevel
+
+    from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
+
+    names = ("absl", "orbax", "jax", "tensorflow")
+    levels = {n: logging.getLogger(n).level for n in names}
+    verbosity, tf_level = absl_logging.get_verbosity(), os.environ.get("TF_CPP_MIN_LOG_LEVEL")
+    try:
+        yield
+    finally:
+        absl_logging.set_verbosity(verbosity)
+        for n, level in levels.items():
+            logging.getLogger(n).setLevel(level)
+        if tf_level is None:
+            os.environ.pop("TF_CPP_MIN_LOG_LEVEL", None)
+        else:
+            os.environ["TF_CPP_MIN_LOG_LEVEL"] = tf_level
+
+
 def run_main(config: ml_collections.ConfigDict, workdir: str) -> None:
     """``zkd-train --workdir=WORKDIR`` on ``config``, in this process."""
     from zkd_jax.cli import train  # pylint: disable=import-outside-toplevel
 
-    with _flags(train, config=config, workdir=str(workdir), verbose=True, print_config=False,
-                allow_config_change=False):
+    with _logging_restored(), _flags(train, config=config, workdir=str(workdir), verbose=True,
+                                     print_config=False, allow_config_change=False):
         train.main(["zkd-train"])
 
 
