@@ -50,9 +50,8 @@ class DeviceSplit:
     labels, the data key (replicated), the static batch parameters, ``build(images, labels, key,
     epoch, step, order=order)`` (the pure, jittable builder of one global batch that a scanned
     program calls: ``device.train_batch_builder``), and host helpers: ``order(epoch_arr)`` (the
-    epoch's permutation),
-    ``batch(epoch_arr, order, step)`` (global batch ``step``, as ``Feed.train`` yields it) and
-    ``put(value)`` (a host scalar -> replicated int32 array)."""
+    epoch's permutation), ``batch(epoch_arr, order, step)`` (global batch ``step``, as
+    ``Feed.train`` yields it) and ``put(value)`` (a host scalar -> replicated int32 array)."""
 
     images: jax.Array
     labels: jax.Array
