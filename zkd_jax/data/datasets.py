@@ -56,6 +56,8 @@ _INFOS = {
     ),
 }
 NAMES = tuple(_INFOS)
+#: The datasets whose splits fit in memory (:func:`load_device_arrays`): every name but ImageNet's.
+IN_MEMORY = ("cifar100", "digits", _digits.VAL_NAME, _synthetic.NAME)
 VIEWS = VIEW_SETS  # zkd_jax.views
 
 
@@ -121,5 +123,5 @@ def load_device_arrays(name: str, split: str, data_dir: str | None = None) -> tu
     )
 
 
-__all__ = ["DatasetInfo", "NAMES", "VIEWS", "info", "load_device_arrays", "num_train_examples",
+__all__ = ["DatasetInfo", "IN_MEMORY", "NAMES", "VIEWS", "info", "load_device_arrays", "num_train_examples",
            "steps_per_epoch"]

@@ -30,6 +30,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from zkd_jax.data import device
+from zkd_jax.data.datasets import IN_MEMORY
 from zkd_jax.data.datasets import info as dataset_info
 from zkd_jax.data.datasets import num_train_examples
 from zkd_jax.data.plan import check_steps_per_call
@@ -78,7 +79,7 @@ class Feed:
 
 
 # Splits small enough to hold on every device.
-DEVICE_DATASETS = ("cifar100", "digits", "digits_val", "synthetic_cifar100")
+DEVICE_DATASETS = IN_MEMORY
 
 
 def check_pipeline(pipeline: str, views: Sequence[str], dataset: str,
