@@ -286,7 +286,8 @@ def compile_all(topology: str, per_chip: int, config_arg: str, parts=None) -> di
         order=jax.ShapeDtypeStruct((n,), jnp.int32, sharding=rep)))
     from zkd_jax.step import scan as scan_lib  # pylint: disable=import-outside-toplevel
 
-    scanned = scan_lib.make_scanned_step(step.unjitted, mesh, 2, b, info.mean, info.std)
+    scanned = scan_lib.make_scanned_step(step.unjitted, mesh, 2,
+                                         device.train_batch_builder(b, info.mean, info.std))
     record("scanned_device", lambda: scanned.lower(
         state, folded_t, jax.ShapeDtypeStruct((n, 3072), jnp.uint8, sharding=rep),
         jax.ShapeDtypeStruct((n,), jnp.int32, sharding=rep), key, scalar, scalar,

@@ -151,3 +151,102 @@ def test_code_layout_page_names_every_part():
     for part in sorted({m.split(".")[1] for m in LAYERS if m.count(".") == 1}):
         is_package = (PACKAGE / part).is_dir()
         assert (f"{part}/" if is_package else f"{part}.py") in page, part
+
+
+# The middle of the house: data, step and io stand side by side ---------------------------------
+
+#: Parts of one storey that stand side by side: each builds on the layers below it and none imports
+#: another. The trainer joins them: it hands the scanned step the feed's batch builder
+#: (``Feed.device.build``) and the checkpointer the step's train state.
+SIDE_BY_SIDE = ("zkd_jax.data", "zkd_jax.step", "zkd_jax.io")
+
+#: What the step may import of the models: the switches of the shared layers (folded BatchNorm,
+#: the convolution's implementation), no architecture's own file.
+STEP_MAY_IMPORT_OF_MODELS = frozenset({"zkd_jax.models.layers"})
+
+
+def side_of(module: str) -> str | None:
+    return next((p for p in SIDE_BY_SIDE if module == p or module.startswith(p + ".")), None)
+
+
+def test_data_step_and_io_do_not_import_each_other():
+    sideways = sorted(f"{m} -> {n}" for m in GRAPH for n in GRAPH[m]
+                      if side_of(m) and side_of(n) and side_of(m) != side_of(n))
+    assert not sideways, f"sideways imports (let the trainer pass the value in): {sideways}"
+
+
+def test_the_step_imports_no_model_file():
+    for module in MODULES:
+        if side_of(module) == "zkd_jax.step":
+            seen = {n for n in GRAPH[module] if n == "zkd_jax.models" or n.startswith("zkd_jax.models.")}
+            assert seen <= STEP_MAY_IMPORT_OF_MODELS, (
+                f"{module} imports {sorted(seen - STEP_MAY_IMPORT_OF_MODELS)}: the step knows the "
+                "models by their Flax interface only")
+
+
+def test_the_sideways_rules_catch_the_old_arrows(monkeypatch):
+    """The three arrows the house had (io -> step, step -> data, step -> a model's file) fail."""
+    for module, target, check in (
+            ("zkd_jax.io.checkpoint", "zkd_jax.step.state", test_data_step_and_io_do_not_import_each_other),
+            ("zkd_jax.step.scan", "zkd_jax.data.device", test_data_step_and_io_do_not_import_each_other),
+            ("zkd_jax.step.train_step", "zkd_jax.models.vit_layers", test_the_step_imports_no_model_file)):
+        with monkeypatch.context() as m:
+            m.setitem(GRAPH, module, GRAPH[module] | {target})
+            with pytest.raises(AssertionError):
+                check()
+
+
+# The input path's one door ---------------------------------------------------------------------
+
+#: The parts of ``zkd_jax.data`` behind its face: the trainer reaches them through
+#: ``zkd_jax.data`` (``make_feed``, ``info``, ...), never directly.
+DATA_INSIDES = ("zkd_jax.data.feeds", "zkd_jax.data.tfdata", "zkd_jax.data.datasets",
+                "zkd_jax.data.cifar", "zkd_jax.data.imagenet_tfdata", "zkd_jax.data.tfds_source",
+                "zkd_jax.data.digits", "zkd_jax.data.synthetic")
+
+
+def test_data_package_is_a_face():
+    """``zkd_jax/data/__init__.py`` only re-exports: no function, class or logic of its own."""
+    tree = ast.parse(MODULES["zkd_jax.data"].read_text())
+    for node in tree.body:
+        allowed = (ast.Import, ast.ImportFrom, ast.Expr, ast.Assign)
+        assert isinstance(node, allowed), f"zkd_jax/data/__init__.py line {node.lineno}: {ast.unparse(node)[:60]}"
+        if isinstance(node, ast.Assign):
+            assert [ast.unparse(t) for t in node.targets] == ["__all__"], ast.unparse(node)[:60]
+    import zkd_jax.data  # pylint: disable=import-outside-toplevel
+
+    assert callable(zkd_jax.data.make_feed)
+
+
+def test_trainer_takes_its_feed_through_the_one_door():
+    for module in MODULES:
+        if module.startswith("zkd_jax.trainer"):
+            inside = sorted(GRAPH[module] & set(DATA_INSIDES))
+            assert not inside, f"{module} imports {inside}: use zkd_jax.data.make_feed / info"
+
+
+# Who takes a config ----------------------------------------------------------------------------
+
+#: The parts that build, check and read the whole config.
+CONFIG_READERS = ("zkd_jax.configs", "zkd_jax.trainer", "zkd_jax.cli")
+
+#: Functions outside them that still take a ``config`` parameter, each being moved behind the
+#: trainer by another change (the workdir lock's wrapper, a run's identity, the compile-only
+#: request): empty this once those land.
+CONFIG_PARAMETER_ALLOWED = frozenset({
+    ("zkd_jax.io.lock", "wrapper"), ("zkd_jax.io.metrics", "run_identity"),
+    ("zkd_jax.aot", "compile_config")})
+
+
+def test_no_function_below_the_trainer_has_a_config_parameter():
+    found = set()
+    for module, path in MODULES.items():
+        if module.startswith(CONFIG_READERS):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                a = node.args
+                names = [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs]
+                if "config" in names:
+                    found.add((module, getattr(node, "name", "<lambda>")))
+    assert found <= CONFIG_PARAMETER_ALLOWED, sorted(found - CONFIG_PARAMETER_ALLOWED)

@@ -100,8 +100,8 @@ def test_one_scanned_call_equals_single_steps(students, unroll):
     for s in range(5, 8):  # steps 5, 6, 7 of epoch 2
         state, m = step(state, teacher_vars, split.batch(epoch, order, s), epoch)
         losses.append(np.asarray(m["loss"]))
-    scanned = scan_lib.make_scanned_step(step.unjitted, mesh, 3, split.batch_size, split.mean,
-                                           split.std, unroll)  # a loop, unrolled, the default
+    scanned = scan_lib.make_scanned_step(step.unjitted, mesh, 3, split.build,
+                                         unroll=unroll)  # a loop, unrolled, the default
     got, metrics = scanned(fresh(), teacher_vars, split.images, split.labels, split.key, epoch,
                            split.put(5), order)
     chex.assert_shape(metrics["loss"], (3,) if students == 1 else (3, 2))

@@ -70,7 +70,8 @@ def test_scanned_device_fed_step_has_no_dataset_sized_temporary():
              "label": spec((BATCH,), jnp.int32, sharded)}
     host_temp = step.lower(state, teacher, batch, scalar).compile().memory_analysis()
     info = zdata.info("cifar100")
-    scanned = scan_lib.make_scanned_step(step.unjitted, mesh, 2, BATCH, info.mean, info.std)
+    scanned = scan_lib.make_scanned_step(
+        step.unjitted, mesh, 2, zdata.device.train_batch_builder(BATCH, info.mean, info.std))
     compiled = scanned.lower(state, teacher, spec((N, 3072), jnp.uint8), spec((N,), jnp.int32),
                              spec((2,), jnp.uint32), scalar, scalar, spec((N,), jnp.int32)).compile()
     extra = compiled.memory_analysis().temp_size_in_bytes - host_temp.temp_size_in_bytes

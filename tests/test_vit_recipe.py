@@ -13,8 +13,8 @@ import pytest
 
 from zkd_jax import models, optim
 from zkd_jax.io import torch_weights as convert
-from zkd_jax.models.vit_layers import teacher_input
 from zkd_jax.step import TeacherCall
+from zkd_jax.views import teacher_input
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 ARCHS = json.loads((FIXTURES / "architectures_vit.json").read_text())

@@ -53,3 +53,26 @@ def check_augmentation(augmentation: str, views: Sequence[str]) -> str:
 def images_of(batch, views: Sequence[str]) -> dict:
     """``{view: batch[BATCH_KEYS[view]]}`` for each of ``views``."""
     return {view: batch[BATCH_KEYS[view]] for view in views}
+
+
+def teacher_input(images, size: int = 32):
+    """The teacher's view of the students' batch: ``F.interpolate(x, size, bilinear,
+    align_corners=False)`` without antialiasing.
+
+    ``images [B, H, H, C]`` with ``H = f * size``. Output pixel ``i`` samples input coordinate
+    ``f i + (f - 1) / 2``: for odd ``f`` (224 / 32 = 7) that is exactly pixel ``(7 i + 3, 7 j + 3)``
+    (a strided slice, no arithmetic); for even ``f`` the mean of the two middle pixels per axis.
+    """
+    h, w = images.shape[1:3]
+    if h != w or h % size:
+        raise ValueError(
+            f"teacher_input needs square images whose side is a multiple of {size} (got {h}x{w}); "
+            "feed the students 224-px images (7 x 32)."
+        )
+    f = h // size
+    if f % 2:
+        c = (f - 1) // 2
+        return images[:, c::f, c::f]
+    lo = f // 2 - 1
+    a = images[:, lo::f] + images[:, lo + 1::f]
+    return (a[:, :, lo::f] + a[:, :, lo + 1::f]) / 4

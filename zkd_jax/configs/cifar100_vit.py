@@ -58,7 +58,7 @@ def _base(student: str, variant: str) -> ml_collections.ConfigDict:
         train_transform="rrc_flip_randaug_m9_mstd0.5_inc1_erase0.25",
         eval_transform="resize_bilinear",
         mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
-        teacher_image_size=32,  # models.vit_layers.teacher_input: pixel (7i + 3, 7j + 3)
+        teacher_image_size=32,  # views.teacher_input: pixel (7i + 3, 7j + 3)
         teacher_model_dataset=DATASET,  # the teacher is the 32-px CIFAR resnet56
         teacher_train_mode=True,  # BN batch statistics (the reference's model.train())
         eval_head="mean",  # DeiT: test accuracy on (cls + dist) / 2

@@ -1,274 +1,44 @@
-"""Input pipelines: one entry point per split, for CIFAR-100, ImageNet and the offline digits.
+"""Input pipelines for CIFAR-100, ImageNet and the offline digits: the face of ``zkd_jax.data``.
 
-Importing this package does NOT import TensorFlow: :func:`info` and :func:`steps_per_epoch` and the
-on-device path (``zkd_jax.data.device``, re-exported below) are NumPy/JAX only.
-:func:`train_batches` and :func:`eval_batches` need TensorFlow (and TFDS for "cifar100" and
-"imagenet2012"; "digits" also needs scikit-learn), imported on first use, with every GPU hidden
-from TF.
+One door for the trainer: :func:`make_feed` (``zkd_jax.data.feeds``) returns the global batches of a
+run for its input plan: tf.data on the host, the split held on the devices, or that split feeding
+scans of several steps (``steps_per_call > 1``). The parts, re-exported here:
 
-Batches are NumPy dicts of this process's share (the trainer makes global arrays):
+* ``datasets``: :func:`info`, :func:`num_train_examples`, :func:`steps_per_epoch` and
+  :func:`load_device_arrays` (a small split as NumPy); plain Python and NumPy.
+* ``tfdata``: :func:`train_batches`, :func:`eval_batches`, :func:`eval_dataset` (this process's
+  NumPy batches from tf.data; TensorFlow imported on first use).
+* ``device``: the on-device batches (pure JAX): :func:`device_train_batch`,
+  :func:`device_eval_batch`, :func:`epoch_permutation`, :func:`normalize_batch`.
+* ``feeds``: :func:`make_feed` and the :class:`Feed` it returns; ``plan``: an epoch's calls.
 
-* train: {"image": float32 [b,H,W,3] normalized, "label": int32 [b]} (+ "image_strong" for
-  ``views=("weak", "strong")``), exactly ``steps_per_epoch`` batches per epoch minus ``start_step``.
-* eval: the same plus "mask" bool [b]; the last batch is padded (mask False) so shapes stay static.
-* ``normalized=False``: the images stay uint8 [b,H,W,3] (eval padding rows 0), a quarter of the bytes
-  to copy to the devices; ``zkd_jax.data.device.normalize_batch`` gives the normalized float32
-  batch from them, equal bit for bit (one lookup table, ``zkd_jax.data.normalization``). The
-  trainer's tf.data feed (``zkd_jax.data.feeds``) works this way.
-
-Accepted deviation: every epoch drops the last partial batch
-(``N // global_batch`` steps: 781 for CIFAR-100 at batch 64, where the reference runs 782 with a
-last batch of 16), because jitted steps want static shapes. The dropped examples change with the
-epoch's shuffle, so all examples are seen.
+Importing this package does NOT import TensorFlow.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Iterator, Sequence
-
-import numpy as np
-
-from zkd_jax.views import CIFAR_AUGMENTATION, VIEW_SETS, WEAK, check_augmentation, check_views
-from zkd_jax.data import digits as _digits
-from zkd_jax.data import synthetic as _synthetic
+from zkd_jax.data.datasets import (
+    NAMES,
+    VIEWS,
+    DatasetInfo,
+    info,
+    load_device_arrays,
+    num_train_examples,
+    steps_per_epoch,
+)
 from zkd_jax.data.device import (
     device_eval_batch,
     device_train_batch,
     epoch_permutation,
-    load_device_arrays,
     normalize_batch,
     num_eval_batches,
 )
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-    """Static facts about a dataset: shapes, split sizes and the normalization constants."""
-
-    name: str
-    num_classes: int
-    image_size: int
-    num_train: int
-    num_test: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-
-
-_CIFAR100 = DatasetInfo(
-    "cifar100", 100, 32, 50_000, 10_000, (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
-)
-_INFOS = {
-    "cifar100": _CIFAR100,
-    "imagenet2012": DatasetInfo(
-        "imagenet2012", 1000, 224, 1_281_167, 50_000, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    ),
-    "digits": DatasetInfo(
-        "digits", 10, 32, _digits.NUM_TRAIN, _digits.NUM_TEST, _digits.MEAN, _digits.STD
-    ),
-    # digits' train split carved into train and validation ("test") for choosing settings.
-    _digits.VAL_NAME: DatasetInfo(
-        _digits.VAL_NAME, 10, 32, _digits.VAL_TRAIN, _digits.VAL_TEST, _digits.MEAN, _digits.STD
-    ),
-    # Random images of CIFAR-100's shapes, for timing where the data is not (zkd_jax.data.synthetic).
-    _synthetic.NAME: DatasetInfo(
-        _synthetic.NAME, _synthetic.NUM_CLASSES, _synthetic.IMAGE_SIZE, _synthetic.NUM_TRAIN,
-        _synthetic.NUM_TEST, _CIFAR100.mean, _CIFAR100.std
-    ),
-}
-NAMES = tuple(_INFOS)
-VIEWS = VIEW_SETS  # zkd_jax.views
-
-
-def info(name: str) -> DatasetInfo:
-    """The :class:`DatasetInfo` of "cifar100", "imagenet2012", "digits" or "synthetic_cifar100"."""
-    if name not in _INFOS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(NAMES)}.")
-    return _INFOS[name]
-
-
-def num_train_examples(name: str, train_examples: int = -1) -> int:
-    """The training examples a run reads: the whole train split, or (``train_examples`` > 0) its
-    first ``train_examples`` (``config.train_examples``: short runs and data-budget studies; the
-    datasets held in memory only).
-
-    Raises:
-      ValueError: more examples than the split holds, or a cap on imagenet2012.
-    """
-    n = info(name).num_train
-    if train_examples is None or train_examples <= 0:
-        return n
-    if name == "imagenet2012":
-        raise ValueError("config.train_examples serves the datasets held in memory (cifar100, digits, "
-                         "synthetic_cifar100), not imagenet2012; set it to -1 (the whole split).")
-    if train_examples > n:
-        raise ValueError(f"config.train_examples={train_examples} exceeds the {n} training examples "
-                         f"of {name}; set at most {n}, or -1 for all.")
-    return int(train_examples)
-
-
-def steps_per_epoch(name: str, global_batch_size: int, train_examples: int = -1) -> int:
-    """``num_train // global_batch_size`` (drop-remainder: 781 for CIFAR-100 at 64, not 782);
-    ``num_train`` is :func:`num_train_examples`."""
-    n = num_train_examples(name, train_examples)
-    if not 0 < global_batch_size <= n:
-        raise ValueError(f"global batch size must be in [1, {n}] for {name}, got {global_batch_size}.")
-    return n // global_batch_size
-
-
-def _processes(process_index: int | None, process_count: int | None) -> tuple[int, int]:
-    if process_index is None or process_count is None:
-        import jax  # pylint: disable=import-outside-toplevel
-
-        process_index = jax.process_index() if process_index is None else process_index
-        process_count = jax.process_count() if process_count is None else process_count
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count}).")
-    return int(process_index), int(process_count)
-
-
-def _check_vit_dataset(name: str, augmentation: str) -> None:
-    if augmentation != CIFAR_AUGMENTATION and name == "imagenet2012":
-        raise ValueError("the ViT augmentation serves the datasets held in memory (CIFAR-100, "
-                         "digits, synthetic_cifar100), not imagenet2012; use one of those.")
-
-
-def _arrays(name: str, split: str, data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
-    if name in ("digits", _digits.VAL_NAME):
-        return _digits.load_split(name, split)
-    if name == _synthetic.NAME:
-        return _synthetic.load_synthetic_arrays(split)
-    from zkd_jax.data.cifar import load_cifar100  # pylint: disable=import-outside-toplevel
-
-    return load_cifar100(split, data_dir)
-
-
-def train_batches(
-    name: str,
-    *,
-    per_process_batch_size: int,
-    seed: int,
-    epoch: int,
-    start_step: int = 0,
-    views: Sequence[str] = (WEAK,),
-    data_dir: str | None = None,
-    process_index: int | None = None,
-    process_count: int | None = None,
-    normalized: bool = True,
-    augmentation: str = CIFAR_AUGMENTATION,
-    image_size: int | None = None,
-    batch_fns: dict | None = None,
-    train_examples: int = -1,
-) -> Iterator[dict[str, np.ndarray]]:
-    """The training batches of ONE epoch (counted from 1) of this process, from ``start_step`` on.
-
-    Deterministic given (seed, epoch): order and every augmentation; starting at step k yields
-    exactly what an uninterrupted iterator yields from step k. Each process reads a disjoint part.
-    ``normalized=False`` keeps the images uint8 (module docstring; the ViT transform's images are
-    float32 and normalized either way). ``augmentation="vit"`` (``zkd_jax.views``): the ViT
-    students' images at ``image_size`` px (the datasets held in memory only, not imagenet2012).
-    ``batch_fns``: a dict kept from epoch to epoch, so the datasets held in memory trace their
-    batch function once (``data.cifar``). ``train_examples`` > 0: only the split's first
-    ``train_examples`` images (:func:`num_train_examples`).
-    Needs TensorFlow (+ TFDS for cifar100/imagenet2012, scikit-learn for digits).
-    """
-    ds_info = info(name)
-    views = check_views(views)
-    _check_vit_dataset(name, check_augmentation(augmentation, views))
-    if per_process_batch_size <= 0:
-        raise ValueError(f"per_process_batch_size must be positive, got {per_process_batch_size}.")
-    if epoch < 1:
-        raise ValueError(f"epochs are counted from 1, got epoch={epoch}.")
-    p, count = _processes(process_index, process_count)
-    num_train = num_train_examples(name, train_examples)
-    kwargs = dict(
-        per_process_batch_size=per_process_batch_size,
-        seed=seed,
-        epoch=epoch,
-        start_step=start_step,
-        views=views,
-        mean=ds_info.mean,
-        std=ds_info.std,
-        process_index=p,
-        process_count=count,
-        normalize=normalized,
-    )
-    if name == "imagenet2012":
-        from zkd_jax.data.imagenet_tfdata import imagenet_train_dataset  # pylint: disable=import-outside-toplevel
-
-        ds = imagenet_train_dataset(data_dir=data_dir, **kwargs)
-    else:
-        from zkd_jax.data.cifar import array_train_dataset  # pylint: disable=import-outside-toplevel
-
-        images, labels = _arrays(name, "train", data_dir)
-        ds = array_train_dataset(images[:num_train], labels[:num_train], augmentation=augmentation,
-                                 image_size=image_size, batch_fns=batch_fns, **kwargs)
-    return ds.as_numpy_iterator()
-
-
-def eval_batches(name: str, **kwargs) -> Iterator[dict[str, np.ndarray]]:
-    """This process's part of the test split (ImageNet: validation), once, with a "mask" per batch.
-
-    Every process yields the same number of batches, ``ceil(ceil(N / P) / b)``. Needs TensorFlow
-    (+ TFDS for cifar100/imagenet2012, scikit-learn for digits). ``kwargs``: those of
-    :func:`eval_dataset`.
-    """
-    return eval_dataset(name, **kwargs).as_numpy_iterator()
-
-
-def eval_dataset(
-    name: str,
-    *,
-    per_process_batch_size: int,
-    data_dir: str | None = None,
-    process_index: int | None = None,
-    process_count: int | None = None,
-    normalized: bool = True,
-    augmentation: str = CIFAR_AUGMENTATION,
-    image_size: int | None = None,
-):
-    """The ``tf.data.Dataset`` that :func:`eval_batches` iterates: build it once and iterate it at
-    every evaluation (a run's feed does), so its map function is traced once.
-    ``normalized=False`` keeps the images uint8 (module docstring).
-    ``augmentation="vit"``: the test images resized to ``image_size`` px (the ViT students' test
-    transform; float32 and normalized either way).
-    """
-    ds_info = info(name)
-    _check_vit_dataset(name, check_augmentation(augmentation, (WEAK,)))
-    if per_process_batch_size <= 0:
-        raise ValueError(f"per_process_batch_size must be positive, got {per_process_batch_size}.")
-    p, count = _processes(process_index, process_count)
-    kwargs = dict(
-        per_process_batch_size=per_process_batch_size,
-        mean=ds_info.mean,
-        std=ds_info.std,
-        process_index=p,
-        process_count=count,
-        normalize=normalized,
-    )
-    if name == "imagenet2012":
-        from zkd_jax.data.imagenet_tfdata import imagenet_eval_dataset  # pylint: disable=import-outside-toplevel
-
-        ds = imagenet_eval_dataset(data_dir=data_dir, **kwargs)
-    else:
-        from zkd_jax.data.cifar import array_eval_dataset  # pylint: disable=import-outside-toplevel
-
-        images, labels = _arrays(name, "test", data_dir)
-        ds = array_eval_dataset(images, labels, augmentation=augmentation,
-                                image_size=image_size, **kwargs)
-    return ds
-
-
-def clear_cache() -> None:
-    """Forgets cached TFDS split arrays and their TF copies (frees host memory; imports no TF)."""
-    from zkd_jax.data import cifar, tfds_source  # pylint: disable=import-outside-toplevel
-
-    tfds_source.clear_cache()
-    cifar.clear_tensor_cache()
-
+from zkd_jax.data.feeds import Feed, make_feed
+from zkd_jax.data.tfdata import clear_cache, eval_batches, eval_dataset, train_batches
 
 __all__ = [
     "DatasetInfo",
+    "Feed",
     "NAMES",
     "clear_cache",
     "device_eval_batch",
@@ -278,6 +48,7 @@ __all__ = [
     "eval_dataset",
     "info",
     "load_device_arrays",
+    "make_feed",
     "normalize_batch",
     "num_eval_batches",
     "num_train_examples",

@@ -2,7 +2,8 @@
 
 For datasets that fit in device memory (CIFAR-100 train: 50,000 x 32 x 32 x 3 uint8 = 150 MB;
 digits), shuffling, pad-crop, flip and normalization run in jitted JAX, so no host work happens per
-step. All functions below except :func:`load_device_arrays` are pure and jittable (JAX only).
+step. All functions below are pure and jittable (JAX only); :func:`load_device_arrays`
+(``zkd_jax.data.datasets``, re-exported) reads the split to place.
 
 Usage (one epoch, global batch B, ``steps = N // B`` as in the tf.data path)::
 
@@ -39,43 +40,19 @@ about a millisecond of HBM traffic per batch on v5e); a ``[N, 3072]`` array need
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from zkd_jax.data import normalization
+from zkd_jax.data.datasets import load_device_arrays  # re-exported: the split to place
 from zkd_jax.views import BATCH_KEYS
 
 CIFAR_PAD = 4
-
-
-def load_device_arrays(name: str, split: str, data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """A whole split as host NumPy, ready for ``jax.device_put``: (uint8 [N,H,W,3], int32 [N]).
-
-    "digits" needs scikit-learn only; "cifar100" reads TFDS (needs TensorFlow + TFDS, and raises one
-    ``ValueError`` saying where to put the data if it is missing); "imagenet2012" does not fit in
-    device memory and raises ``ValueError``.
-    """
-    if name in ("digits", "digits_val"):
-        from zkd_jax.data.digits import load_split  # pylint: disable=import-outside-toplevel
-
-        return load_split(name, split)
-    if name == "cifar100":
-        from zkd_jax.data.cifar import load_cifar100  # pylint: disable=import-outside-toplevel
-
-        return load_cifar100(split, data_dir)
-    if name == "synthetic_cifar100":
-        from zkd_jax.data.synthetic import load_synthetic_arrays  # pylint: disable=import-outside-toplevel
-
-        return load_synthetic_arrays(split)
-    raise ValueError(
-        f"the on-device path holds small splits only ('digits', 'cifar100', 'synthetic_cifar100'), "
-        f"not {name!r}; "
-        "use zkd_jax.data.train_batches for it."
-    )
 
 
 def flat_images(images):
@@ -178,6 +155,14 @@ def device_train_batch(
     k = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, epoch), 1), step)
     x = pad_crop_flip(_rows_as_images(jnp.take(images, rows, axis=0), image_shape), k, pad)
     return {"image": normalize(x, mean, std), "label": jnp.take(labels, rows, axis=0).astype(jnp.int32)}
+
+
+def train_batch_builder(batch_size: int, mean: Sequence[float], std: Sequence[float]
+                        ) -> Callable[..., dict[str, jax.Array]]:
+    """``build(images, labels, key, epoch, step, order=None)``: :func:`device_train_batch` with its
+    static batch size and normalization bound (pure and jittable; what a scanned program calls to
+    make each step's batch, ``zkd_jax.step.scan``)."""
+    return functools.partial(device_train_batch, batch_size=batch_size, mean=mean, std=std)
 
 
 def num_eval_batches(num_examples: int, batch_size: int) -> int:

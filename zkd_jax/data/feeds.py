@@ -30,6 +30,11 @@ import numpy as np
 from jax.sharding import Mesh
 
 from zkd_jax.data import device
+from zkd_jax.data.datasets import IN_MEMORY
+from zkd_jax.data.datasets import info as dataset_info
+from zkd_jax.data.datasets import num_train_examples
+from zkd_jax.data.plan import check_steps_per_call
+from zkd_jax.data.tfdata import eval_dataset, train_batches
 from zkd_jax.parallel import batch_sharding, check_batch_size, prefetch_to_mesh, replicated
 from zkd_jax.views import CIFAR_AUGMENTATION, WEAK, check_augmentation
 
@@ -42,10 +47,12 @@ Batch = dict[str, jax.Array]
 @dataclasses.dataclass(frozen=True)
 class DeviceSplit:
     """The on-device training split, for programs that build their own batches
-    (``zkd_jax.step.scan``): uint8 images (flat, ``[N, H * W * C]``: ``device.flat_images``), labels, the data key (replicated), the static batch
-    parameters, and host helpers: ``order(epoch_arr)`` (the epoch's permutation),
-    ``batch(epoch_arr, order, step)`` (global batch ``step``, as ``Feed.train`` yields it) and
-    ``put(value)`` (a host scalar -> replicated int32 array)."""
+    (``zkd_jax.step.scan``): uint8 images (flat, ``[N, H * W * C]``: ``device.flat_images``),
+    labels, the data key (replicated), the static batch parameters, ``build(images, labels, key,
+    epoch, step, order=order)`` (the pure, jittable builder of one global batch that a scanned
+    program calls: ``device.train_batch_builder``), and host helpers: ``order(epoch_arr)`` (the
+    epoch's permutation), ``batch(epoch_arr, order, step)`` (global batch ``step``, as
+    ``Feed.train`` yields it) and ``put(value)`` (a host scalar -> replicated int32 array)."""
 
     images: jax.Array
     labels: jax.Array
@@ -53,6 +60,7 @@ class DeviceSplit:
     batch_size: int
     mean: tuple
     std: tuple
+    build: Callable[..., Batch]
     order: Callable[[jax.Array], jax.Array]
     batch: Callable[[jax.Array, jax.Array, int], Batch]
     put: Callable[[int], jax.Array]
@@ -71,7 +79,7 @@ class Feed:
 
 
 # Splits small enough to hold on every device.
-DEVICE_DATASETS = ("cifar100", "digits", "digits_val", "synthetic_cifar100")
+DEVICE_DATASETS = IN_MEMORY
 
 
 def check_pipeline(pipeline: str, views: Sequence[str], dataset: str,
@@ -112,23 +120,29 @@ def make_feed(
     augmentation: str = CIFAR_AUGMENTATION,
     image_size: int | None = None,
     train_examples: int = -1,
+    steps_per_call: int = 1,
 ) -> Feed:
-    """The :class:`Feed` of ``pipeline`` ("tfdata" or "device"); batch sizes are global.
+    """The one door of the input path: the :class:`Feed` of a run's input plan.
+
+    ``pipeline`` ("tfdata" or "device") picks the source; ``steps_per_call`` > 1 (the "device"
+    pipeline only) asks for scans of that many steps, which build their batches from
+    ``Feed.device`` (its ``build``; ``zkd_jax.step.scan``) in the calls ``zkd_jax.data.plan.plan``
+    cuts an epoch into. Batch sizes are global.
 
     ``augmentation`` (``zkd_jax.views``): ``"vit"`` gives the ViT students' images at
     ``image_size`` px (tf.data only). ``train_examples`` > 0: the train split's first
     ``train_examples`` images only (``zkd_jax.data.num_train_examples``).
 
     Raises:
-      ValueError: an unknown pipeline, a view or dataset the pipeline does not serve, a batch
-        size that does not divide over the devices, or the dataset missing (see ``zkd_jax.data``).
+      ValueError: an unknown pipeline, a view or dataset the pipeline does not serve, scans the
+        pipeline cannot feed, a batch size that does not divide over the devices, or the dataset
+        missing (see ``zkd_jax.data``).
     """
+    check_steps_per_call(steps_per_call, pipeline)
     check_pipeline(pipeline, views, dataset, augmentation)
     per_process = check_batch_size(batch_size, mesh)
     per_process_eval = check_batch_size(eval_batch_size, mesh, what="config.eval_batch_size")
-    import zkd_jax.data as data  # the package (this module is one of its parts)
-
-    num_train = data.num_train_examples(dataset, train_examples)
+    num_train = num_train_examples(dataset, train_examples)
     if pipeline == "tfdata":
         transform = {"augmentation": augmentation, "image_size": image_size}
         return _host_feed(dataset, mesh, seed, tuple(views), per_process, per_process_eval, data_dir,
@@ -142,9 +156,7 @@ PREFETCH = 2
 
 def _host_feed(dataset, mesh, seed, views, per_process, per_process_eval, data_dir,
                transform: dict, num_train: int) -> Feed:
-    import zkd_jax.data as data  # the package (this module is one of its parts)
-
-    info = data.info(dataset)
+    info = dataset_info(dataset)
     normalize = jax.jit(
         functools.partial(device.normalize_batch, mean=tuple(info.mean), std=tuple(info.std)),
         out_shardings=batch_sharding(mesh),
@@ -156,7 +168,7 @@ def _host_feed(dataset, mesh, seed, views, per_process, per_process_eval, data_d
     batch_fns: dict = {}  # the run's per-batch tf.functions, traced once (zkd_jax.data.cifar)
 
     def train(epoch: int, start_step: int) -> Iterator[Batch]:
-        return to_devices(data.train_batches(
+        return to_devices(train_batches(
             dataset, per_process_batch_size=per_process, seed=seed, epoch=epoch,
             start_step=start_step, views=views, data_dir=data_dir, normalized=False,
             batch_fns=batch_fns, train_examples=num_train, **transform,
@@ -166,7 +178,7 @@ def _host_feed(dataset, mesh, seed, views, per_process, per_process_eval, data_d
 
     def evaluate() -> Iterator[Batch]:
         if not eval_ds:
-            eval_ds.append(data.eval_dataset(dataset, per_process_batch_size=per_process_eval,
+            eval_ds.append(eval_dataset(dataset, per_process_batch_size=per_process_eval,
                                              data_dir=data_dir, normalized=False, **transform))
         return to_devices(eval_ds[0].as_numpy_iterator())
 
@@ -192,9 +204,7 @@ def _device_functions(mesh: Mesh, num_train: int, batch_size: int, eval_batch_si
 
 
 def _device_feed(dataset, mesh, seed, batch_size, eval_batch_size, data_dir, num_train) -> Feed:
-    import zkd_jax.data as data  # the package (this module is one of its parts)
-
-    info = data.info(dataset)
+    info = dataset_info(dataset)
     rep = replicated(mesh)
 
     def put(x) -> jax.Array:  # the same host value on every process -> replicated global array
@@ -229,7 +239,9 @@ def _device_feed(dataset, mesh, seed, batch_size, eval_batch_size, data_dir, num
 
     split = DeviceSplit(
         images=train_images, labels=train_labels, key=key, batch_size=batch_size,
-        mean=tuple(info.mean), std=tuple(info.std), order=lambda e: order_fn(key, e),
+        mean=tuple(info.mean), std=tuple(info.std),
+        build=device.train_batch_builder(batch_size, tuple(info.mean), tuple(info.std)),
+        order=lambda e: order_fn(key, e),
         batch=batch, put=lambda v: put(np.int32(v)),
     )
     return Feed(train=train, eval=evaluate, pipeline="device", device=split)

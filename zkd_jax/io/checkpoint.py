@@ -3,7 +3,9 @@
 Layout of a workdir (local or ``gs://``; every path goes through ``etils.epath``):
 
 * ``checkpoints/<step>/``: the last ``keep`` checkpoints (epoch ends, every ``checkpoint_every_steps``
-  steps, and where a run stops early); each holds ``state`` (the whole :class:`TrainState`) and
+  steps, and where a run stops early); each holds ``state`` (the whole train state,
+  ``zkd_jax.step.TrainState``: any flax struct dataclass with a ``step`` and a ``buffers`` field
+  is saved and restored alike; this module does not import the step layer) and
   ``meta`` (JSON: epoch, step, best_top1, best_epoch, ...). Orbax writes them atomically (a
   temporary directory renamed when complete), so a crash never leaves a half checkpoint behind.
   Writing is asynchronous: ``save`` returns once the arrays are copied to host memory and the
@@ -36,7 +38,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import orbax.checkpoint as ocp
@@ -45,7 +47,9 @@ from flax import linen as nn
 
 from zkd_jax import models
 from zkd_jax.io import manifest, paths, torch_weights
-from zkd_jax.step.state import TrainState
+
+#: The train state a checkpoint holds (``zkd_jax.step.TrainState``, passed in by the trainer).
+State = TypeVar("State")
 
 CHECKPOINTS = "checkpoints"
 DAMAGED = "checkpoints_damaged"
@@ -153,7 +157,7 @@ class Checkpointer:
                 f"; delete it once inspected, {damaged} keeps the newest {self.keep_damaged}")
         return f"moved to {moved}, {size}{kept}"
 
-    def save(self, state: TrainState, meta: Mapping[str, Any], *, best: bool = False) -> int:
+    def save(self, state: State, meta: Mapping[str, Any], *, best: bool = False) -> int:
         """Writes ``state`` and ``meta`` at ``state.step`` (and as the best one when ``best``).
 
         Returns when the arrays are on the host; the files follow in the background (``wait``).
@@ -209,7 +213,7 @@ class Checkpointer:
                     manifest.write(directory)
             self._verified.add((id(mngr), step))
 
-    def restore(self, template: TrainState, step: int | None = None) -> tuple[TrainState, dict]:
+    def restore(self, template: State, step: int | None = None) -> tuple[State, dict]:
         """The checkpoint at ``step`` (default the latest), with ``template``'s shardings."""
         step = self.latest_step() if step is None else step
         if step is None:
@@ -230,7 +234,7 @@ class Checkpointer:
         except ValueError:
             if template.buffers:
                 raise
-            # Written before TrainState had `buffers` (empty for every model but T2T-ViT's).
+            # Written before the train state had `buffers` (empty for every model but T2T-ViT's).
             fields = {f.name: getattr(template, f.name) for f in dataclasses.fields(template)
                       if f.name != "buffers"}
             restored = restore(fields)

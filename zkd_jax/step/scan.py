@@ -1,7 +1,8 @@
 """Several training steps in one program: ``config.steps_per_call = n`` with the on-device feed.
 
 With ``config.input_pipeline = "device"`` every batch is a pure function of (data key, epoch, step)
-(``zkd_jax.data.device.device_train_batch``), so ``n`` consecutive steps need no host input at all.
+(the feed's ``build``: ``zkd_jax.data.device.device_train_batch`` with its static settings bound;
+the trainer hands it over), so ``n`` consecutive steps need no host input at all.
 :func:`make_scanned_step` builds one jitted program that runs ``jax.lax.scan`` over them: each
 iteration builds its global batch on the devices and applies the very step function ``zkd-train``
 jits for one step (``step.unjitted``: one student or K). The host then dispatches one call per ``n``
@@ -18,13 +19,12 @@ bit); one resumed inside an epoch agrees to rounding.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from zkd_jax.data import device
 from zkd_jax.parallel import batch_sharding, replicated
 
 
@@ -38,16 +38,16 @@ def default_unroll(mesh: Mesh) -> bool:
     return mesh.devices.flat[0].platform == "cpu"
 
 
-def make_scanned_step(step_fn: Callable, mesh: Mesh, n: int, batch_size: int,
-                      mean: Sequence[float], std: Sequence[float],
+def make_scanned_step(step_fn: Callable, mesh: Mesh, n: int, build: Callable, *,
                       unroll: bool | None = None) -> Callable:
     """The jitted ``scanned(state, teacher_variables, images, labels, key, epoch, first, order)``.
 
     Runs ``step_fn(state, teacher_variables, batch, epoch)`` for the global steps ``first, ...,
     first + n - 1`` of ``epoch`` (0-based within the epoch), each ``batch`` built by
-    ``device_train_batch(images, labels, key, epoch, step, order=order)`` and sharded over the
-    mesh's ``"data"`` axis. Returns the final state and the metrics stacked on a leading ``[n]``
-    axis. ``state`` is donated; everything else is replicated. ``mean``/``std``: tuples (static).
+    ``build(images, labels, key, epoch, step, order=order)`` (pure and jittable: the on-device
+    feed's ``Feed.device.build``, ``zkd_jax.data.device.train_batch_builder``) and sharded over
+    the mesh's ``"data"`` axis. Returns the final state and the metrics stacked on a leading
+    ``[n]`` axis. ``state`` is donated; everything else is replicated.
     ``unroll``: n copies of the step instead of a loop (default: :func:`default_unroll`).
     """
     sharded = batch_sharding(mesh)
@@ -56,9 +56,7 @@ def make_scanned_step(step_fn: Callable, mesh: Mesh, n: int, batch_size: int,
     def scanned(state, teacher_variables, images, labels, key, epoch, first, order):
         def body(carry, i):
             with jax.named_scope("input"):  # images: [N, H*W*C] as the feed holds them, or NHWC
-                batch = device.device_train_batch(images, labels, key, epoch, first + i,
-                                                  batch_size=batch_size, mean=mean, std=std,
-                                                  order=order)
+                batch = build(images, labels, key, epoch, first + i, order=order)
             batch = jax.lax.with_sharding_constraint(batch, sharded)
             return step_fn(carry, teacher_variables, batch, epoch)
 

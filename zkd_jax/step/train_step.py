@@ -36,10 +36,9 @@ from jax.sharding import Mesh
 
 from zkd_jax.methods import Method, head_logits, wants_heads
 from zkd_jax.models.layers import folded_batchnorm
-from zkd_jax.models.vit_layers import teacher_input
 from zkd_jax.parallel import batch_sharding, replicated
 from zkd_jax.step.state import TrainState, model_variables
-from zkd_jax.views import images_of
+from zkd_jax.views import images_of, teacher_input
 
 TrainStep = Callable[[TrainState, Any, Mapping[str, Any], Any], tuple[TrainState, dict]]
 
@@ -54,7 +53,7 @@ class TeacherCall:
 
     Attributes:
       image_size: None: the students' images as they are; else ``teacher_input(x, image_size)``
-        (``zkd_jax.models.vit_layers``: what bilinear resizing to that size picks, the ViT recipe).
+        (``zkd_jax.views``: what bilinear resizing to that size picks, the ViT recipe).
       batch_stats: False: eval mode (running statistics); True: train mode, BatchNorm normalizing
         with the batch's statistics and the updated running averages discarded (the ViT reference
         runs its teacher under ``model.train()``).

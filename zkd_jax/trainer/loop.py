@@ -282,8 +282,7 @@ def _run_epochs(cohort: Cohort, settings: LoopSettings, watch: PreemptionWatch, 
     scanned = None
     if steps_per_call > 1:  # one compiled scan for the whole run
         split = feed.device
-        scanned = make_scanned_step(cohort.train_step.unjitted, mesh, steps_per_call,
-                                    split.batch_size, split.mean, split.std)
+        scanned = make_scanned_step(cohort.train_step.unjitted, mesh, steps_per_call, split.build)
     step = int(np.ravel(to_host(cohort.state.step))[0])  # one student, or K at the same step
     first_step = step
     identity = cohort.identity or [{} for _ in range(num)]

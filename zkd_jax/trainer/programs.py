@@ -93,8 +93,8 @@ def _scanned(config, step, state, teacher_variables, mesh: Mesh, epoch) -> Progr
     key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
     order = jax.eval_shape(lambda k: device_data.epoch_permutation(k, 1, num_train), key)
     unroll = default_unroll(mesh)
-    scanned = make_scanned_step(step.unjitted, mesh, n, config.batch_size, tuple(info.mean),
-                                tuple(info.std), unroll=unroll)
+    build = device_data.train_batch_builder(config.batch_size, tuple(info.mean), tuple(info.std))
+    scanned = make_scanned_step(step.unjitted, mesh, n, build, unroll=unroll)
     args = (state, teacher_variables, _scalar(jnp.uint8, mesh, (num_train, size * size * 3)),
             _scalar(jnp.int32, mesh, (num_train,)), _scalar(key.dtype, mesh, key.shape), epoch,
             _scalar(jnp.int32, mesh), _scalar(order.dtype, mesh, order.shape))

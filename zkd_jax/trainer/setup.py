@@ -33,8 +33,6 @@ import zkd_jax.data as data
 from zkd_jax import models
 from zkd_jax.models import fold
 from zkd_jax.trainer import recipe, records, validate
-from zkd_jax.data import feeds as feed_lib
-from zkd_jax.data import plan as plan_lib
 from zkd_jax.io import checkpoint as ckpt_lib
 from zkd_jax.io import metrics as metrics_io
 from zkd_jax.io import lock, paths
@@ -165,22 +163,22 @@ def load_teacher(config, module, input_shape) -> dict:
     )
 
 
-def make_feed(config: ml_collections.ConfigDict, mesh, views) -> feed_lib.Feed:
-    """The run's :class:`zkd_jax.data.feeds.Feed` (``config.input_pipeline``, batch sizes, seed).
+def make_feed(config: ml_collections.ConfigDict, mesh, views) -> data.Feed:
+    """The run's :class:`zkd_jax.data.Feed` (``config.input_pipeline``, ``config.steps_per_call``,
+    batch sizes, seed), from the input path's one door, ``zkd_jax.data.make_feed``.
 
     Raises:
       ValueError: the pipeline cannot serve the run, or ``config.steps_per_call`` asks for scans
         the pipeline cannot feed (see ``zkd_jax.data.plan``).
     """
-    pipeline = config.get("input_pipeline") or "tfdata"
-    plan_lib.check_steps_per_call(config.get("steps_per_call") or 1, pipeline)
     images = recipe.images(config, data.info(config.dataset).image_size)
-    return feed_lib.make_feed(
-        pipeline, dataset=config.dataset, mesh=mesh,
+    return data.make_feed(
+        config.get("input_pipeline") or "tfdata", dataset=config.dataset, mesh=mesh,
         seed=config.seed, views=views, batch_size=config.batch_size,
         eval_batch_size=config.eval_batch_size, data_dir=config.data_dir,
         augmentation=images.augmentation, image_size=images.image_size,
         train_examples=config.get("train_examples", -1),
+        steps_per_call=config.get("steps_per_call") or 1,
     )
 
 
