@@ -2,7 +2,7 @@
 
 Issue 7's last target: a full 240-epoch CIFAR-100 run, on-device input path and per-epoch
 evaluation included, projected from a measured epoch. This runs the real trainer
-(``zkd_jax.train.train_and_evaluate``) three times in one process, each in a fresh workdir, with
+(``zkd_jax.trainer.train_and_evaluate``) three times in one process, each in a fresh workdir, with
 ``input_pipeline="device"``:
 
 1. a warm-up run of ``--short`` epochs (compiles the step, the feed, the eval step; checkpoints);
@@ -61,7 +61,8 @@ KEYS = ("benchmark", "tag", "config", "dataset", "method", "teacher", "student",
 
 def save_random_teacher(config, directory: epath.Path) -> str:
     """Random teacher variables of ``config.teacher.arch`` in the zkd-convert format."""
-    from zkd_jax import convert, data, models
+    from zkd_jax import data, models
+    from zkd_jax.io import torch_weights as convert
     from zkd_jax.step import init_variables
     from zkd_jax.trainer import setup
 
@@ -77,7 +78,7 @@ def save_random_teacher(config, directory: epath.Path) -> str:
 
 def timed_run(config, workdir: epath.Path, epochs: int, steps_per_epoch: int) -> tuple[float, dict]:
     """Wall seconds of ``train_and_evaluate`` stopped after ``epochs`` epochs, and its summary."""
-    from zkd_jax.train import train_and_evaluate
+    from zkd_jax.trainer import train_and_evaluate
 
     with config.unlocked():
         config.max_steps = epochs * steps_per_epoch

@@ -1,7 +1,7 @@
 """The TPU table: zkd_jax's train step compiled for TPU slices on a machine without a TPU.
 
 For each case (chip, config, images per chip, dtype) it compiles, with libtpu's TPU compiler,
-the train step ``zkd-train`` runs (``zkd_jax.aot.compile_config``: the trainer's own setup with
+the train step ``zkd-train`` runs (``zkd_jax.aot.compile_programs``: the trainer's own setup with
 abstract arguments, in a child process) and, for KD / KD+LS, the plain Flax/optax yardstick of
 ``yardstick.py`` compiled the same way (same models, same abstract arguments and shardings, its own
 child process), and records per chip: HBM (total and share of the chip), GFLOP and GB per step,
@@ -173,13 +173,14 @@ def run_case(c: dict) -> list[dict]:
     students = c.get("students", 1)
     if c.get("full"):
         try:
-            return aot.compile_config(config, c["chip"], per_chip_batch=c["batch"]).records
+            return aot.compile_programs(config.to_dict(), c["chip"],
+                                        per_chip_batch=c["batch"]).records
         except aot.DoesNotFitError as err:
             return [{"program": "train_step", "status": "does_not_fit", "error": str(err)}]
     try:
-        report = aot.compile_config(config, c["chip"], per_chip_batch=c["batch"],
-                                    all_forms=students > 1,
-                                    only=None if students > 1 else ["train_step"])
+        report = aot.compile_programs(config.to_dict(), c["chip"], per_chip_batch=c["batch"],
+                                      all_forms=students > 1,
+                                      only=None if students > 1 else ["train_step"])
         records = report.records
         if students > 1:
             records = [r for r in records if r["program"].startswith("train_step")]

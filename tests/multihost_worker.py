@@ -101,7 +101,7 @@ def main(argv: list[str]) -> None:
     args = parse_args(argv)
     from zkd_jax.parallel import distributed
 
-    # The same call the trainer makes (train.initialize_distributed); a no-op for one process.
+    # The same call the trainer makes (runs.initialize_distributed); a no-op for one process.
     distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
                            process_id=args.process_id, timeout_s=60)
 

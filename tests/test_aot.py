@@ -59,8 +59,8 @@ def test_cpu_topology_end_to_end_prints_one_json_object_per_program(tmp_path):
 @pytest.mark.parametrize("topology,chips_,kind", [("v5e:2x2", 4, "TPU v5 lite"),
                                                  ("v5p:2x2x1", 4, "TPU v5")])
 def test_a_small_cifar_step_compiles_for_tpu(topology, chips_, kind):
-    report = aot.compile_config(cifar100.get_config(SMALL), topology, per_chip_batch=2,
-                                only=["train_step"])
+    report = aot.compile_programs(cifar100.get_config(SMALL).to_dict(), topology,
+                                  per_chip_batch=2, only=["train_step"])
     (r,) = report.records
     assert r["status"] == "ok", r["error"]
     assert set(aot.KEYS) <= set(r) and r["device_kind"] == kind and r["chips"] == chips_
@@ -193,7 +193,7 @@ def test_a_compiler_crash_becomes_one_line_and_the_other_programs_still_compile(
     fake = tmp_path / "python"
     fake.write_text(f"#!{sys.executable}\n{FAKE_WORKER}")
     fake.chmod(0o755)
-    report = aot.compile_config(cifar100.get_config(SMALL), "cpu", python=str(fake))
+    report = aot.compile_programs(cifar100.get_config(SMALL).to_dict(), "cpu", python=str(fake))
     crashed, evaluated = report.records
     assert crashed["status"] == "crashed" and evaluated["status"] == "ok"
     assert crashed["error"] == ("the compiler crashed (SIGSEGV) compiling train_step for cpu "

@@ -27,16 +27,9 @@ _spec.loader.exec_module(call_path)
 #: Where a whole config may go.
 CONFIG_READERS = ("zkd_jax/configs/", "zkd_jax/trainer/", "zkd_jax/cli/")
 
-#: Functions outside them that still receive a config, each being moved behind the trainer by
-#: another change: ``(file, function) -> the callers' files allowed`` (None: any). Empty this once
-#: those land (the workdir lock's wrapper, a run's identity, the method that ``cli/runs.py``
-#: builds from ``config.method`` to ask whether the run needs a teacher).
-ALLOWED = {
-    ("zkd_jax/io/lock.py", "holds_workdir.<locals>.decorate.<locals>.wrapper"): None,
-    ("zkd_jax/io/metrics.py", "run_identity"): None,
-    ("zkd_jax/aot/__init__.py", "compile_config"): None,
-    ("zkd_jax/methods.py", "from_config"): {"zkd_jax/cli/runs.py"},
-}
+#: Functions outside them allowed to receive a config: ``(file, function) -> the callers' files
+#: allowed`` (None: any). None today.
+ALLOWED: dict[tuple[str, str], set[str] | None] = {}
 
 
 @pytest.fixture(scope="module")

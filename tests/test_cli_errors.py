@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 import tiny_runs
-from zkd_jax import convert
+from zkd_jax.cli import convert
+from zkd_jax.io import torch_weights
 from zkd_jax.io import lock as workdir_lock
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -106,7 +107,7 @@ def test_locked_workdir(tmp_path):
 
 
 def _fake_state_dict(_path):
-    layout = convert.torch_layout("resnet8", dataset="cifar100", num_classes=10)
+    layout = torch_weights.torch_layout("resnet8", dataset="cifar100", num_classes=10)
     return {k: np.zeros(shape, np.float32) for k, (_, shape) in layout.items()}
 
 

@@ -26,7 +26,9 @@ import numpy as np
 import pytest
 
 from cpu_devices import with_devices
-from zkd_jax import convert, models
+from zkd_jax import models
+from zkd_jax.cli import convert as convert_cli
+from zkd_jax.io import torch_weights as convert
 from zkd_jax.io.torch_pickle import UnsafeCheckpointError
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
@@ -398,7 +400,7 @@ def test_variables_saved_sharded_on_4_devices_load_on_1(tmp_path):
         f"""
         import jax, jax.numpy as jnp
         from jax.sharding import NamedSharding, PartitionSpec as P
-        from zkd_jax import convert
+        from zkd_jax.io import torch_weights as convert
         mesh = jax.make_mesh((4,), ("data",))
         kernel = jnp.arange(32.0).reshape(8, 4)
         rows, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
@@ -428,7 +430,7 @@ def test_variables_saved_sharded_on_4_devices_load_on_1(tmp_path):
 def test_zkd_convert_command(tmp_path, capsys):
     sd = state_dict_of("cifar/vgg8", seed=1)
     write_zip_pth(tmp_path / "vgg8.pth", {"model": as_torch(sd), "epoch": 240})
-    assert convert.run([str(tmp_path / "vgg8.pth"), str(tmp_path / "out"), "--arch", "vgg8"]) == 0
+    assert convert_cli.run([str(tmp_path / "vgg8.pth"), str(tmp_path / "out"), "--arch", "vgg8"]) == 0
     assert "wrote vgg8 (cifar100, 100 classes" in capsys.readouterr().out
     got, meta = convert.load_variables(tmp_path / "out")
     assert meta == {"arch": "vgg8", "dataset": "cifar100", "num_classes": 100, "format": 1}
@@ -436,7 +438,7 @@ def test_zkd_convert_command(tmp_path, capsys):
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_array_equal(a, b)
     # A user error: exit status 2 and one line naming the problem.
-    assert convert.run([str(tmp_path / "vgg8.pth"), str(tmp_path / "o2"), "--arch", "vgg11"]) == 2
+    assert convert_cli.run([str(tmp_path / "vgg8.pth"), str(tmp_path / "o2"), "--arch", "vgg11"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("zkd-convert: error: the PyTorch state_dict given for vgg11")
     assert "'block2.3.weight' (shape (256, 256, 3, 3)) is missing" in err, err
@@ -460,7 +462,7 @@ def test_published_teacher_flow_reproduces_reference_logits(tmp_path):
     ckpt = {"epoch": 240, "model": as_torch(sd), "accuracy": _tensor(np.array(70.0), "acc")}
     write_legacy_pth(tmp_path / "ckpt_epoch_240.pth", ckpt)
     assert (
-        convert.run(
+        convert_cli.run(
             [str(tmp_path / "ckpt_epoch_240.pth"), str(tmp_path / "t"), "--arch", "resnet8"]
         )
         == 0
@@ -492,7 +494,7 @@ def test_zkd_convert_reads_pycls_checkpoints(tmp_path, arch, dataset):
     ckpt = {"epoch": 299, "model_state": as_torch(sd), "optimizer_state": {}}
     write_zip_pth(tmp_path / "model.pyth", ckpt, prefix="model")
     out = tmp_path / "out"
-    assert convert.run([str(tmp_path / "model.pyth"), str(out), "--arch", arch,
+    assert convert_cli.run([str(tmp_path / "model.pyth"), str(out), "--arch", arch,
                         "--dataset", dataset]) == 0
     variables, meta = convert.load_variables(out)
     assert (meta["arch"], meta["dataset"], meta["num_classes"]) == (arch, dataset, 100)

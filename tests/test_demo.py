@@ -203,7 +203,7 @@ def test_overrides_a_suite_entry_replaces_are_refused(tmp_path):
 
 
 def test_teacher_directory_follows_the_teacher_config():
-    from zkd_jax.cli.teacher import teacher_key, teacher_recipe
+    from zkd_jax.trainer.teacher_runs import teacher_key, teacher_recipe
     from zkd_jax.configs import demo as demo_config
 
     config = demo_config.get_config()

@@ -15,7 +15,7 @@ import pytest
 
 from zkd_jax.io import metrics as metrics_io
 from zkd_jax.trainer import loop as epoch_loop
-from zkd_jax.train import train_and_evaluate
+from zkd_jax.trainer import train_and_evaluate
 
 
 def test_to_host_copies_a_tree_to_numpy():

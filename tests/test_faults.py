@@ -20,7 +20,7 @@ import pytest
 
 import tiny_runs
 from zkd_jax.io import metrics as metrics_io
-from zkd_jax.train import train_and_evaluate
+from zkd_jax.trainer import train_and_evaluate
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TIMING = ("epoch_seconds", "eval_seconds", "images_per_sec")

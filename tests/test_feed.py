@@ -17,7 +17,7 @@ import pytest
 from zkd_jax import data, models, step
 from zkd_jax.data import feeds as feed_lib
 from zkd_jax.parallel import batch_sharding, create_mesh
-from zkd_jax.train import train_and_evaluate
+from zkd_jax.trainer import train_and_evaluate
 from zkd_jax.trainer.loop import evaluate
 from zkd_jax.step.state import init_variables
 

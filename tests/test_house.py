@@ -1,8 +1,11 @@
-"""The house's import rule (docs/code_layout.md): imports point down the layers, never in a circle.
+"""The house's rules (docs/code_layout.md): imports point down the layers, never in a circle.
 
 Every module of the package is parsed (AST); every import, at the top or inside a function, of a
 ``zkd_jax`` module is an edge. A module may import its own layer or a lower one; an import from a
-higher layer fails, and so does any cycle of modules.
+higher layer fails, and so does any cycle of modules. Besides: the command line is a leaf (no module
+outside ``zkd_jax/cli/`` imports it); only ``configs/``, ``trainer/`` and ``cli/`` take a config
+(everything below receives values); one function is named ``train_and_evaluate`` (the door); and
+no two modules share a file name.
 """
 
 from __future__ import annotations
@@ -25,11 +28,9 @@ LAYERS: dict[str, int] = {
     "zkd_jax.step": 3,
     "zkd_jax.io": 4,
     "zkd_jax.trainer": 5,
+    "zkd_jax.report": 5,  # reads what runs wrote; a suite's run ends with its report
     "zkd_jax.aot": 6,  # compile-only programs for a TPU topology (zkd-compile): above the trainer
-    "zkd_jax.report": 6,
     "zkd_jax.cli": 7,
-    # thin public modules kept where users import them
-    "zkd_jax.train": 8, "zkd_jax.convert": 8,
 }
 
 
@@ -225,28 +226,80 @@ def test_trainer_takes_its_feed_through_the_one_door():
             assert not inside, f"{module} imports {inside}: use zkd_jax.data.make_feed / info"
 
 
-# Who takes a config ----------------------------------------------------------------------------
-
-#: The parts that build, check and read the whole config.
-CONFIG_READERS = ("zkd_jax.configs", "zkd_jax.trainer", "zkd_jax.cli")
-
-#: Functions outside them that still take a ``config`` parameter, each being moved behind the
-#: trainer by another change (the workdir lock's wrapper, a run's identity, the compile-only
-#: request): empty this once those land.
-CONFIG_PARAMETER_ALLOWED = frozenset({
-    ("zkd_jax.io.lock", "wrapper"), ("zkd_jax.io.metrics", "run_identity"),
-    ("zkd_jax.aot", "compile_config")})
+#: The parts of the package that may hold or take a whole config (an ``ml_collections.ConfigDict``).
+CONFIG_PARTS = ("zkd_jax.configs", "zkd_jax.trainer", "zkd_jax.cli")
 
 
-def test_no_function_below_the_trainer_has_a_config_parameter():
-    found = set()
+def _in(module: str, parts) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in parts)
+
+
+def _in_any(modules, parts) -> list[str]:
+    return sorted(m for m in modules if _in(m, parts))
+
+
+def config_takers(source: str) -> list[str]:
+    """Functions of ``source`` with a parameter named ``config`` / ``cfg`` or annotated as a
+    ``ConfigDict`` / ``FrozenConfigDict``, and imports of ``ml_collections``."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            a = node.args
+            for arg in [*a.posonlyargs, *a.args, *a.kwonlyargs, a.vararg, a.kwarg]:
+                if arg is None:
+                    continue
+                note = ast.unparse(arg.annotation) if arg.annotation is not None else ""
+                if arg.arg in ("config", "cfg") or "ConfigDict" in note:
+                    found.append(f"{getattr(node, 'name', 'lambda')}({arg.arg}"
+                                 f"{': ' + note if note else ''})")
+        elif isinstance(node, ast.Import):
+            found += [f"import {a.name}" for a in node.names if a.name.startswith("ml_collections")]
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("ml_collections"):
+            found.append(f"from {node.module} import ...")
+    return found
+
+
+def test_the_command_line_is_a_leaf():
+    """No module outside ``zkd_jax/cli/`` imports ``zkd_jax.cli`` (at the top or in a function)."""
+    for module, imported in GRAPH.items():
+        if not _in(module, ("zkd_jax.cli",)):
+            assert not _in_any(imported, ("zkd_jax.cli",)), f"{module} imports the command line"
+
+
+def test_only_configs_trainer_and_cli_take_a_config():
+    """Below the trainer, functions receive the values they need, never the config."""
     for module, path in MODULES.items():
-        if module.startswith(CONFIG_READERS):
-            continue
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
-                a = node.args
-                names = [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs]
-                if "config" in names:
-                    found.add((module, getattr(node, "name", "<lambda>")))
-    assert found <= CONFIG_PARAMETER_ALLOWED, sorted(found - CONFIG_PARAMETER_ALLOWED)
+        if not _in(module, CONFIG_PARTS):
+            takers = config_takers(path.read_text())
+            assert not takers, f"{module} takes a config: {takers}"
+
+
+def test_the_config_rules_catch_a_bad_house(monkeypatch):
+    assert config_takers("def f(x, *, config=None): pass") == ["f(config)"]
+    assert config_takers("def g(c: 'ml_collections.ConfigDict'): pass") == [
+        "g(c: 'ml_collections.ConfigDict')"]
+    assert config_takers("import ml_collections\nfrom ml_collections import config_dict") == [
+        "import ml_collections", "from ml_collections import ..."]
+    assert config_takers("def h(fields: dict, *, cfg): pass") == ["h(cfg)"]
+    monkeypatch.setitem(GRAPH, "zkd_jax.io.lock", GRAPH["zkd_jax.io.lock"] | {"zkd_jax.cli.train"})
+    with pytest.raises(AssertionError, match="zkd_jax.io.lock imports the command line"):
+        test_the_command_line_is_a_leaf()
+
+
+def test_one_train_and_evaluate():
+    """The door is one function: ``zkd_jax.trainer.runs.train_and_evaluate``."""
+    defined = [module for module, path in MODULES.items()
+               for node in ast.walk(ast.parse(path.read_text()))
+               if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+               and node.name == "train_and_evaluate"]
+    assert defined == ["zkd_jax.trainer.runs"]
+
+
+def test_module_file_names_are_unique():
+    """No two modules share a file name (but ``__init__.py``): a name says which file it is."""
+    names: dict[str, list[str]] = {}
+    for module, path in MODULES.items():
+        if path.name != "__init__.py":
+            names.setdefault(path.name, []).append(module)
+    shared = {name: modules for name, modules in names.items() if len(modules) > 1}
+    assert not shared, shared

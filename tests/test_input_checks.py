@@ -15,8 +15,7 @@ import pytest
 from zkd_jax import losses
 from zkd_jax.configs import demo
 from zkd_jax.trainer import validate
-from zkd_jax.cli.suite import train_suite
-from zkd_jax.train import train_and_evaluate
+from zkd_jax.trainer import train_and_evaluate
 
 B, C = 4, 10
 S = jnp.asarray(np.random.default_rng(0).normal(size=(B, C)), jnp.float32)
@@ -60,7 +59,7 @@ def test_refused_before_the_teacher_trains_and_before_anything_is_written(tmp_pa
     config = demo.get_config()
     config.batch_size = 0
     with pytest.raises(ValueError, match=r"config\.batch_size=0 is invalid"):
-        train_suite(config, tmp_path / "demo")
+        train_and_evaluate(config, tmp_path / "demo")  # a suite: the teacher, then students
     config = demo.get_config()
     config.epochs = 0
     with pytest.raises(ValueError, match=r"config\.epochs=0 is invalid"):

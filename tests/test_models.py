@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 
 from cpu_devices import with_devices
-from zkd_jax import convert, models
+from zkd_jax import models
+from zkd_jax.io import torch_weights as convert
 from zkd_jax.models import layers
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
@@ -276,7 +277,8 @@ def test_sharded_batch_gives_global_batch_statistics():
         """
         import jax, jax.numpy as jnp, numpy as np
         from jax.sharding import NamedSharding, PartitionSpec as P
-        from zkd_jax import convert, models
+        from zkd_jax import models
+        from zkd_jax.io import torch_weights as convert
         assert jax.device_count() == 4, jax.devices()
         model = models.create("resnet8", num_classes=10)
         x = np.random.default_rng(0).standard_normal((8, 16, 16, 3)).astype(np.float32)

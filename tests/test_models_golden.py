@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from zkd_jax import convert, models
+from zkd_jax import models
+from zkd_jax.io import torch_weights as convert
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 ARCHS = json.loads((FIXTURES / "architectures.json").read_text())

@@ -20,7 +20,8 @@ import pytest
 from flax import linen as nn
 
 from cpu_devices import every_xla_optimization
-from zkd_jax import convert, methods, models, optim
+from zkd_jax import methods, models, optim
+from zkd_jax.io import torch_weights as convert
 from zkd_jax.io import checkpoint
 from zkd_jax.io import metrics as metrics_io
 from zkd_jax.step import multi as multi_student
@@ -29,7 +30,7 @@ from zkd_jax.configs import common, demo
 from zkd_jax.models import layers
 from zkd_jax.parallel import create_mesh, host_to_global
 from zkd_jax.step import make_train_step
-from zkd_jax.train import train_and_evaluate
+from zkd_jax.trainer import train_and_evaluate
 from zkd_jax.step.state import init_variables
 
 BATCH = 32

@@ -326,8 +326,9 @@ def test_workdir_code_uses_no_local_only_path_calls():
     import zkd_jax
 
     package = Path(zkd_jax.__file__).parent
-    for name in ("trainer/setup.py", "trainer/students.py", "trainer/loop.py", "cli/runs.py",
-                 "cli/teacher.py", "cli/suite.py", "io/checkpoint.py", "io/metrics.py"):
+    for name in ("trainer/setup.py", "trainer/students.py", "trainer/loop.py", "trainer/runs.py",
+                 "trainer/teacher_runs.py", "trainer/suite.py", "io/checkpoint.py",
+                 "io/metrics.py"):
         tree = ast.parse((package / name).read_text())
         for node in ast.walk(tree):
             where = f"{name}:{getattr(node, 'lineno', '?')}"

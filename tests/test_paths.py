@@ -7,7 +7,8 @@ import os
 import jax
 import numpy as np
 
-from zkd_jax import convert, models
+from zkd_jax import models
+from zkd_jax.io import torch_weights as convert
 from zkd_jax.io import paths
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from test_train_resume import _config, _save_teacher  # noqa: F401  (same tiny digits run)
-from zkd_jax.train import train_and_evaluate
+from zkd_jax.trainer import train_and_evaluate
 from zkd_jax.trainer.profile import StepProfiler
 
 

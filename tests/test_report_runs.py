@@ -21,7 +21,8 @@ import jax
 import numpy as np
 import pytest
 
-from zkd_jax import convert, models
+from zkd_jax import models
+from zkd_jax.io import torch_weights as convert
 from zkd_jax.io import metrics as metrics_io
 from zkd_jax.configs import sweep
 from zkd_jax.report import curves, find_runs, group_runs, make_report

@@ -19,7 +19,7 @@ import pytest
 import tiny_runs
 from zkd_jax.io import metrics as metrics_io
 from zkd_jax.io.manifest import CheckpointSaveError
-from zkd_jax.train import NonFiniteLossError, train_and_evaluate
+from zkd_jax.trainer import NonFiniteLossError, train_and_evaluate
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 import tiny_runs
-from zkd_jax import convert
+from zkd_jax.io import torch_weights as convert
 from zkd_jax.io import metrics as metrics_io
-from zkd_jax.train import train_and_evaluate
+from zkd_jax.trainer import train_and_evaluate
 from zkd_jax.trainer import identity
 
 

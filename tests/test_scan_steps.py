@@ -25,7 +25,7 @@ from zkd_jax.step import scan as scan_lib
 from zkd_jax.models import layers
 from zkd_jax.parallel import create_mesh
 from zkd_jax.step import make_train_step
-from zkd_jax.train import train_and_evaluate
+from zkd_jax.trainer import train_and_evaluate
 from zkd_jax.step.state import init_variables
 
 BATCH = 32

@@ -2,8 +2,8 @@
 
 Real ``train_and_evaluate`` runs on the offline digits: a resnet8 student distilled with CTKD + LS
 (learned temperature, curriculum by epoch: the most state a method has) from a resnet8 teacher whose
-random variables are written with ``zkd_jax.convert.save_variables`` (the format zkd-convert and
-teacher runs write).
+random variables are written with ``zkd_jax.io.torch_weights.save_variables`` (the format
+zkd-convert and teacher runs write).
 """
 
 from __future__ import annotations
@@ -16,11 +16,12 @@ import ml_collections
 import numpy as np
 import pytest
 
-from zkd_jax import convert, models
+from zkd_jax import models
+from zkd_jax.io import torch_weights as convert
 from zkd_jax.io import checkpoint
 from zkd_jax.io import metrics as metrics_io
 from zkd_jax.configs import common, demo
-from zkd_jax.train import NonFiniteLossError, train_and_evaluate
+from zkd_jax.trainer import NonFiniteLossError, train_and_evaluate
 from zkd_jax.step.state import init_variables
 
 STEPS_PER_EPOCH = 23  # config.train_examples = 23 * 16

@@ -22,7 +22,7 @@ SCRIPT = textwrap.dedent(
     from zkd_jax.configs import demo
     from zkd_jax.parallel import create_mesh, host_to_global
     from zkd_jax.step import make_train_step
-    from zkd_jax.train import train_and_evaluate
+    from zkd_jax.trainer import train_and_evaluate
     from zkd_jax.step.state import create_train_state, init_variables
 
     class Net(nn.Module):

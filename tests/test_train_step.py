@@ -207,7 +207,7 @@ def test_trainer_imports_and_steps_without_tensorflow():
         sys.modules["tensorflow"] = None  # any import of TensorFlow now fails
         sys.modules["tensorflow_datasets"] = None
         import numpy as np, jax, flax.linen as nn
-        import zkd_jax.train, zkd_jax.cli.train, zkd_jax.cli.suite, zkd_jax.io.checkpoint
+        import zkd_jax.trainer, zkd_jax.cli.train, zkd_jax.trainer.suite, zkd_jax.io.checkpoint
         from zkd_jax import methods, optim
         from zkd_jax.configs import cifar100, demo, imagenet
         from zkd_jax.parallel import create_mesh, host_to_global

@@ -21,10 +21,11 @@ import numpy as np
 import pytest
 
 import tiny_runs
-from zkd_jax import convert, models
+from zkd_jax import models
+from zkd_jax.io import torch_weights as convert
 from zkd_jax.configs import cifar100_vit
 from zkd_jax.io import checkpoint
-from zkd_jax.train import train_and_evaluate
+from zkd_jax.trainer import train_and_evaluate
 
 #: Small students (32-px images): module fields replaced through config.student.model_overrides.
 SMALL = {

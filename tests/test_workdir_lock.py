@@ -19,10 +19,10 @@ import pytest
 
 import tiny_runs
 from zkd_jax.io import lock as workdir_lock
-from zkd_jax.train import train_and_evaluate
+from zkd_jax.trainer import train_and_evaluate
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SCRIPT = ("import sys; import tiny_runs; from zkd_jax.train import train_and_evaluate; "
+SCRIPT = ("import sys; import tiny_runs; from zkd_jax.trainer import train_and_evaluate; "
           "train_and_evaluate(tiny_runs.config(sys.argv[1]), sys.argv[2])")
 
 

@@ -1,8 +1,8 @@
 """Shared pieces of the reliability tests (issue 16): tiny real runs on the offline digits.
 
 A resnet8 student distilled with KD from a resnet8 teacher of random variables (written with
-``zkd_jax.convert.save_variables``); batch 32 on the first 160 digits (``config.train_examples``),
-so an epoch is 5 steps and a run of 2 epochs is 10, with a checkpoint every 2 steps.
+``zkd_jax.io.torch_weights.save_variables``); batch 32 on the first 160 digits
+(``config.train_examples``), so an epoch is 5 steps and a run of 2 epochs is 10, with a checkpoint every 2 steps.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from zkd_jax import convert, models
+from zkd_jax import models
+from zkd_jax.io import torch_weights as convert
 from zkd_jax.io import checkpoint
 from zkd_jax.configs import common, demo
 from zkd_jax.step.state import init_variables

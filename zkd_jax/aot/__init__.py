@@ -1,12 +1,13 @@
 """Compile-only (ahead-of-time) programs for a TPU topology, without a TPU: ``zkd-compile``.
 
-``compile_config(config, "v5e:2x2")`` compiles the programs ``zkd-train`` would run for ``config``
-on that slice (``zkd_jax.trainer.programs.compile_plan``: the trainer's own setup with abstract
-state, teacher and batches) with the TPU compiler of libtpu, in a child process
+``compile_programs(config.to_dict(), "v5e:2x2")`` compiles the programs ``zkd-train`` would run
+for that config on that slice (``zkd_jax.trainer.programs.topology_plan``: the trainer's own setup
+with abstract state, teacher and batches) with the TPU compiler of libtpu, in a child process
 (``zkd_jax.aot.worker``) so that a compiler crash ends the child only, and returns one record per
 program: HBM per chip, FLOPs and bytes per chip per step, the roofline bound
 (``zkd_jax.aot.figures``; chip figures: ``zkd_jax.aot.chips``) and the compile time. Nothing runs
-on a device and nothing is written.
+on a device and nothing is written. This package never reads the config: it hands its plain values
+to the trainer in the child.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import pickle
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from zkd_jax.aot.chips import (
     CHIPS,
@@ -46,7 +48,7 @@ class DoesNotFitError(Exception):
 
 @dataclasses.dataclass
 class Report:
-    """The records of one ``compile_config`` (``KEYS`` each, in the plan's order) and the plan's
+    """The records of one ``compile_programs`` (``KEYS`` each, in the plan's order) and the plan's
     fields (``chips``, ``devices``, ``steps_per_epoch``, versions)."""
 
     records: list[dict]
@@ -95,12 +97,13 @@ def _run_child(request: dict, env: dict, python: str) -> tuple[list[dict], int, 
     return events, proc.returncode, proc.stderr.decode(errors="replace")
 
 
-def compile_config(config, topology: str, *, per_chip_batch: int | None = None,
-                   all_forms: bool = False, only: Sequence[str] | None = None,
-                   python: str | None = None) -> Report:
-    """Compiles ``config``'s programs for ``topology``; see the module docstring.
+def compile_programs(fields: Mapping[str, Any], topology: str, *,
+                     per_chip_batch: int | None = None, all_forms: bool = False,
+                     only: Sequence[str] | None = None, python: str | None = None) -> Report:
+    """Compiles the programs of a run for ``topology``; see the module docstring.
 
-    ``per_chip_batch``: images per chip per step (the global batch is that times the slice's
+    ``fields``: the run's config as plain values (``config.to_dict()``), passed unread to the
+    child. ``per_chip_batch``: images per chip per step (the global batch is that times the slice's
     chips); None: the config's ``batch_size`` is the global batch, as ``zkd-train`` runs it.
     ``all_forms``: K students: every form of the K-student step, not only the config's.
     ``only``: compile only the programs of these names (``train_step``, ``eval_step``, ...).
@@ -118,7 +121,7 @@ def compile_config(config, topology: str, *, per_chip_batch: int | None = None,
             f"install the tpu extra: {TPU_EXTRA}")
     if per_chip_batch is not None and per_chip_batch < 1:
         raise ValueError(f"--per_chip_batch={per_chip_batch} must be a positive integer.")
-    request = {"config": config.to_dict(), "topology": topo.name,
+    request = {"fields": dict(fields), "topology": topo.name,
                "per_chip_batch": per_chip_batch, "all_forms": all_forms, "skip": [],
                "only": list(only) if only else None}
     env, python = _child_env(topo), python or sys.executable
@@ -188,4 +191,4 @@ def _refuse_if_too_big(records: list[dict], chip: Chip | None) -> None:
 
 
 __all__ = ["CHIPS", "DoesNotFitError", "KEYS", "LibtpuMissingError", "Report", "TPU_EXTRA",
-           "compile_config", "known_topologies", "libtpu_installed", "parse_topology"]
+           "compile_programs", "known_topologies", "libtpu_installed", "parse_topology"]

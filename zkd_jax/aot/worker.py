@@ -1,9 +1,9 @@
-"""The child process of ``zkd_jax.aot.compile_config``: ``python -m zkd_jax.aot.worker``.
+"""The child process of ``zkd_jax.aot.compile_programs``: ``python -m zkd_jax.aot.worker``.
 
-Reads one pickled request on stdin (``config`` as a dict, ``topology``, ``per_chip_batch``,
-``all_forms``, ``skip``: program names not to compile), builds the run's programs for the
-topology's devices (``zkd_jax.trainer.programs.compile_plan``: abstract arguments, nothing runs
-on a device), compiles them one by one and prints one line ``ZKD_AOT <json>`` per event:
+Reads one pickled request on stdin (``fields``: the run's config as plain values, ``topology``,
+``per_chip_batch``, ``all_forms``, ``skip``: program names not to compile), has the trainer build
+the run's programs for the topology's devices (``zkd_jax.trainer.programs.topology_plan``:
+abstract arguments, nothing runs on a device), compiles them one by one and prints one line ``ZKD_AOT <json>`` per event:
 ``plan`` (the programs and the slice), ``start`` (a program's compile begins), ``program`` (its
 figures, ``zkd_jax.aot.figures.KEYS``), ``error`` (a config or topology the user must fix). The
 compiler runs in this process so that a crash of it (libtpu has died with SIGSEGV on some
@@ -107,7 +107,6 @@ def _compile(program, record: dict, counts: dict) -> dict:
 def main() -> None:
     request = pickle.load(sys.stdin.buffer)
     import jax  # noqa: PLC0415
-    import ml_collections  # noqa: PLC0415
 
     from zkd_jax.aot.chips import parse_topology  # noqa: PLC0415
     from zkd_jax.parallel import create_mesh  # noqa: PLC0415
@@ -122,12 +121,10 @@ def main() -> None:
         emit("error", kind="topology", message=" ".join(str(err).split())[:300])
         return
     chips = count_chips(devices)
-    config = ml_collections.ConfigDict(request["config"])
-    if request.get("per_chip_batch"):
-        config.batch_size = int(request["per_chip_batch"]) * chips
     try:
-        plan = programs_lib.compile_plan(config, create_mesh(devices),
-                                         all_forms=request.get("all_forms", False))
+        plan = programs_lib.topology_plan(request["fields"], create_mesh(devices), chips=chips,
+                                          per_chip_batch=request.get("per_chip_batch"),
+                                          all_forms=request.get("all_forms", False))
     except ValueError as err:
         emit("error", kind="config", message=str(err))
         return

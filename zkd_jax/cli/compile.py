@@ -107,9 +107,9 @@ def main(argv: list[str]) -> None:
         except OSError as err:
             raise ValueError(f"cannot load the --config file: {_root_cause(err)}") from err
         try:
-            report = aot.compile_config(config, _FLAGS["topology"].value,
-                                        per_chip_batch=_FLAGS["per_chip_batch"].value,
-                                        all_forms=_FLAGS["all_forms"].value)
+            report = aot.compile_programs(config.to_dict(), _FLAGS["topology"].value,
+                                          per_chip_batch=_FLAGS["per_chip_batch"].value,
+                                          all_forms=_FLAGS["all_forms"].value)
         except (aot.DoesNotFitError, RuntimeError) as err:  # does not fit; the child died
             print(f"{PROG}: error: {errors.one_line(err)}", file=sys.stderr, flush=True)
             sys.exit(1)

@@ -6,14 +6,14 @@ r"""``zkd-train``: the command line of the trainer (absl flags + ``ml_collection
     zkd-train --config=configs/imagenet.py:kd_ls,ResNet34,ResNet18 --workdir=gs://bucket/run \
         --config.data_dir=gs://bucket/tfds --config.mixed_precision=True
 
-What a config runs is ``zkd_jax.cli.runs.run``: the demo suite, or one run of the trainer (after
-training a missing teacher when the config asks for it). A run started in a workdir that holds
-checkpoints resumes. Errors a user can fix end with one line ``zkd-train: error: ...`` and exit
-code 2 (``zkd_jax.cli.errors``); ``--verbose`` or ``ZKD_TRACEBACK=1`` adds the traceback. A run
-that fails (a full disk, NaN) ends with exit code 1; a preempted run (SIGTERM) saves a checkpoint
-at the next step and ends with exit code 75: rerun the same command to resume
-(``zkd_jax.trainer.preemption``). ``--allow_config_change`` lets a resumed run continue with a config
-that differs from its checkpoints' (``zkd_jax.trainer.identity``).
+What a config runs is ``zkd_jax.trainer.train_and_evaluate``: the demo suite, or one run of the
+trainer (after training a missing teacher when the config asks for it). A run started in a workdir
+that holds checkpoints resumes. Errors a user can fix end with one line ``zkd-train: error: ...``
+and exit code 2 (``zkd_jax.cli.errors``); ``--verbose`` or ``ZKD_TRACEBACK=1`` adds the traceback.
+A run that fails (a full disk, NaN) ends with exit code 1; a preempted run (SIGTERM) saves a
+checkpoint at the next step and ends with exit code 75: rerun the same command to resume
+(``zkd_jax.trainer.preemption``). ``--allow_config_change`` lets a resumed run continue with a
+config that differs from its checkpoints' (``zkd_jax.trainer.identity``).
 """
 
 from __future__ import annotations
@@ -79,8 +79,8 @@ def main(argv: list[str]) -> None:
         usage.fail("zkd-train",
                    f"unexpected arguments: {' '.join(argv[1:])} (see zkd-train --help)")
     usage.quiet_logs()  # orbax logs every file it writes at INFO
-    from zkd_jax.cli import runs  # after flag parsing: keeps --help fast
-    from zkd_jax.trainer import faults  # noqa: PLC0415
+    import zkd_jax.trainer as trainer  # noqa: PLC0415  (after flag parsing: keeps --help fast)
+    from zkd_jax.trainer import faults, suite  # noqa: PLC0415
 
     verbose = _FLAGS["verbose"].value
     with errors.reported("zkd-train", verbose=verbose), usage.extras_reported("zkd-train"):
@@ -101,9 +101,11 @@ def main(argv: list[str]) -> None:
         if not workdir:
             usage.fail("zkd-train", "--workdir is required (a local directory or gs://...); "
                        "see zkd-train --help")
+        suite.refuse_replaced_overrides(config, _config_overrides())
         try:
             with faults.quiet_background_errors(not verbose):
-                runs.run(config, workdir, allow_config_change=_FLAGS["allow_config_change"].value)
+                trainer.train_and_evaluate(config, workdir,
+                                           allow_config_change=_FLAGS["allow_config_change"].value)
         except OSError as err:
             if not faults.is_disk_full(err) or err.filename:
                 raise
@@ -112,6 +114,14 @@ def main(argv: list[str]) -> None:
             if isinstance(err, errors.user_errors()) or not faults.is_disk_full(err):
                 raise
             raise OSError(errno.ENOSPC, "No space left on device", workdir) from err
+
+
+def _config_overrides() -> list[str]:
+    """The ``--config.FIELD`` names given on the command line."""
+    try:
+        return list(config_flags.get_override_values(flags.FLAGS[_FLAGS["config"].name]))
+    except (AttributeError, TypeError):  # not a config_flags flag
+        return []
 
 
 def _root_cause(err: BaseException) -> BaseException:

@@ -1,7 +1,8 @@
 """The embedded offline demo, the default config of ``zkd-train``: digits, one teacher, KD vs KD+LS.
 
 scikit-learn's handwritten digits (1,500 train / 297 test images, 8x8 upsampled to 32x32x3; no
-download). ``zkd-train --config=configs/demo.py --workdir=workdir/demo`` runs ``train_suite``:
+download). ``zkd-train --config=configs/demo.py --workdir=workdir/demo`` runs a suite
+(``zkd_jax.trainer.runs``):
 
 1. a small teacher (cross-entropy, ``resnet14``, its own seed ``config.teacher.recipe.seed``),
    trained once in ``workdir/demo/teacher_<key>`` (``key``: a hash of the teacher's config; a second

@@ -23,17 +23,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import functools
 import json
 import os
 import socket
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
 
 from etils import epath
-
-from zkd_jax.io import paths
 
 LOCK_FILE = ".zkd.lock"
 
@@ -201,24 +197,3 @@ def locked(workdir: epath.PathLike, *, enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         release(path)
-
-
-def holds_workdir(before: Callable[[Any], None] | None = None):
-    """Decorator of ``fn(config, workdir, ...)``: runs ``before(config)`` (e.g. starting
-    ``jax.distributed``, so that the process index is known), then ``fn`` holding ``workdir``'s lock
-    on process 0."""
-
-    def decorate(fn):
-        @functools.wraps(fn)
-        def wrapper(config, workdir, *args, **kwargs):
-            if before is not None:
-                before(config)
-            import jax  # noqa: PLC0415  (after ``before``: the backend may start only then)
-
-            workdir = paths.absolute(workdir)
-            with locked(workdir, enabled=jax.process_index() == 0):
-                return fn(config, workdir, *args, **kwargs)
-
-        return wrapper
-
-    return decorate

@@ -12,8 +12,8 @@ existed) and is not used: checkpoints are passed over, teacher directories refus
 
 Used for ``checkpoints/<step>/`` and ``checkpoints_best/<step>/`` (a damaged newest checkpoint is
 moved to ``checkpoints_damaged/`` and the next older verified one is resumed), and for the
-``export/`` / ``zkd-convert`` directories that ``zkd_jax.convert.load_variables`` reads (a damaged
-teacher is refused). Files are hashed in 1 MiB chunks; paths go through ``etils.epath``.
+``export/`` / ``zkd-convert`` directories that ``zkd_jax.io.torch_weights.load_variables`` reads (a
+damaged teacher is refused). Files are hashed in 1 MiB chunks; paths go through ``etils.epath``.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 * ``metrics.jsonl``: one JSON object per evaluation: ``epoch``, ``step``, ``lr``, the epoch's mean
   train loss terms (``train_loss``, ``train_ce``, ``train_kd``, ...), ``top1``, ``top5`` (test, %),
   ``images_per_sec`` (training throughput of the epoch), ``epoch_seconds`` (training time of the
-  epoch), ``eval_seconds`` (its evaluation) and ``run`` (the run's identity, ``run_identity``).
+  epoch), ``eval_seconds`` (its evaluation) and ``run`` (the run's identity:
+  dataset, method, teacher, student, seed; ``zkd_jax.trainer.identity.run_identity``).
 * TensorBoard event files (tensorboardX; no TensorFlow) with the same scalars, rewritten from
   ``metrics.jsonl`` when a run resumes (``zkd_jax.io.tensorboard``): each point once.
 * ``summary.json``: ``best_top1``, ``best_epoch``, ``last_top1``, ``last_epoch``, the run's
@@ -77,17 +78,6 @@ class MetricsWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
-
-
-def run_identity(config: Mapping[str, Any]) -> dict[str, Any]:
-    """What names a run (a ``config.to_dict()``): dataset, method (``kd``, ``kd_ls``, ...,
-    ``teacher``), teacher and student architectures and the seed."""
-    method = dict(config.get("method") or {})
-    name = str(method.get("name"))
-    label = "teacher" if name == "ce" else (f"{name}_ls" if method.get("standardize") else name)
-    return {"dataset": config.get("dataset"), "method": label,
-            "teacher": None if name == "ce" else (config.get("teacher") or {}).get("arch"),
-            "student": (config.get("student") or {}).get("arch"), "seed": config.get("seed")}
 
 
 def run_totals(records: list[Mapping[str, Any]]) -> dict[str, Any]:

@@ -15,7 +15,7 @@ float32 (collection ``params``), ``dtype`` is the compute dtype; BatchNorm runni
 in ``batch_stats`` (PyTorch semantics, see :class:`zkd_jax.models.layers.BatchNorm`). The global
 pooling and the classifier always run in float32. Parameter names mirror the reference's PyTorch
 ``state_dict`` (``layer1.0.conv1.weight`` <-> ``params/layer1_0/conv1/kernel``), which is what
-:mod:`zkd_jax.convert` relies on.
+:mod:`zkd_jax.io.torch_weights` relies on.
 
 This package imports JAX and Flax only (no TensorFlow).
 """

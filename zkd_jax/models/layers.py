@@ -3,7 +3,7 @@
 Every layer keeps its parameters in float32 and computes in ``dtype`` (bfloat16 for mixed
 precision). Parameter names are the Flax conventions (``kernel``, ``bias``, ``scale``; running
 statistics ``mean``/``var`` in the ``batch_stats`` collection) so that one rule maps a PyTorch
-``state_dict`` onto them (see :mod:`zkd_jax.convert`).
+``state_dict`` onto them (see :mod:`zkd_jax.io.torch_weights`).
 
 Layouts: a conv kernel is ``(kh, kw, in / groups, out)`` (PyTorch ``(out, in / groups, kh, kw)``);
 a linear kernel is ``(in, out)`` (PyTorch ``(out, in)``).

@@ -139,5 +139,22 @@ def fresh_identity(config: Mapping[str, Any]) -> dict[str, Any]:
     return {CONFIG_KEY: _plain(dict(config)), HISTORY_KEY: []}
 
 
+def run_identity(config: Mapping[str, Any]) -> dict[str, Any]:
+    """What names a run in its ``summary.json`` and ``metrics.jsonl`` (``run``), from a
+    ``config.to_dict()``: dataset, method (``kd``, ``kd_ls``, ..., ``teacher``), teacher and
+    student architectures and the seed.
+
+    >>> run_identity({"dataset": "digits", "method": {"name": "kd", "standardize": True},
+    ...               "teacher": {"arch": "resnet8"}, "student": {"arch": "resnet8"}, "seed": 1})
+    {'dataset': 'digits', 'method': 'kd_ls', 'teacher': 'resnet8', 'student': 'resnet8', 'seed': 1}
+    """
+    method = dict(config.get("method") or {})
+    name = str(method.get("name"))
+    label = "teacher" if name == "ce" else (f"{name}_ls" if method.get("standardize") else name)
+    return {"dataset": config.get("dataset"), "method": label,
+            "teacher": None if name == "ce" else (config.get("teacher") or {}).get("arch"),
+            "student": (config.get("student") or {}).get("arch"), "seed": config.get("seed")}
+
+
 __all__ = ["CONFIG_KEY", "ConfigChangedError", "HISTORY_KEY", "MAY_CHANGE", "blocking", "diff",
-           "fresh_identity", "may_change", "resume_identity", "stored_meta"]
+           "fresh_identity", "may_change", "resume_identity", "run_identity", "stored_meta"]

@@ -30,6 +30,7 @@ from zkd_jax.parallel import replicate, to_host
 from zkd_jax.step.scan import make_scanned_step
 from zkd_jax.step.state import TrainState, student_variables
 from zkd_jax.trainer import faults
+from zkd_jax.trainer.identity import run_identity
 from zkd_jax.trainer.preemption import Preempted, PreemptionWatch
 from zkd_jax.trainer.profile import StepProfiler
 
@@ -301,7 +302,7 @@ def _run_epochs(cohort: Cohort, settings: LoopSettings, watch: PreemptionWatch, 
             if record.get("step") not in written:
                 writers[k].write(record)
     names = [workdir.name] if num == 1 else [f"{workdir.name}/{d.name}" for d in dirs]
-    identities = [{"run": metrics_io.run_identity(f["config"])} for f in cohort.summary_fields]
+    identities = [{"run": run_identity(f["config"])} for f in cohort.summary_fields]
     for ident in identities:
         ident["seed"] = ident["run"]["seed"]
 

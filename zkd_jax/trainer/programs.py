@@ -1,18 +1,21 @@
 """The jitted programs ``zkd-train`` runs for a config, with abstract arguments, for compiling only.
 
 :func:`compile_plan` builds, for a mesh of any devices (a TPU topology's on a machine without a
-TPU, ``zkd_jax.aot``), the very functions :func:`zkd_jax.trainer.setup.train_and_evaluate` jits
+TPU, ``zkd_jax.aot``), the very functions :func:`zkd_jax.trainer.setup.train_students` jits
 (its ``build_models``, ``make_step``, ``make_eval_step`` and, with ``config.steps_per_call > 1``,
 ``zkd_jax.step.scan.make_scanned_step``) and the arguments they would receive as
 ``jax.ShapeDtypeStruct``s with the run's shardings: the train state and the teacher's variables
 from ``jax.eval_shape`` of the code that creates them, the batches from their shapes. Nothing
 executes on a device, nothing is read (no teacher checkpoint, no dataset) or written.
+:func:`topology_plan` is the same from the config's plain values, as ``zkd_jax.aot``'s compiling
+child receives them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -160,4 +163,15 @@ def compile_plan(config: ml_collections.ConfigDict, mesh: Mesh, *,
         students=len(specs), mixed_precision=bool(config.mixed_precision))
 
 
-__all__ = ["CompilePlan", "Program", "compile_plan"]
+def topology_plan(fields: Mapping[str, Any], mesh: Mesh, *, chips: int,
+                  per_chip_batch: int | None = None, all_forms: bool = False) -> CompilePlan:
+    """:func:`compile_plan` of the config whose plain values are ``fields`` (``config.to_dict()``),
+    on the ``chips`` chips of ``mesh``; ``per_chip_batch``: the global batch is that times
+    ``chips`` (None: the config's ``batch_size``)."""
+    config = ml_collections.ConfigDict(dict(fields))
+    if per_chip_batch:
+        config.batch_size = int(per_chip_batch) * chips
+    return compile_plan(config, mesh, all_forms=all_forms)
+
+
+__all__ = ["CompilePlan", "Program", "compile_plan", "topology_plan"]

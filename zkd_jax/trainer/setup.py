@@ -1,4 +1,4 @@
-"""``train_and_evaluate(config, workdir)``: one run of K >= 1 students (or a teacher), resumable.
+"""``train_students(config, workdir)``: one run of K >= 1 students (or a teacher), resumable.
 
 The one place below the command line that reads the whole config: it turns it into the values
 each layer takes (feed, models, optimizer, step, checkpointers, :class:`LoopSettings`) and hands
@@ -15,8 +15,9 @@ training at epoch ``s // steps_per_epoch + 1`` from batch ``s % steps_per_epoch`
 (the feeds are deterministic), and in-step randomness is folded with the step, so a stopped and
 resumed run ends bit-identical to an uninterrupted one.
 
-The teacher must exist: training a missing one (``config.teacher.train_if_missing``) is done a
-level above, by ``zkd_jax.cli.runs``.
+The teacher must exist: training a missing one (``config.teacher.train_if_missing``) is done
+before, by the door (``zkd_jax.trainer.runs.train_and_evaluate``), which also checks the config,
+starts ``jax.distributed`` and locks the workdir before it calls :func:`train_students`.
 """
 
 from __future__ import annotations
@@ -32,11 +33,11 @@ from etils import epath
 import zkd_jax.data as data
 from zkd_jax import models
 from zkd_jax.models import fold
-from zkd_jax.trainer import recipe, records, validate
+from zkd_jax.trainer import recipe, records
 from zkd_jax.io import checkpoint as ckpt_lib
 from zkd_jax.io import metrics as metrics_io
-from zkd_jax.io import lock, paths
-from zkd_jax.parallel import create_mesh, distributed, replicate
+from zkd_jax.io import paths
+from zkd_jax.parallel import create_mesh, replicate
 from zkd_jax.step import (
     StateStack,
     TeacherCall,
@@ -50,26 +51,6 @@ from zkd_jax.step.state import replicated_shapes
 from zkd_jax.trainer import identity as identity_lib
 from zkd_jax.trainer import students as students_lib
 from zkd_jax.trainer.loop import Cohort, LoopSettings, log_main, run_epochs
-
-TEACHER_SUBDIR = "teacher"
-
-
-def initialize_distributed(config: ml_collections.ConfigDict) -> None:
-    """Starts jax.distributed when ``config.distributed`` or the environment asks for it."""
-    d = config.get("distributed") or {}
-    distributed.initialize(
-        enabled=d.get("enabled", "auto"), coordinator_address=d.get("coordinator_address"),
-        num_processes=d.get("num_processes"), process_id=d.get("process_id"),
-    )
-
-
-def prepare_run(config: ml_collections.ConfigDict) -> None:
-    """Before a run takes its workdir: the config checked (``zkd_jax.trainer.validate``), then
-    ``jax.distributed`` started where asked, then the checks that need the device count."""
-    validate.check_config(config, devices=0)  # device counts: checked after the backend starts
-    initialize_distributed(config)
-    validate.check_config(config)
-
 
 def _model_dataset(config) -> str:
     """The model-zoo family of a dataset (``zkd_jax.models.create``'s ``dataset``)."""
@@ -250,17 +231,17 @@ def restore_states(checkpointers, states, resume: int, *, workdir: epath.Path
     return states, metas
 
 
-@lock.holds_workdir(before=prepare_run)
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLike, *,
-                       allow_config_change: bool = False) -> dict:
+def train_students(config: ml_collections.ConfigDict, workdir: epath.PathLike, *,
+                   allow_config_change: bool = False) -> dict:
     """Trains the run's K >= 1 students in ``workdir``; returns the summary.
 
     One student: its summary (``summary.json``). K students: ``{"students": [summary, ...]}``.
-    The config is checked first and the workdir is locked for the run (``zkd_jax.io.lock``).
-    Resumes from the checkpoints in the workdir when there are some, if the config is the one they
-    were trained with (but for the fields ``zkd_jax.trainer.identity.MAY_CHANGE`` lists; other
-    changes need ``allow_config_change``, and are recorded). With ``config.max_steps > 0``
-    it stops after that many global steps (checkpointing there). Outputs: see
+    The caller (``zkd_jax.trainer.runs``) has checked the config, started ``jax.distributed`` and
+    holds the workdir's lock (``zkd_jax.io.lock``). Resumes from the checkpoints in the workdir
+    when there are some, if the config is the one they were trained with (but for the fields
+    ``zkd_jax.trainer.identity.MAY_CHANGE`` lists; other changes need ``allow_config_change``, and
+    are recorded). With ``config.max_steps > 0`` it stops after that many global steps
+    (checkpointing there). Outputs: see
     ``zkd_jax.io.metrics`` and ``zkd_jax.io.checkpoint``.
 
     Raises:

@@ -1,14 +1,14 @@
 """``check_config(config)``: every field a user can set, checked before any training starts.
 
-``zkd_jax.trainer.train_and_evaluate`` and ``zkd_jax.cli.suite.train_suite`` call it first, so a value
-that makes no sense (``epochs=0``, a learning rate <= 0, a batch size that is not a positive
-integer, larger than the training split or not divisible by the device count, a temperature <= 0)
-ends in one ``ValueError`` naming the field and what to pass instead, before a teacher trains or
-anything is written. A config with ``teacher.train_if_missing`` also has its ``teacher.recipe``
-checked, and every ``suite`` entry is checked as a method config: the demo's teacher, too, is
-refused before its epochs run. ``optimizer.name`` must be one of ``optim.OPTIMIZERS``, and a ViT
-config's ``vit`` fields are checked by ``zkd_jax.trainer.recipe.images`` (the transforms the
-pipeline makes, image sizes, the eval head).
+The door, ``zkd_jax.trainer.train_and_evaluate``, calls it first (in a suite, for each of its runs
+too), so a value that makes no sense (``epochs=0``, a learning rate <= 0, a batch size that is not
+a positive integer, larger than the training split or not divisible by the device count, a
+temperature <= 0) ends in one ``ValueError`` naming the field and what to pass instead, before a
+teacher trains or anything is written. A config with ``teacher.train_if_missing`` also has its
+``teacher.recipe`` checked, and every ``suite`` entry is checked as a method config: the demo's
+teacher, too, is refused before its epochs run. ``optimizer.name`` must be one of
+``optim.OPTIMIZERS``, and a ViT config's ``vit`` fields are checked by
+``zkd_jax.trainer.recipe.images`` (the transforms the pipeline makes, image sizes, the eval head).
 """
 
 from __future__ import annotations

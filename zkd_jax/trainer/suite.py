@@ -1,14 +1,15 @@
-"""Several runs that share one teacher: ``train_suite(config, workdir)`` (the demo's shape).
+"""Several runs that share one teacher (the demo's shape): what a suite's runs are, and its end.
 
 ``config.suite`` maps a run name to a method config. The teacher is trained once, or found already
-trained and verified, in ``workdir/teacher_<key>`` (``zkd_jax.cli.teacher``; or read from
+trained and verified, in ``workdir/teacher_<key>`` (``zkd_jax.trainer.teacher_runs``; or read from
 ``config.teacher.checkpoint`` when that is set); then each entry runs in ``workdir/NAME`` with
 ``config.method`` replaced by it, distilling from that one teacher. With ``config.sweep`` (the
 demo's default: ``seed=0,1,2``) each entry is one K-student program (``workdir/NAME/student_<k>``).
 At the end a table gives, per entry (and per swept setting), the mean ± std over seeds of the final
 and the best test top-1 and the per-seed values, and ``workdir/report`` gets ``zkd-report``'s
 tables and figures (KD and KD+LS on one axes). Rerunning in the same workdir resumes every run
-(finished ones just report).
+(finished ones just report). The runs themselves go through the door,
+``zkd_jax.trainer.runs.train_and_evaluate``; this module says what they are and writes the end.
 """
 
 from __future__ import annotations
@@ -18,16 +19,19 @@ import copy
 import ml_collections
 from etils import epath
 
-from zkd_jax.cli.teacher import train_or_reuse_teacher
 from zkd_jax.io import checkpoint as ckpt_lib
-from zkd_jax.io import lock, paths
+from zkd_jax.io import paths
 from zkd_jax.io import metrics as metrics_io
-from zkd_jax.trainer import train_and_evaluate
+from zkd_jax.trainer import suite_table
 from zkd_jax.trainer.loop import log_main
-from zkd_jax.trainer.setup import TEACHER_SUBDIR, prepare_run
 
 #: Config fields that each suite entry replaces: an override of them would be ignored.
 REPLACED = ("method", "variant")
+
+
+def is_suite(config: ml_collections.ConfigDict) -> bool:
+    """Whether ``config`` is a suite (a non-empty ``config.suite``) rather than one run."""
+    return bool(len(config.get("suite", {})))
 
 
 def refuse_replaced_overrides(config: ml_collections.ConfigDict, overrides) -> None:
@@ -72,7 +76,7 @@ def entry_config(config: ml_collections.ConfigDict, name: str, entry,
     return run
 
 
-def _refuse_other_teacher(run_dir: epath.Path, teacher_dir: epath.Path) -> None:
+def refuse_other_teacher(run_dir: epath.Path, teacher_dir: epath.Path) -> None:
     """Refuses to resume (or report) students of ``run_dir`` distilled from another teacher."""
     for d in (run_dir, run_dir / "student_0"):
         summary = metrics_io.read_summary(d) if (d / metrics_io.SUMMARY).exists() else None
@@ -83,40 +87,34 @@ def _refuse_other_teacher(run_dir: epath.Path, teacher_dir: epath.Path) -> None:
                              f"or delete {run_dir}.")
 
 
-@lock.holds_workdir(before=prepare_run)
-def train_suite(config: ml_collections.ConfigDict, workdir: epath.PathLike, *,
-                allow_config_change: bool = False) -> dict[str, dict]:
-    """The teacher (once) and one student (or K-student program) per ``config.suite`` entry.
+def given_teacher(config: ml_collections.ConfigDict) -> epath.Path | None:
+    """The teacher the suite was given (``config.teacher.checkpoint``: a run's workdir or an
+    export, used as it is); None: the suite trains (or reuses) its own.
 
-    ``allow_config_change``: the students' runs may resume with a changed config (recorded).
-
-    Prints the table of ``format_table``; returns ``{"teacher": summary, NAME: summary, ...}``.
+    Raises:
+      ValueError: the given checkpoint does not exist.
     """
-    workdir = paths.absolute(workdir)
-    if config.teacher.get("checkpoint"):  # a given teacher (a run's workdir or an export) as it is
-        teacher_dir = paths.absolute(config.teacher.checkpoint)
-        if not ckpt_lib.teacher_directory(teacher_dir).exists():
-            raise ValueError(f"config.teacher.checkpoint {str(teacher_dir)!r} does not exist; "
-                             "point it at a teacher run's workdir or unset it to train one.")
-    else:
-        teacher_dir = train_or_reuse_teacher(config, workdir)
-    results = {TEACHER_SUBDIR: metrics_io.read_summary(teacher_dir) or {}}
-    for name, entry in config.suite.items():
-        _refuse_other_teacher(workdir / name, teacher_dir)
-        results[name] = train_and_evaluate(entry_config(config, name, entry, teacher_dir),
-                                           workdir / name,
-                                           allow_config_change=allow_config_change)
-    from zkd_jax.cli import suite_table  # pylint: disable=import-outside-toplevel
+    if not config.teacher.get("checkpoint"):
+        return None
+    teacher_dir = paths.absolute(config.teacher.checkpoint)
+    if not ckpt_lib.teacher_directory(teacher_dir).exists():
+        raise ValueError(f"config.teacher.checkpoint {str(teacher_dir)!r} does not exist; "
+                         "point it at a teacher run's workdir or unset it to train one.")
+    return teacher_dir
 
+
+def report(config: ml_collections.ConfigDict, workdir: epath.Path, teacher_dir: epath.Path,
+           results: dict[str, dict]) -> None:
+    """The suite's end: prints the table of ``suite_table.format_table`` and writes
+    ``workdir/report`` (``zkd-report``'s tables and figures; its table printed too for a grid)."""
     log_main(suite_table.format_table(config, results))
     from zkd_jax.report import make_report  # pylint: disable=import-outside-toplevel
 
     dirs = [str(workdir / name) for name in config.suite]
     if (teacher_dir / metrics_io.SUMMARY).exists():
         dirs.insert(0, str(teacher_dir))
-    report = make_report(dirs, str(workdir / "report"))
+    made = make_report(dirs, str(workdir / "report"))
     if suite_table.sweeps_settings(config):  # a grid: zkd-report's table of every point
-        log_main(report["text"])
-    figures = [p.rsplit("/", 1)[-1] for p in report["files"] if p.endswith(".png")]
+        log_main(made["text"])
+    figures = [p.rsplit("/", 1)[-1] for p in made["files"] if p.endswith(".png")]
     log_main(f"report: {workdir / 'report'} ({', '.join(figures)})")
-    return results

@@ -1,4 +1,5 @@
-"""The table a suite prints (``train_suite``): per method, final and best test top-1 over seeds.
+"""The table a suite prints at its end (``zkd_jax.trainer.suite.report``): per method, the final
+and the best test top-1 over seeds.
 
 Rows are the suite's entries (split by the settings a ``config.sweep`` varies besides ``seed``);
 each gives the mean ± sample std (``ddof=1``) over its students of the final (last epoch) and of
@@ -15,7 +16,7 @@ import numpy as np
 
 from zkd_jax import data
 from zkd_jax.configs import sweep as sweep_lib
-from zkd_jax.trainer.setup import TEACHER_SUBDIR
+from zkd_jax.trainer.teacher_runs import TEACHER_SUBDIR
 
 _SHORT = {"temperature": "T", "kd_weight": "kd", "ce_weight": "ce"}
 

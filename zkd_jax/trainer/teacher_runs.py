@@ -1,4 +1,4 @@
-"""Teacher-if-missing: the config that trains a run's teacher, and training it (once) before the run.
+"""A run's teacher trained if missing: its config, its directory, and whether one is there already.
 
 A trained teacher lives in ``WORKDIR/teacher_<key>``, where ``key`` is a short hash of the teacher's
 config (``teacher_key``: its architecture, data, solver, epochs and its own ``seed``, not where or
@@ -6,7 +6,8 @@ how it runs). The demo, a sweep and every student of a suite distill from that o
 student's seed never retrains it, a second run in the same workdir reuses it after checking its
 ``export/`` against its manifest and its ``summary.json`` against the config, and a changed teacher
 config (``--config.teacher.recipe.epochs=8``, ``--config.teacher.recipe.seed=1``) trains a new
-teacher in a directory of its own.
+teacher in a directory of its own. The training itself is a run of the door
+(``zkd_jax.trainer.runs``); this module decides and logs.
 """
 
 from __future__ import annotations
@@ -18,12 +19,15 @@ import json
 import ml_collections
 from etils import epath
 
+from zkd_jax import methods
 from zkd_jax.io import checkpoint as ckpt_lib
 from zkd_jax.io import manifest
 from zkd_jax.io import metrics as metrics_io
-from zkd_jax.trainer import train_and_evaluate
 from zkd_jax.trainer.loop import log_main
-from zkd_jax.trainer.setup import TEACHER_SUBDIR
+
+#: The name of a teacher's directory in a workdir (``teacher_<key>``) and its entry in a suite's
+#: results.
+TEACHER_SUBDIR = "teacher"
 
 #: Fields of the student's config the teacher's recipe follows (the data it reads, how it runs).
 FOLLOWED = ("dataset", "data_dir", "distributed", "progress_bar", "input_pipeline")
@@ -76,7 +80,7 @@ def _reusable(directory: epath.Path, key: str) -> bool:
     summary = metrics_io.read_summary(directory) if (directory / "summary.json").exists() else None
     export = directory / ckpt_lib.EXPORT
     if summary is None or not summary.get("finished") or not export.exists():
-        return False  # not trained yet, or stopped part way: train_and_evaluate resumes it
+        return False  # not trained yet, or stopped part way: its run resumes it
     stored = ml_collections.ConfigDict(summary.get("config") or {})
     if teacher_key(stored) != key:
         raise ValueError(f"{directory} holds a teacher of another config (key "
@@ -88,11 +92,32 @@ def _reusable(directory: epath.Path, key: str) -> bool:
     return True
 
 
-def train_or_reuse_teacher(config: ml_collections.ConfigDict, workdir: epath.Path) -> epath.Path:
-    """The directory of ``config``'s teacher in ``workdir``, trained there unless already there.
+def needs_teacher(config: ml_collections.ConfigDict) -> bool:
+    """Whether the run's method distills from a teacher (cross-entropy alone does not)."""
+    return methods.from_config(config.method.to_dict()).needs_teacher
 
-    Logs which of the two happened. Raises ``ValueError`` (``_reusable``) for a directory that
-    holds another teacher.
+
+def to_train(config: ml_collections.ConfigDict) -> bool:
+    """Whether the run must train its teacher first: its method needs one, the checkpoint given
+    (if any) does not exist and ``config.teacher.train_if_missing`` asks for it. Otherwise the
+    run goes on as it is (a teacher that is missing and not to be trained: the trainer says what
+    is missing)."""
+    if not needs_teacher(config):
+        return False
+    path = config.teacher.get("checkpoint")
+    if path and ckpt_lib.teacher_directory(path).exists():
+        return False
+    return bool(config.teacher.get("train_if_missing"))
+
+
+def reuse_or_announce(config: ml_collections.ConfigDict, workdir: epath.Path
+                      ) -> tuple[epath.Path, ml_collections.ConfigDict | None]:
+    """``(directory, recipe)`` of ``config``'s teacher in ``workdir``: ``recipe`` is the config to
+    train there, or None when a finished teacher of that config is already there. Logs which of
+    the two it is.
+
+    Raises:
+      ValueError: the directory holds a teacher of another config (``_reusable``).
     """
     recipe = teacher_recipe(config)
     key = teacher_key(recipe)
@@ -101,29 +126,17 @@ def train_or_reuse_teacher(config: ml_collections.ConfigDict, workdir: epath.Pat
         top1 = metrics_io.read_summary(directory).get("last_top1")
         log_main(f"teacher: reusing {directory} (config key {key}, export verified against its "
                  f"manifest; test top-1 {top1:.2f})")
-    else:
-        epochs = f"{recipe.epochs} epoch" + ("s" if recipe.epochs != 1 else "")
-        log_main(f"teacher: training {recipe.student.arch} (seed {recipe.seed}, {epochs}) in "
-                 f"{directory} (config key {key})")
-        train_and_evaluate(recipe, directory)
-    return directory
+        return directory, None
+    epochs = f"{recipe.epochs} epoch" + ("s" if recipe.epochs != 1 else "")
+    log_main(f"teacher: training {recipe.student.arch} (seed {recipe.seed}, {epochs}) in "
+             f"{directory} (config key {key})")
+    return directory, recipe
 
 
-def ensure_teacher(config: ml_collections.ConfigDict, workdir: epath.Path) -> ml_collections.ConfigDict:
-    """``config`` with ``teacher.checkpoint`` pointing at an existing teacher.
-
-    A given checkpoint that exists is kept. Otherwise, with ``config.teacher.train_if_missing``, the
-    teacher is trained (or found finished) in ``workdir/teacher_<key>`` (``train_or_reuse_teacher``)
-    and the returned copy points there. Else ``config`` is returned unchanged and the trainer says
-    what is missing.
-    """
-    path = config.teacher.get("checkpoint")
-    if path and ckpt_lib.teacher_directory(path).exists():
-        return config
-    if not config.teacher.get("train_if_missing"):
-        return config
-    source = train_or_reuse_teacher(config, workdir)
+def with_teacher(config: ml_collections.ConfigDict, directory: epath.Path
+                 ) -> ml_collections.ConfigDict:
+    """A copy of ``config`` distilling from the teacher in ``directory``."""
     config = copy.deepcopy(config)
     with config.unlocked():
-        config.teacher.checkpoint = str(source)
+        config.teacher.checkpoint = str(directory)
     return config
