@@ -43,10 +43,11 @@ def measured(tmp_path_factory):
 
 
 def test_the_paths_run_from_the_command_to_the_step(measured):
-    """The tool saw the run: the config enters at the command line and reaches the trainer; the
+    """The tool saw the run: the config goes from the command line to the trainer's door; the
     batch comes out of the data package and ends in the step."""
     config_files = list(measured.config.files)
-    assert config_files[0].startswith("zkd_jax/cli/"), config_files
+    assert config_files[0].startswith(("zkd_jax/cli/", "zkd_jax/trainer/")), config_files
+    assert "zkd_jax/trainer/runs.py" in config_files, config_files  # the one door
     assert "zkd_jax/trainer/setup.py" in config_files
     batch_files = list(measured.batch.files)
     assert batch_files[0].startswith("zkd_jax/data/"), batch_files
