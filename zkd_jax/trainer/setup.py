@@ -51,7 +51,8 @@ from zkd_jax.step import (
 from zkd_jax.step.state import replicated_shapes
 from zkd_jax.trainer import identity as identity_lib
 from zkd_jax.trainer import students as students_lib
-from zkd_jax.trainer.loop import Cohort, LoopSettings, log_main, run_epochs
+from zkd_jax.trainer.cohort import OneStudent, StudentStack
+from zkd_jax.trainer.loop import LoopSettings, log_main, run_epochs
 
 TEACHER_SUBDIR = "teacher"
 
@@ -306,29 +307,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     if resume is not None:
         states, metas = restore_states(checkpointers, states, resume, workdir=workdir)
     if single:
-        cohort = Cohort(
-            dirs=dirs, state=states[0], train_step=train_step,
-            student_state=lambda s, k: s, split_metrics=lambda m: [m],
-            checkpointers=checkpointers, metas=metas,
-            summary_fields=[{"config": config.to_dict()}], identity=identities,
+        cohort = OneStudent(
+            dirs=dirs, state=states[0], train_step=train_step, checkpointers=checkpointers,
+            metas=metas, summary_fields=[{"config": config.to_dict()}], identity=identities,
         )
     else:
         stack = StateStack(mesh)
-
-        def write_top_summary(summaries: list[dict], finished: bool, step: int) -> None:
-            metrics_io.write_summary(workdir, {
-                "students": [{k: v for k, v in s.items() if k != "config"} for s in summaries],
-                "finished": finished, "step": step, "config": config.to_dict()})
-
-        cohort = Cohort(
+        cohort = StudentStack(
             dirs=dirs, state=stack.stack(states), train_step=train_step,
-            student_state=stack.take,
-            split_metrics=lambda m: [{key: v[k] for key, v in m.items()} for k in range(num)],
             checkpointers=checkpointers, metas=metas,
             summary_fields=[{"student": k, "student_seed": spec.seed, "data_seed": config.seed,
                              "config": students_lib.student_config(config, spec).to_dict()}
                             for k, spec in enumerate(specs)],
-            write_top_summary=write_top_summary, identity=identities,
+            identity=identities, stack=stack, workdir=workdir,
+            config=config.to_dict(),
         )
     del states
     results = run_epochs(
