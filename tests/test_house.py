@@ -303,3 +303,22 @@ def test_module_file_names_are_unique():
             names.setdefault(path.name, []).append(module)
     shared = {name: modules for name, modules in names.items() if len(modules) > 1}
     assert not shared, shared
+#: The longest a function of ``zkd_jax/trainer/`` may be, its ``def`` line to its last line.
+TRAINER_FUNCTION_LINES = 100
+
+
+def test_trainer_functions_are_short_and_keep_no_state_in_closures():
+    """Every function of ``zkd_jax/trainer/`` fits in 100 lines and none rebinds a variable of an
+    enclosing function (``nonlocal``): the loop reads top to bottom, its state lives in objects."""
+    long, rebinding = [], []
+    for path in sorted((PACKAGE / "trainer").rglob("*.py")):
+        name = path.relative_to(PACKAGE)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > TRAINER_FUNCTION_LINES:
+                    long.append(f"{name}:{node.lineno} {node.name} ({lines} lines)")
+            elif isinstance(node, ast.Nonlocal):
+                rebinding.append(f"{name}:{node.lineno} nonlocal {', '.join(node.names)}")
+    assert not long, f"functions over {TRAINER_FUNCTION_LINES} lines: {long}"
+    assert not rebinding, f"state kept in closures: {rebinding}"

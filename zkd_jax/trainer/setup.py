@@ -35,7 +35,6 @@ from zkd_jax import models
 from zkd_jax.models import fold
 from zkd_jax.trainer import recipe, records
 from zkd_jax.io import checkpoint as ckpt_lib
-from zkd_jax.io import metrics as metrics_io
 from zkd_jax.io import paths
 from zkd_jax.parallel import create_mesh, replicate
 from zkd_jax.step import (
@@ -50,7 +49,8 @@ from zkd_jax.step import (
 from zkd_jax.step.state import replicated_shapes
 from zkd_jax.trainer import identity as identity_lib
 from zkd_jax.trainer import students as students_lib
-from zkd_jax.trainer.loop import Cohort, LoopSettings, log_main, run_epochs
+from zkd_jax.trainer.cohort import OneStudent, StudentStack
+from zkd_jax.trainer.loop import LoopSettings, log_main, run_epochs
 
 def _model_dataset(config) -> str:
     """The model-zoo family of a dataset (``zkd_jax.models.create``'s ``dataset``)."""
@@ -285,29 +285,20 @@ def train_students(config: ml_collections.ConfigDict, workdir: epath.PathLike, *
     if resume is not None:
         states, metas = restore_states(checkpointers, states, resume, workdir=workdir)
     if single:
-        cohort = Cohort(
-            dirs=dirs, state=states[0], train_step=train_step,
-            student_state=lambda s, k: s, split_metrics=lambda m: [m],
-            checkpointers=checkpointers, metas=metas,
-            summary_fields=[{"config": config.to_dict()}], identity=identities,
+        cohort = OneStudent(
+            dirs=dirs, state=states[0], train_step=train_step, checkpointers=checkpointers,
+            metas=metas, summary_fields=[{"config": config.to_dict()}], identity=identities,
         )
     else:
         stack = StateStack(mesh)
-
-        def write_top_summary(summaries: list[dict], finished: bool, step: int) -> None:
-            metrics_io.write_summary(workdir, {
-                "students": [{k: v for k, v in s.items() if k != "config"} for s in summaries],
-                "finished": finished, "step": step, "config": config.to_dict()})
-
-        cohort = Cohort(
+        cohort = StudentStack(
             dirs=dirs, state=stack.stack(states), train_step=train_step,
-            student_state=stack.take,
-            split_metrics=lambda m: [{key: v[k] for key, v in m.items()} for k in range(num)],
             checkpointers=checkpointers, metas=metas,
             summary_fields=[{"student": k, "student_seed": spec.seed, "data_seed": config.seed,
                              "config": students_lib.student_config(config, spec).to_dict()}
                             for k, spec in enumerate(specs)],
-            write_top_summary=write_top_summary, identity=identities,
+            identity=identities, stack=stack, workdir=workdir,
+            config=config.to_dict(),
         )
     del states
     results = run_epochs(
