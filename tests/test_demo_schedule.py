@@ -45,7 +45,8 @@ def test_warmup_cosine_refuses_a_warmup_longer_than_the_run():
 
 @pytest.mark.parametrize("epochs", [5, 3, 1])
 def test_demo_schedule_follows_the_runs_epochs(epochs):
-    """``--config.epochs=N``: the cosine ends with the run; the logged rate is its first update's."""
+    """``--config.epochs=N``: the cosine ends with the run; the logged rate is the first
+    update's of each epoch."""
     config = demo_config.get_config()
     for opt in (config.optimizer, config.teacher.recipe.optimizer):
         assert recipe.sgd_schedule(opt) == demo_config.SCHEDULE["schedule"]
@@ -85,7 +86,8 @@ def _results(methods, seeds, teacher_epochs=4):
     return results
 
 
-@pytest.mark.parametrize("epochs,seeds,train", [(3, (0, 1), -1), (5, (0, 1, 2), 640), (1, (4,), -1)])
+@pytest.mark.parametrize("epochs,seeds,train",
+                         [(3, (0, 1), -1), (5, (0, 1, 2), 640), (1, (4,), -1)])
 def test_footer_is_computed_from_the_run(epochs, seeds, train):
     config = demo_config.get_config()
     config.epochs = epochs

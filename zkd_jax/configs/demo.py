@@ -57,6 +57,7 @@ STUDENT_EPOCHS = 5
 TEACHER_SEED = 0
 SEEDS = "seed=0,1,2"
 BATCH_SIZE = 16
+BASE_BATCH_SIZE = 32  # configs/demo.py:METHOD, the one-seed base of the tests and benchmarks
 
 #: SGD's schedule (``zkd_jax.trainer.recipe.sgd_schedule``), the teacher's and the students': a
 #: cosine from the peak rate to 0 over the run's updates (``optim.warmup_cosine_lr``), measured
@@ -134,9 +135,10 @@ def _entries(arg: str | None) -> dict[str, ml_collections.ConfigDict]:
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """The demo config (seeds ``SEEDS``, the on-device input pipeline). ``arg`` (optional) picks the
-    students, e.g. ``"kd_ls"`` or ``"kd,kd_ls"``: one seed (add ``--config.sweep='seed=0,1,2'``)
-    and tf.data input, the base other configs and the tests build on; ``"grid"`` is the settings
-    search on the validation split (module docstring)."""
+    students, e.g. ``"kd_ls"`` or ``"kd,kd_ls"``: one seed (add ``--config.sweep='seed=0,1,2'``),
+    tf.data input, batch ``BASE_BATCH_SIZE`` and the step decay (x0.1 for the last epoch), the
+    base other configs and the tests build on; ``"grid"`` is the settings search on the
+    validation split (module docstring)."""
     entries = _entries(arg)
     first = dict(next(iter(entries.values())).to_dict())
     first.pop("lr")
@@ -148,9 +150,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.teacher.train_if_missing = True
     config.suite = ml_collections.ConfigDict(entries)
     if arg is not None and arg.strip() != "grid":
-        # configs/demo.py:kd (a base the tests and benchmarks build on): one seed, tf.data input.
-        config.input_pipeline = "tfdata"
-        config.teacher.recipe.input_pipeline = "tfdata"
+        # configs/demo.py:kd (a base the tests and benchmarks build on): one seed, tf.data input,
+        # and the batch and schedule they were written for (batch 32, x0.1 for the last epoch).
+        for c in (config, config.teacher.recipe):
+            c.input_pipeline = "tfdata"
+            c.batch_size = BASE_BATCH_SIZE
+            c.optimizer.schedule = "step"
         return config
     config.sweep = SEEDS
     if arg is not None and arg.strip() == "grid":

@@ -143,7 +143,7 @@ def check_config(config, *, prefix: str = "", devices: int | None = None) -> Non
         if (opt.get("schedule") == "cosine" and "epochs" in config
                 and int(opt.get("warmup_epochs") or 0) >= config["epochs"]):
             _fail(prefix + "optimizer.warmup_epochs", opt.get("warmup_epochs"),
-                  f"fewer than the run's {config['epochs']} epochs (the cosine follows the warm-up)")
+                  f"fewer than the run's {config['epochs']} epochs (a cosine follows it)")
     if "method" in config:
         check_method(config["method"], prefix + "method.")
     for name, method in (config.get("suite") or {}).items():
