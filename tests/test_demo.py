@@ -4,9 +4,10 @@
 Runs ``zkd-train --config=configs/demo.py --workdir=...`` (as ``python -m zkd_jax.cli.train``, the
 same entry point) in a subprocess twice: one teacher trained once, KD and KD+LS students for 2 seeds
 each (one K-student program per method). Fewer images instead of fewer seeds would leave the
-models near chance (640 images, 3 epochs: students at 26-43 %), where "no collapse" means nothing. Checks the table (mean ± std over seeds, per-seed values,
-a footer computed from the run), that no student collapses, that the second run reuses the teacher
-(verified, nothing retrained), the report's side-by-side figure against the metrics, and
+models near chance (640 images, 3 epochs: students at 26-43 %), where "no collapse" means nothing.
+Checks the table (mean ± std over seeds, per-seed values, a footer computed from the run), that no
+student collapses, that the second run reuses the teacher (verified, nothing retrained), the
+report's side-by-side figure against the metrics, and
 zkd-analyze's statistics and figures. Wall times are printed (``pytest -s``), never asserted.
 """
 
@@ -135,7 +136,8 @@ def test_report_draws_the_methods_side_by_side(demo):
     assert [g.method for g in students] == list(METHODS) and len(teachers) == 1
     fig = compare.compare_figure(students, teachers)
     top1, ce, kd = fig.axes
-    assert f"{EPOCHS} epochs, {len(SEEDS)} seeds per method" in fig._suptitle.get_text()  # pylint: disable=protected-access
+    title = fig._suptitle.get_text()  # pylint: disable=protected-access
+    assert f"{EPOCHS} epochs, {len(SEEDS)} seeds per method" in title
     legend = [t.get_text() for t in top1.get_legend().get_texts()]
     assert any(t.startswith("KD (") for t in legend) and any(t.startswith("KD+LS (") for t in legend)
     lines = {ln.get_label(): ln for ln in top1.get_lines()}
