@@ -1,10 +1,13 @@
-"""The README's demo command, offline, end to end, shortened (3 epochs, 640 training images).
+"""The README's demo command, offline, end to end, shortened: ``--config.epochs=3
+--config.sweep='seed=0,1'`` (the teacher: 4 epochs), on all 1,500 training images.
 
 Runs ``zkd-train --config=configs/demo.py --workdir=...`` (as ``python -m zkd_jax.cli.train``, the
-same entry point) in a subprocess twice: one teacher trained once, KD and KD+LS students for 5 seeds
-each (one K-student program per method). Checks the table (mean ± std over seeds, per-seed values,
-a footer computed from the run), that no student collapses, that the second run reuses the teacher
-(verified, nothing retrained), the report's side-by-side figure against the metrics, and
+same entry point) in a subprocess twice: one teacher trained once, KD and KD+LS students for 2 seeds
+each (one K-student program per method). Fewer images instead of fewer seeds would leave the
+models near chance (640 images, 3 epochs: students at 26-43 %), where "no collapse" means nothing.
+Checks the table (mean ± std over seeds, per-seed values, a footer computed from the run), that no
+student collapses, that the second run reuses the teacher (verified, nothing retrained), the
+report's side-by-side figure against the metrics, and
 zkd-analyze's statistics and figures. Wall times are printed (``pytest -s``), never asserted.
 """
 
@@ -24,13 +27,10 @@ from cpu_devices import TEST_XLA_FLAGS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 METHODS = ("kd", "kd_ls")
-SEEDS = (0, 1, 2, 3, 4)
+SEEDS = (0, 1)
 EPOCHS = 3
-# The x0.1 decay stays on the last epoch: milestones follow the shortened epochs.
-SHORT = (f"--config.epochs={EPOCHS}", "--config.optimizer.milestones=(2,)",
-         "--config.train_examples=640", "--config.teacher.recipe.epochs=4",
-         "--config.teacher.recipe.optimizer.milestones=(3,)",
-         "--config.teacher.recipe.train_examples=640",
+# The demo's schedule (a cosine over the run) follows the shortened epochs by itself.
+SHORT = (f"--config.epochs={EPOCHS}", "--config.teacher.recipe.epochs=4",
          f"--config.sweep=seed={','.join(map(str, SEEDS))}", "--config.progress_bar=False")
 
 
@@ -106,23 +106,23 @@ def test_students_over_seeds_and_the_table(demo):
         assert (f"{np.mean(finals):.2f} ± {np.std(finals, ddof=1):.2f}" in line
                 and f"{np.mean(bests):.2f} ± {np.std(bests, ddof=1):.2f}" in line), line
     # The footer is computed from the run, not fixed text.
-    assert f"{EPOCHS} epochs on 640 digits training images (297 test images), 5 seeds per method" \
-        in table and "(resnet14, 4 epochs, seed 0)" in table
+    assert (f"{EPOCHS} epochs on 1,500 digits training images (297 test images), "
+            f"{len(SEEDS)} seeds per method") in table and "(resnet14, 4 epochs, seed 0)" in table
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known (docs/demo.md): with the demo's schedule the test top-1 of the high-rate epochs lags "
-    "for both methods (and the teacher): an epoch below half the final accuracy is common"))
 def test_no_student_collapses(demo):
-    """No collapse: after the first epoch, never below half of the run's final accuracy."""
-    workdir = demo[0]
+    """No collapse, of any student of either method nor of the teacher: after the first epoch the
+    test top-1 is never below half of the run's final accuracy; and every run learned."""
+    workdir, teacher = demo[0], demo[1]
+    runs = [("teacher", 0, teacher)] + [(m, seed, workdir / m / f"student_{k}")
+                                        for m in METHODS for k, seed in enumerate(SEEDS)]
     low = []
-    for method in METHODS:
-        for k, seed in enumerate(SEEDS):
-            records = _records(workdir / method / f"student_{k}")
-            final = records[-1]["top1"]
-            low += [(method, seed, r["epoch"], r["top1"], final) for r in records[1:]
-                    if r["top1"] < 0.5 * final]
+    for name, seed, run in runs:
+        records = _records(run)
+        final = records[-1]["top1"]
+        assert final > 50, (name, seed, [r["top1"] for r in records])  # far above chance (10 %)
+        low += [(name, seed, r["epoch"], r["top1"], final) for r in records[1:]
+                if r["top1"] < 0.5 * final]
     assert not low, low
 
 
@@ -136,7 +136,8 @@ def test_report_draws_the_methods_side_by_side(demo):
     assert [g.method for g in students] == list(METHODS) and len(teachers) == 1
     fig = compare.compare_figure(students, teachers)
     top1, ce, kd = fig.axes
-    assert "3 epochs, 5 seeds per method" in fig._suptitle.get_text()  # pylint: disable=protected-access
+    title = fig._suptitle.get_text()  # pylint: disable=protected-access
+    assert f"{EPOCHS} epochs, {len(SEEDS)} seeds per method" in title
     legend = [t.get_text() for t in top1.get_legend().get_texts()]
     assert any(t.startswith("KD (") for t in legend) and any(t.startswith("KD+LS (") for t in legend)
     lines = {ln.get_label(): ln for ln in top1.get_lines()}

@@ -7,7 +7,9 @@ trainable parameter, BatchNorm scales and biases and CTKD's temperature included
 
 The rate for epoch ``e`` (counted from 1) is ``lr * decay_rate ** #{m in milestones : e > m}``; it
 changes at epoch boundaries only. In steps: update number ``n`` (counted from 0, optax's count)
-belongs to epoch ``n // steps_per_epoch + 1``.
+belongs to epoch ``n // steps_per_epoch + 1``. :func:`warmup_cosine_lr` is the alternative
+that ``config.optimizer.schedule="cosine"`` picks for SGD (the offline demo's): a linear warm-up
+then a cosine decay over the run's updates, changing every update.
 
 The ViT students' recipe is at the end: :func:`adamw` (decoupled decay
 masked by :func:`vit_decay_mask`), :func:`cosine_warmup_lr` per epoch and
@@ -54,6 +56,45 @@ def step_decay_schedule(
     return schedule
 
 
+def warmup_cosine_lr(
+    step: int, *, lr: float, total_steps: int, warmup_steps: int = 0, min_lr: float = 0.0
+) -> float:
+    """Host-side rate of update ``step`` (optax's count, from 0) of a linear warm-up then a cosine.
+
+    ``step < W``: ``lr (step + 1) / W``; otherwise, with ``N = total_steps`` and ``W =
+    warmup_steps``, ``min_lr + (lr - min_lr) (1 + cos(pi min(step - W, N - W) / (N - W))) / 2``:
+    the rate rises to ``lr`` over the first ``W`` updates and falls to ``min_lr`` at update ``N``,
+    smoothly, update by update (a schedule that follows the run's length: ``N`` is its updates).
+
+    >>> [round(warmup_cosine_lr(n, lr=0.1, total_steps=6, warmup_steps=2), 4) for n in range(6)]
+    [0.05, 0.1, 0.1, 0.0854, 0.05, 0.0146]
+    """
+    if step < warmup_steps:
+        return float(lr * (step + 1) / warmup_steps)
+    span = max(total_steps - warmup_steps, 1)
+    progress = min(step - warmup_steps, span) / span
+    return float(min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress)))
+
+
+def warmup_cosine_schedule(
+    lr: float, *, total_steps: int, warmup_steps: int = 0, min_lr: float = 0.0
+) -> optax.Schedule:
+    """:func:`warmup_cosine_lr` as an optax schedule of the update count (float32 on device)."""
+    if total_steps < 1 or not 0 <= warmup_steps <= total_steps:
+        raise ValueError(f"warmup_steps={warmup_steps} must lie in [0, total_steps={total_steps}] "
+                         "and total_steps must be >= 1; use fewer warm-up epochs.")
+    span = float(max(total_steps - warmup_steps, 1))
+
+    def schedule(count):
+        n = jnp.asarray(count, jnp.float32)
+        warm = lr * (n + 1.0) / max(warmup_steps, 1)
+        progress = jnp.clip((n - warmup_steps) / span, 0.0, 1.0)
+        cosine = min_lr + 0.5 * (lr - min_lr) * (1.0 + jnp.cos(jnp.pi * progress))
+        return jnp.where(n < warmup_steps, warm, cosine).astype(jnp.float32)
+
+    return schedule
+
+
 def sgd(
     schedule: optax.ScalarOrSchedule,
     *,
@@ -75,6 +116,9 @@ def sgd(
 #: ``config.optimizer.name`` values (``zkd_jax.trainer.recipe``): :func:`sgd` with the step decay,
 #: :func:`adamw` and :func:`sgd_masked` with the per-epoch :func:`cosine_warmup_lr`.
 OPTIMIZERS = ("sgd", "adamw", "sgd_masked")
+
+#: ``config.optimizer.schedule`` values of ``"sgd"``: the step decay or :func:`warmup_cosine_lr`.
+SGD_SCHEDULES = ("step", "cosine")
 
 #: Parameter names (any path component containing one) never decayed by the ViT recipe.
 NO_DECAY_NAMES = ("cls_token", "pos_embed", "distill_token")

@@ -45,6 +45,7 @@ FIELDS: dict[str, str] = {
     "optimizer.weight_decay": "weight decay (SGD: coupled, on every parameter; AdamW: decoupled)",
     "optimizer.milestones": "epochs at which the SGD learning rate is multiplied by decay_rate",
     "optimizer.decay_rate": "factor of the learning rate at each milestone",
+    "optimizer.schedule": "sgd: step (decay at milestones) or cosine (warm-up, cosine per update)",
     "optimizer.min_lr": "learning rate at the end of the cosine schedule",
     "optimizer.warmup_epochs": "epochs of linear learning-rate warm-up before the cosine",
     "optimizer.warmup_factor": "learning rate at the warm-up's start, as a fraction of lr",

@@ -5,7 +5,9 @@
 * The optimizer, by ``config.optimizer.name`` (absent: ``"sgd"``):
 
   - ``"sgd"``: PyTorch SGD with coupled weight decay on every parameter and the step decay of
-    ``lr``, ``milestones``, ``decay_rate`` (the CNN recipes);
+    ``lr``, ``milestones``, ``decay_rate`` (the CNN recipes), or with ``schedule="cosine"`` a
+    linear warm-up of ``warmup_epochs`` then a cosine to ``min_lr`` over the run, update by
+    update (``optim.warmup_cosine_schedule``; the offline demo's);
   - ``"adamw"``: AdamW with decoupled decay on the weight matrices only (``optim.adamw``,
     ``optim.vit_decay_mask``; ``weight_decay``, ``b1``, ``b2``, ``eps``), the ViT students;
   - ``"sgd_masked"``: SGD whose coupled decay skips 1-D tensors and biases
@@ -35,6 +37,7 @@ from zkd_jax.step import TeacherCall
 from zkd_jax.views import CIFAR_AUGMENTATION, VIT_AUGMENTATION
 
 OPTIMIZERS = optim.OPTIMIZERS
+SGD_SCHEDULES = optim.SGD_SCHEDULES
 #: The transform strings of ``config.vit`` the data pipeline implements.
 VIT_TRAIN_TRANSFORM = "rrc_flip_randaug_m9_mstd0.5_inc1_erase0.25"
 VIT_EVAL_TRANSFORM = "resize_bilinear"
@@ -50,6 +53,21 @@ def optimizer_name(optimizer: ml_collections.ConfigDict) -> str:
     if name not in OPTIMIZERS:
         raise ValueError(f"config.optimizer.name={name!r} is unknown; use one of "
                          f"{', '.join(OPTIMIZERS)}.")
+    return name
+
+
+def sgd_schedule(optimizer: ml_collections.ConfigDict) -> str:
+    """SGD's schedule, ``config.optimizer.schedule``: ``"step"`` (absent; the step decay of
+    ``milestones``) or ``"cosine"`` (``optim.warmup_cosine_schedule``: ``warmup_epochs`` of linear
+    warm-up, then a cosine to ``min_lr`` over the rest of ``config.epochs``, update by update).
+
+    Raises:
+      ValueError: another value.
+    """
+    name = optimizer.get("schedule") or "step"
+    if name not in SGD_SCHEDULES:
+        raise ValueError(f"config.optimizer.schedule={name!r} is unknown; use one of "
+                         f"{', '.join(SGD_SCHEDULES)}.")
     return name
 
 
@@ -71,12 +89,18 @@ def make_optimizer(optimizer: ml_collections.ConfigDict, steps_per_epoch: int,
     """(schedule, tx) of ``config.optimizer`` (see the module docstring); ``epochs`` is the run's
     length, over which the cosine of ``"adamw"`` and ``"sgd_masked"`` runs."""
     rates = epoch_rates(optimizer, epochs)
-    if rates is None:
+    if rates is None and sgd_schedule(optimizer) == "cosine":
+        schedule = optim.warmup_cosine_schedule(
+            float(optimizer.lr), total_steps=int(epochs) * steps_per_epoch,
+            warmup_steps=int(optimizer.get("warmup_epochs", 0)) * steps_per_epoch,
+            min_lr=float(optimizer.get("min_lr", 0.0)))
+    elif rates is None:
         schedule = optim.step_decay_schedule(
             float(optimizer.lr), steps_per_epoch=steps_per_epoch,
             milestones=tuple(int(m) for m in optimizer.milestones),
             decay_rate=float(optimizer.decay_rate),
         )
+    if rates is None:
         tx = optim.sgd(schedule, momentum=float(optimizer.momentum),
                        weight_decay=float(optimizer.weight_decay),
                        nesterov=bool(optimizer.nesterov))
@@ -93,11 +117,19 @@ def make_optimizer(optimizer: ml_collections.ConfigDict, steps_per_epoch: int,
     return schedule, tx
 
 
-def lr_for_epoch(optimizer: ml_collections.ConfigDict, epochs: int) -> Callable[[int], float]:
-    """The host-side rate of an epoch counted from 1 (what ``metrics.jsonl`` logs)."""
+def lr_for_epoch(optimizer: ml_collections.ConfigDict, epochs: int,
+                 steps_per_epoch: int = 1) -> Callable[[int], float]:
+    """The host-side rate of an epoch counted from 1 (what ``metrics.jsonl`` logs); for SGD's
+    ``"cosine"`` schedule, which changes every update, the rate of the epoch's first update."""
     rates = epoch_rates(optimizer, epochs)
     if rates is not None:
         return lambda epoch: rates[min(epoch, len(rates)) - 1]
+    if sgd_schedule(optimizer) == "cosine":
+        return lambda epoch: optim.warmup_cosine_lr(
+            (epoch - 1) * steps_per_epoch, lr=float(optimizer.lr),
+            total_steps=int(epochs) * steps_per_epoch,
+            warmup_steps=int(optimizer.get("warmup_epochs", 0)) * steps_per_epoch,
+            min_lr=float(optimizer.get("min_lr", 0.0)))
     return lambda epoch: optim.lr_for_epoch(epoch, lr=optimizer.lr,
                                             milestones=optimizer.milestones,
                                             decay_rate=optimizer.decay_rate)
@@ -183,5 +215,6 @@ def student_fields(config: ml_collections.ConfigDict, module, image_size: int | 
     return {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
 
 
-__all__ = ["Images", "OPTIMIZERS", "epoch_rates", "images", "lr_for_epoch", "make_optimizer",
-           "optimizer_name", "student_fields", "teacher_model_dataset"]
+__all__ = ["Images", "OPTIMIZERS", "SGD_SCHEDULES", "epoch_rates", "images", "lr_for_epoch",
+           "make_optimizer", "optimizer_name", "sgd_schedule", "student_fields",
+           "teacher_model_dataset"]

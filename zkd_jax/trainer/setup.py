@@ -58,9 +58,9 @@ def _model_dataset(config) -> str:
     return config.get("model_dataset") or default
 
 
-def loop_settings(config: ml_collections.ConfigDict) -> LoopSettings:
+def loop_settings(config: ml_collections.ConfigDict, steps_per_epoch: int = 1) -> LoopSettings:
     """The values of ``config`` that the epoch loop reads."""
-    lr_for_epoch = recipe.lr_for_epoch(config.optimizer, config.epochs)
+    lr_for_epoch = recipe.lr_for_epoch(config.optimizer, config.epochs, steps_per_epoch)
     return LoopSettings(
         epochs=config.epochs, max_steps=config.max_steps, batch_size=config.batch_size,
         log_every_steps=config.log_every_steps,
@@ -302,7 +302,7 @@ def train_students(config: ml_collections.ConfigDict, workdir: epath.PathLike, *
         )
     del states
     results = run_epochs(
-        cohort, loop_settings(config), workdir=workdir, feed=feed,
+        cohort, loop_settings(config, steps_per_epoch), workdir=workdir, feed=feed,
         teacher_variables=teacher_variables, eval_step=make_eval_step(student, mesh), mesh=mesh,
         steps_per_epoch=steps_per_epoch,
         export=export_function(config, model_dataset, info.num_classes),

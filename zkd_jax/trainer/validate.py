@@ -17,7 +17,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from zkd_jax.optim import OPTIMIZERS
+from zkd_jax.optim import OPTIMIZERS, SGD_SCHEDULES
 
 __all__ = ["check_config"]
 
@@ -64,6 +64,8 @@ def _check_optimizer(opt: Mapping[str, Any], prefix: str) -> None:
     name = opt.get("name") or "sgd"
     if name not in OPTIMIZERS:
         _fail(prefix + "name", name, f"one of {', '.join(OPTIMIZERS)}")
+    if opt.get("schedule") not in (None, "", *SGD_SCHEDULES):
+        _fail(prefix + "schedule", opt["schedule"], f"one of {', '.join(SGD_SCHEDULES)}")
     _positive(opt, "lr", prefix)
     _positive(opt, "min_lr", prefix, zero_ok=True)
     _int_at_least(opt, "warmup_epochs", 0, prefix)
@@ -137,6 +139,11 @@ def check_config(config, *, prefix: str = "", devices: int | None = None) -> Non
     _check_batch(config, "eval_batch_size", prefix, None, devices)
     if "optimizer" in config:
         _check_optimizer(config["optimizer"], prefix + "optimizer.")
+        opt = config["optimizer"]
+        if (opt.get("schedule") == "cosine" and "epochs" in config
+                and int(opt.get("warmup_epochs") or 0) >= config["epochs"]):
+            _fail(prefix + "optimizer.warmup_epochs", opt.get("warmup_epochs"),
+                  f"fewer than the run's {config['epochs']} epochs (a cosine follows it)")
     if "method" in config:
         check_method(config["method"], prefix + "method.")
     for name, method in (config.get("suite") or {}).items():
