@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from zkd_jax import optim
-from zkd_jax.cli import suite_table
+from zkd_jax.trainer import suite_table
 from zkd_jax.configs import demo as demo_config
 from zkd_jax.trainer import recipe, validate
 
