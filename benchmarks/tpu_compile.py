@@ -9,7 +9,7 @@ the roofline bound (``zkd_jax.aot.figures``) and which bound it is. K-student ro
 form of the K-student step (``zkd_jax.step.multi.FORMS``).
 
     python benchmarks/tpu_compile.py --out=benchmarks/results/tpu_compile.jsonl \
-        --table=benchmarks/results/tpu_compile.md [--cases=all|quick]
+        --table=benchmarks/results/tpu_compile.md [--cases=all|quick] [--only=PATTERN ...]
 
 Results are appended to ``--out`` (one JSON object per program, resumable: cases already there are
 skipped), and the Markdown table is rewritten from all of them after every case. Each record says
@@ -19,6 +19,7 @@ which jax and libtpu compiled it. Nothing runs on a device.
 from __future__ import annotations
 
 import datetime
+import fnmatch
 import json
 import os
 import pathlib
@@ -38,6 +39,10 @@ _CASES = flags.DEFINE_enum(
     "cases", "all", ["all", "quick", "coverage"],
     "quick: v5e and v5p bf16 CIFAR; coverage: every method, a ViT student, ImageNet, K students "
     "and a two-host slice with small models, every program (train and eval steps).")
+_ONLY = flags.DEFINE_multi_string(
+    "only", None, "Run only the cases of --cases whose id (chip|file:arg|batch|dtype|K, as in the "
+    "records' 'case') matches one of these shell patterns, in the order of the patterns "
+    "(e.g. --only='v5e:2x2|cifar100:*|64|f32|K1').")
 _YARD = flags.DEFINE_string("yardstick_case", None, "Internal: compile one yardstick case.")
 
 CIFAR = "kd_ls,resnet32x4,resnet8x4"
@@ -83,6 +88,16 @@ def coverage() -> list[dict]:
             dict(chip="v5p:2x2x1", file="imagenet", arg=IMAGENET, batch=8, bf16=True,
                  full=True)]
     return out + [method(m) for m in ("dkd_ls", "mlkd_ls", "ctkd_ls")]
+
+
+def select(chosen: list[dict], patterns: list[str] | None) -> list[dict]:
+    """The cases whose id matches one of ``patterns`` (shell patterns), in the patterns' order."""
+    if not patterns:
+        return chosen
+    out = []
+    for pattern in patterns:
+        out += [c for c in chosen if fnmatch.fnmatchcase(case_id(c), pattern) and c not in out]
+    return out
 
 
 def case_id(c: dict) -> str:
@@ -234,7 +249,8 @@ def main(argv) -> None:
     out = pathlib.Path(_OUT.value)
     rows = [json.loads(ln) for ln in out.read_text().splitlines()] if out.exists() else []
     done = {r["case"] for r in rows}
-    for c in coverage() if _CASES.value == "coverage" else cases(_CASES.value):
+    chosen = coverage() if _CASES.value == "coverage" else cases(_CASES.value)
+    for c in select(chosen, _ONLY.value):
         cid = case_id(c)
         if cid in done:
             continue
