@@ -92,6 +92,16 @@ def test_without_libtpu_one_line_names_the_extra(tmp_path):
     assert "needs libtpu" in line and "pip install 'zkd_jax[tpu]'" in line
 
 
+def test_without_the_train_extra_one_line_names_the_tpu_extra(tmp_path):
+    hide = ("import importlib.util as u\n_find = u.find_spec\n"
+            "u.find_spec = lambda n, *a: None if n == 'ml_collections' else _find(n, *a)")
+    result = _cli("--topology=v5e:2x2", cwd=tmp_path, prelude=hide)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("zkd-compile: error: this needs the 'tpu' extra (ml_collections")
+    assert "pip install 'zkd_jax[tpu]'" in line
+
+
 @needs_libtpu
 def test_a_config_that_does_not_fit_exits_1_in_one_line(tmp_path):
     result = _cli(f"--config={ROOT}/configs/cifar100.py:kd,resnet8x4,resnet8x4",
