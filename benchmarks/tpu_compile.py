@@ -9,16 +9,20 @@ the roofline bound (``zkd_jax.aot.figures``) and which bound it is. K-student ro
 form of the K-student step (``zkd_jax.step.multi.FORMS``).
 
     python benchmarks/tpu_compile.py --out=benchmarks/results/tpu_compile.jsonl \
-        --table=benchmarks/results/tpu_compile.md [--cases=all|quick]
+        --table=benchmarks/results/tpu_compile.md [--cases=all|quick] [--only=PATTERN ...] \
+        [--into=docs/tpu_compile.md:bench]
 
 Results are appended to ``--out`` (one JSON object per program, resumable: cases already there are
 skipped), and the Markdown table is rewritten from all of them after every case. Each record says
-which jax and libtpu compiled it. Nothing runs on a device.
+which jax and libtpu compiled it; the table's first line says so too. ``--into=FILE:MARKER``
+writes the same table between ``<!-- MARKER -->`` and ``<!-- /MARKER -->`` in FILE (a docs page,
+the README). ``--only`` picks cases by id, in the order given. Nothing runs on a device.
 """
 
 from __future__ import annotations
 
 import datetime
+import fnmatch
 import json
 import os
 import pathlib
@@ -38,6 +42,13 @@ _CASES = flags.DEFINE_enum(
     "cases", "all", ["all", "quick", "coverage"],
     "quick: v5e and v5p bf16 CIFAR; coverage: every method, a ViT student, ImageNet, K students "
     "and a two-host slice with small models, every program (train and eval steps).")
+_ONLY = flags.DEFINE_multi_string(
+    "only", None, "Run only the cases of --cases whose id (chip|file:arg|batch|dtype|K, as in the "
+    "records' 'case') matches one of these shell patterns, in the order of the patterns "
+    "(e.g. --only='v5e:2x2|cifar100:*|64|f32|K1').")
+_INTO = flags.DEFINE_multi_string(
+    "into", None, "FILE:MARKER: also write the table between '<!-- MARKER -->' and "
+    "'<!-- /MARKER -->' in FILE (e.g. docs/tpu_compile.md:bench).")
 _YARD = flags.DEFINE_string("yardstick_case", None, "Internal: compile one yardstick case.")
 
 CIFAR = "kd_ls,resnet32x4,resnet8x4"
@@ -83,6 +94,16 @@ def coverage() -> list[dict]:
             dict(chip="v5p:2x2x1", file="imagenet", arg=IMAGENET, batch=8, bf16=True,
                  full=True)]
     return out + [method(m) for m in ("dkd_ls", "mlkd_ls", "ctkd_ls")]
+
+
+def select(chosen: list[dict], patterns: list[str] | None) -> list[dict]:
+    """The cases whose id matches one of ``patterns`` (shell patterns), in the patterns' order."""
+    if not patterns:
+        return chosen
+    out = []
+    for pattern in patterns:
+        out += [c for c in chosen if fnmatch.fnmatchcase(case_id(c), pattern) and c not in out]
+    return out
 
 
 def case_id(c: dict) -> str:
@@ -192,7 +213,12 @@ def run_case(c: dict) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| chip | config | img/chip | dtype | program | HBM GiB (% chip) | GFLOP/step | "
+    versions = sorted({(r.get("jax_version"), r.get("libtpu_version")) for r in rows
+                       if r.get("status") == "ok"}, key=str)
+    said = "; ".join(f"jax {j}, libtpu {t}" for j, t in versions) or "nothing compiled yet"
+    head = (f"Compiled by `benchmarks/tpu_compile.py` with XLA's TPU compiler ({said}) on a "
+            "machine without a TPU; nothing ran on a device. Per chip, per step.\n\n"
+            "| chip | config | img/chip | dtype | program | HBM GiB (% chip) | GFLOP/step | "
             "GB/step | bound | roofline img/s/chip | vs yardstick bytes |\n"
             "|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
@@ -218,6 +244,18 @@ def table(rows: list[dict]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
+def write_into(spec: str, text: str) -> None:
+    """Replaces the text between ``<!-- MARKER -->`` and ``<!-- /MARKER -->`` in FILE."""
+    name, marker = spec.rsplit(":", 1)
+    path = pathlib.Path(name)
+    doc = path.read_text()
+    start, end = f"<!-- {marker} -->\n", f"<!-- /{marker} -->"
+    if start not in doc or end not in doc:
+        raise app.UsageError(f"--into={spec}: {path} has no '{start.strip()}' ... '{end}' block")
+    before, rest = doc.split(start, 1)
+    write_atomic(path, before + start + text + end + rest.split(end, 1)[1])
+
+
 def write_atomic(path: pathlib.Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False) as f:
@@ -235,7 +273,9 @@ def main(argv) -> None:
     out = pathlib.Path(_OUT.value)
     rows = [json.loads(ln) for ln in out.read_text().splitlines()] if out.exists() else []
     done = {r["case"] for r in rows}
-    for c in coverage() if _CASES.value == "coverage" else cases(_CASES.value):
+    write_tables(rows)  # the --into blocks are checked before anything is compiled
+    chosen = coverage() if _CASES.value == "coverage" else cases(_CASES.value)
+    for c in select(chosen, _ONLY.value):
         cid = case_id(c)
         if cid in done:
             continue
@@ -244,8 +284,15 @@ def main(argv) -> None:
             r.update(case=cid, date=date)
             rows.append(r)
         write_atomic(out, "".join(json.dumps(r) + "\n" for r in rows))
-        write_atomic(pathlib.Path(_TABLE.value), table(rows))
+        write_tables(rows)
         print(f"{cid}: done", flush=True)
+
+
+def write_tables(rows: list[dict]) -> None:
+    text = table(rows)
+    write_atomic(pathlib.Path(_TABLE.value), text)
+    for spec in _INTO.value or ():
+        write_into(spec, text)
 
 
 if __name__ == "__main__":

@@ -92,6 +92,16 @@ def test_without_libtpu_one_line_names_the_extra(tmp_path):
     assert "needs libtpu" in line and "pip install 'zkd_jax[tpu]'" in line
 
 
+def test_without_the_train_extra_one_line_names_the_tpu_extra(tmp_path):
+    hide = ("import importlib.util as u\n_find = u.find_spec\n"
+            "u.find_spec = lambda n, *a: None if n == 'ml_collections' else _find(n, *a)")
+    result = _cli("--topology=v5e:2x2", cwd=tmp_path, prelude=hide)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("zkd-compile: error: this needs the 'tpu' extra (ml_collections")
+    assert "pip install 'zkd_jax[tpu]'" in line
+
+
 @needs_libtpu
 def test_a_config_that_does_not_fit_exits_1_in_one_line(tmp_path):
     result = _cli(f"--config={ROOT}/configs/cifar100.py:kd,resnet8x4,resnet8x4",
@@ -199,3 +209,26 @@ def test_a_compiler_crash_becomes_one_line_and_the_other_programs_still_compile(
     assert crashed["error"] == ("the compiler crashed (SIGSEGV) compiling train_step for cpu "
                                 "(libtpu 0.0.42.1, jax 0.10.2)")
     assert [r["program"] for r in report.failed] == ["train_step"]
+
+
+def test_the_tpu_table_script_writes_its_table_into_a_page_and_names_the_versions(tmp_path):
+    """benchmarks/tpu_compile.py rewrites a page's marked block from the records (no compile)."""
+    record = {"case": "v5e:2x2|cifar100:kd_ls,a,b|64|bf16|K1", "program": "train_step",
+              "status": "ok", "jax_version": "0.10.2", "libtpu_version": "0.0.42.1",
+              "per_chip_batch": 64, "total_bytes": 2**30, "hbm_fraction": 1 / 16,
+              "flops_per_step": 2e11, "bytes_per_step": 2e9, "bound": "memory",
+              "images_per_sec_per_chip": 25000.0}
+    (tmp_path / "r.jsonl").write_text(json.dumps(record) + "\n")
+    page = tmp_path / "page.md"
+    page.write_text("intro\n<!-- bench -->\nold table\n<!-- /bench -->\nafter\n")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "tpu_compile.py"), "--out=r.jsonl",
+         "--table=t.md", "--only=no-such-case", f"--into={page}:bench"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    text = page.read_text()
+    assert text.startswith("intro\n<!-- bench -->\nCompiled by `benchmarks/tpu_compile.py`")
+    assert "(jax 0.10.2, libtpu 0.0.42.1)" in text and "old table" not in text
+    assert "| v5e:2x2 | cifar100:kd_ls,a,b K1 | 64 | bf16 | train_step | 1.000 (6.2 %) |" in text
+    assert text.endswith("<!-- /bench -->\nafter\n")
+    assert (tmp_path / "t.md").read_text() in text

@@ -37,3 +37,4 @@ def test_core_dependencies_are_the_core():
     assert {"train", "report", "data", "tpu", "tunix", "docs", "all", "test"} <= set(extras)
     test = " ".join(extras["test"])
     assert all(extra in test for extra in ("train", "report", "data", "tpu"))
+    assert "zkd_jax[train]" in extras["tpu"]  # zkd-compile reads zkd-train's configs

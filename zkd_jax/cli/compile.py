@@ -20,12 +20,18 @@ import json
 import sys
 
 from absl import app, flags
-from ml_collections import config_flags
 
 from zkd_jax.cli import errors, usage
-from zkd_jax.cli.train import _DEFAULT_CONFIG, _root_cause
 
 PROG = "zkd-compile"
+if usage.missing(usage.TRAIN_MODULES):  # one line naming the extra, not an ImportError
+    usage.fail(PROG, f"this needs the 'tpu' extra ({usage.missing(usage.TRAIN_MODULES)[0]} is not "
+                     "installed): pip install 'zkd_jax[tpu]' ('zkd_jax[train]' is enough for "
+                     "--topology=cpu)")
+from ml_collections import config_flags  # noqa: E402
+
+from zkd_jax.cli.train import _DEFAULT_CONFIG, _root_cause  # noqa: E402
+
 _FLAGS: dict[str, flags.FlagHolder] = {}
 
 
