@@ -122,3 +122,21 @@ def _scalar_steps(directory, tag: str) -> list[int]:
             pos += 16 + length
             steps += [event.step for v in event.summary.value if v.tag == tag]
     return sorted(steps)
+
+
+def test_a_checkpoint_from_before_a_config_field_existed_resumes_with_its_old_value():
+    """An identity stored before ``optimizer.schedule`` (and its two numbers) existed compares as
+    the step schedule: the same run resumes, a cosine is a change that is refused."""
+    stored = tiny_runs.config("/teachers/t").to_dict()
+    for name in identity.ADDED_FIELDS:
+        group, field = name.split(".")
+        stored[group].pop(field, None)
+    meta = {identity.CONFIG_KEY: stored}
+    now = tiny_runs.config("/teachers/t").to_dict()
+    assert {k: now["optimizer"][k.split(".")[1]] for k in identity.ADDED_FIELDS} == (
+        identity.ADDED_FIELDS)  # the config's defaults are the old behaviour
+    kept = identity.resume_identity(meta, now, step=7, workdir="w", allow_change=False)
+    assert kept[identity.HISTORY_KEY] == []
+    now["optimizer"]["schedule"] = "cosine"
+    with pytest.raises(identity.ConfigChangedError, match="optimizer.schedule 'step' -> 'cosine'"):
+        identity.resume_identity(meta, now, step=7, workdir="w", allow_change=False)

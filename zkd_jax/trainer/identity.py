@@ -46,6 +46,13 @@ MAY_CHANGE: tuple[str, ...] = (
     "suite", "sweep",  # the demo's list of runs, not one run's settings
 )
 
+#: Fields added to the config after identities were first stored, each with the value that does
+#: what runs did before it existed: an identity stored without the field compares as if it held
+#: that value, so such checkpoints resume under the new code (and refuse any other value).
+ADDED_FIELDS: dict[str, Any] = {
+    "optimizer.schedule": "step", "optimizer.warmup_epochs": 0, "optimizer.min_lr": 0.0,
+}
+
 #: The key of a checkpoint's metadata that holds the run's config, and of its change history.
 CONFIG_KEY = "run_config"
 HISTORY_KEY = "config_history"
@@ -72,8 +79,16 @@ def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """``{field: (old, new)}`` for every dotted field whose value differs (missing: None)."""
+    """``{field: (old, new)}`` for every dotted field whose value differs (missing: None; a field
+    of :data:`ADDED_FIELDS` missing from ``old``: the value runs had before it existed).
+
+    >>> diff({"optimizer": {"lr": 0.1}}, {"optimizer": {"lr": 0.1, "schedule": "step"}})
+    {}
+    >>> diff({"optimizer": {"lr": 0.1}}, {"optimizer": {"lr": 0.1, "schedule": "cosine"}})
+    {'optimizer.schedule': ('step', 'cosine')}
+    """
     a, b = _flat(_plain(dict(old))), _flat(_plain(dict(new)))
+    a = {**{k: v for k, v in ADDED_FIELDS.items() if k in b}, **a}
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
