@@ -70,12 +70,15 @@ class DeviceSplit:
 class Feed:
     """``train(epoch, start_step)``: the global batches of one epoch (counted from 1) from
     ``start_step`` on; ``eval()``: the test split once, with a boolean "mask" per batch;
-    ``device``: the split held on the devices (the "device" pipeline only, else None)."""
+    ``device``: the split held on the devices (the "device" pipeline only, else None);
+    ``steps_per_call``: the steps of one call of the train step (> 1: scans that build their
+    batches from ``device``), checked by :func:`make_feed`."""
 
     train: Callable[[int, int], Iterator[Batch]]
     eval: Callable[[], Iterator[Batch]]
     pipeline: str
     device: DeviceSplit | None = None
+    steps_per_call: int = 1
 
 
 # Splits small enough to hold on every device.
@@ -138,7 +141,7 @@ def make_feed(
         pipeline cannot feed, a batch size that does not divide over the devices, or the dataset
         missing (see ``zkd_jax.data``).
     """
-    check_steps_per_call(steps_per_call, pipeline)
+    steps_per_call = check_steps_per_call(steps_per_call, pipeline)
     check_pipeline(pipeline, views, dataset, augmentation)
     per_process = check_batch_size(batch_size, mesh)
     per_process_eval = check_batch_size(eval_batch_size, mesh, what="config.eval_batch_size")
@@ -147,7 +150,9 @@ def make_feed(
         transform = {"augmentation": augmentation, "image_size": image_size}
         return _host_feed(dataset, mesh, seed, tuple(views), per_process, per_process_eval, data_dir,
                           transform, num_train)
-    return _device_feed(dataset, mesh, seed, batch_size, eval_batch_size, data_dir, num_train)
+    return dataclasses.replace(
+        _device_feed(dataset, mesh, seed, batch_size, eval_batch_size, data_dir, num_train),
+        steps_per_call=steps_per_call)
 
 
 #: Global batches of the tf.data feed kept in flight to the devices (``prefetch_to_mesh``).

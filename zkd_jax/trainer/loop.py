@@ -111,7 +111,7 @@ class LoopSettings:
     Attributes:
       epochs, max_steps (0: no limit), batch_size (global), log_every_steps,
       checkpoint_every_steps (0: off), checkpoint_every_epochs, eval_every_epochs,
-      steps_per_call, progress_bar, profile_steps, profile_start_step: the config fields of
+      progress_bar, profile_steps, profile_start_step: the config fields of
       the same names (``profile_steps > 0``: a ``jax.profiler`` trace of that many steps, starting
       ``profile_start_step`` steps into the run, in ``<workdir>/profile``; :mod:`.profile`).
       lr_for_epoch: the learning rate of an epoch (logged in ``metrics.jsonl``).
@@ -125,7 +125,6 @@ class LoopSettings:
     checkpoint_every_steps: int
     checkpoint_every_epochs: int
     eval_every_epochs: int
-    steps_per_call: int
     progress_bar: bool
     lr_for_epoch: Callable[[int], float]
     paper_top1: float | None = None
@@ -281,7 +280,7 @@ def _run_epochs(cohort: Cohort, settings: LoopSettings, watch: PreemptionWatch, 
     """``run_epochs`` under a :class:`PreemptionWatch`: epoch after epoch, train
     (:func:`_train_epoch`), evaluate when due (:func:`_evaluate_epoch`), checkpoint when due, and
     at the end the summaries and the export."""
-    steps_per_call = plan_lib.check_steps_per_call(settings.steps_per_call, feed.pipeline)
+    steps_per_call = feed.steps_per_call  # checked by zkd_jax.data.make_feed
     scanned = _scanned_step(cohort, feed, mesh, steps_per_call)
     step = int(np.ravel(to_host(cohort.state.step))[0])  # one student, or K at the same step
     first_step = step

@@ -67,7 +67,7 @@ def loop_settings(config: ml_collections.ConfigDict, steps_per_epoch: int = 1) -
         checkpoint_every_steps=config.checkpoint_every_steps,
         checkpoint_every_epochs=config.checkpoint_every_epochs,
         eval_every_epochs=config.eval_every_epochs,
-        steps_per_call=config.get("steps_per_call") or 1, progress_bar=config.progress_bar,
+        progress_bar=config.progress_bar,
         lr_for_epoch=lr_for_epoch, paper_top1=config.paper.get("top1"),
         profile_steps=config.get("profile_steps") or 0,
         profile_start_step=config.get("profile_start_step", 2),
