@@ -83,19 +83,21 @@ def test_unknown_topology_lists_the_known_ones(tmp_path):
         assert name in line
 
 
+def _hiding(module: str) -> str:
+    """A prelude for :func:`_cli` under which ``module`` looks not installed."""
+    return ("import importlib.util as u\n_find = u.find_spec\n"
+            f"u.find_spec = lambda n, *a: None if n == {module!r} else _find(n, *a)")
+
+
 def test_without_libtpu_one_line_names_the_extra(tmp_path):
-    hide = ("import importlib.util as u\n_find = u.find_spec\n"
-            "u.find_spec = lambda n, *a: None if n == 'libtpu' else _find(n, *a)")
-    result = _cli("--topology=v5e:2x2", cwd=tmp_path, prelude=hide)
+    result = _cli("--topology=v5e:2x2", cwd=tmp_path, prelude=_hiding("libtpu"))
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
     assert "needs libtpu" in line and "pip install 'zkd_jax[tpu]'" in line
 
 
 def test_without_the_train_extra_one_line_names_the_tpu_extra(tmp_path):
-    hide = ("import importlib.util as u\n_find = u.find_spec\n"
-            "u.find_spec = lambda n, *a: None if n == 'ml_collections' else _find(n, *a)")
-    result = _cli("--topology=v5e:2x2", cwd=tmp_path, prelude=hide)
+    result = _cli("--topology=v5e:2x2", cwd=tmp_path, prelude=_hiding("ml_collections"))
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("zkd-compile: error: this needs the 'tpu' extra (ml_collections")

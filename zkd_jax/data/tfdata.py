@@ -36,6 +36,21 @@ def _processes(process_index: int | None, process_count: int | None) -> tuple[in
     return int(process_index), int(process_count)
 
 
+def _check_batch_size(per_process_batch_size: int) -> None:
+    if per_process_batch_size <= 0:
+        raise ValueError(f"per_process_batch_size must be positive, got {per_process_batch_size}.")
+
+
+def _split_kwargs(name: str, per_process_batch_size: int, process_index: int | None,
+                  process_count: int | None, normalized: bool) -> dict:
+    """The arguments every split's dataset function takes: this process's share, the batch size
+    and the dataset's normalization."""
+    ds_info = info(name)
+    p, count = _processes(process_index, process_count)
+    return dict(per_process_batch_size=per_process_batch_size, mean=ds_info.mean,
+                std=ds_info.std, process_index=p, process_count=count, normalize=normalized)
+
+
 def _check_vit_dataset(name: str, augmentation: str) -> None:
     if augmentation != CIFAR_AUGMENTATION and name == "imagenet2012":
         raise ValueError("the ViT augmentation serves the datasets held in memory (CIFAR-100, "
@@ -71,27 +86,15 @@ def train_batches(
     ``train_examples`` images (:func:`num_train_examples`).
     Needs TensorFlow (+ TFDS for cifar100/imagenet2012, scikit-learn for digits).
     """
-    ds_info = info(name)
+    info(name)  # an unknown dataset is named before anything else
     views = check_views(views)
     _check_vit_dataset(name, check_augmentation(augmentation, views))
-    if per_process_batch_size <= 0:
-        raise ValueError(f"per_process_batch_size must be positive, got {per_process_batch_size}.")
+    _check_batch_size(per_process_batch_size)
     if epoch < 1:
         raise ValueError(f"epochs are counted from 1, got epoch={epoch}.")
-    p, count = _processes(process_index, process_count)
+    kwargs = _split_kwargs(name, per_process_batch_size, process_index, process_count, normalized)
+    kwargs.update(seed=seed, epoch=epoch, start_step=start_step, views=views)
     num_train = num_train_examples(name, train_examples)
-    kwargs = dict(
-        per_process_batch_size=per_process_batch_size,
-        seed=seed,
-        epoch=epoch,
-        start_step=start_step,
-        views=views,
-        mean=ds_info.mean,
-        std=ds_info.std,
-        process_index=p,
-        process_count=count,
-        normalize=normalized,
-    )
     if name == "imagenet2012":
         from zkd_jax.data.imagenet_tfdata import imagenet_train_dataset  # pylint: disable=import-outside-toplevel
 
@@ -132,19 +135,10 @@ def eval_dataset(
     ``augmentation="vit"``: the test images resized to ``image_size`` px (the ViT students' test
     transform; float32 and normalized either way).
     """
-    ds_info = info(name)
+    info(name)  # an unknown dataset is named before anything else
     _check_vit_dataset(name, check_augmentation(augmentation, (WEAK,)))
-    if per_process_batch_size <= 0:
-        raise ValueError(f"per_process_batch_size must be positive, got {per_process_batch_size}.")
-    p, count = _processes(process_index, process_count)
-    kwargs = dict(
-        per_process_batch_size=per_process_batch_size,
-        mean=ds_info.mean,
-        std=ds_info.std,
-        process_index=p,
-        process_count=count,
-        normalize=normalized,
-    )
+    _check_batch_size(per_process_batch_size)
+    kwargs = _split_kwargs(name, per_process_batch_size, process_index, process_count, normalized)
     if name == "imagenet2012":
         from zkd_jax.data.imagenet_tfdata import imagenet_eval_dataset  # pylint: disable=import-outside-toplevel
 
